@@ -1,0 +1,271 @@
+"""PyTorch ``state_dict`` <-> Flax variables, and a ``.pth`` -> orbax command.
+
+The Flax models name their submodules after the reference's ``state_dict``
+keys, so a key is found from a Flax path by a few renames:
+
+==========================  ================================================
+Flax                        PyTorch
+==========================  ================================================
+``layer2_0``                ``layer2.0``
+``primary_conv/conv|bn|act``  ``primary_conv.0|1|2`` (same for
+                            ``cheap_operation``; CIRec's Sequentials)
+``downsample_conv|bn``      IR2Net: ``downsample.1|2`` (0 is the AvgPool);
+                            teacher: ``downsample.0|1``
+``shortcut_conv|bn``        CIFAR ResNet-18: ``shortcut.0|1``
+``kernel``                  ``weight`` (``weights`` in ImageNet HardBinaryConv)
+``scale`` / ``bias``        BatchNorm ``weight`` / ``bias``
+``mean`` / ``var``          ``running_mean`` / ``running_var``
+``negative_slope``          PReLU ``weight``
+==========================  ================================================
+
+Layouts: conv OIHW -> HWIO; HardBinaryConv's flat ``(O*I*3*3, 1)`` is a
+C-order reshape to OIHW first; Linear ``(out, in)`` -> ``(in, out)``.
+
+Command::
+
+  python -m ir2net_jax.convert --model=ir2net_a --stage=2 \
+      --input=checkpoint.pth.tar --output=/path/to/ir2net_a_stage2
+
+``--input`` may be a ``.pth``/``.pth.tar`` (needs torch, used only here) or a
+``.npz`` of arrays keyed by the PyTorch names.
+"""
+
+import argparse
+import os
+import re
+from typing import Any, Dict, Mapping, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ir2net_jax import models as models_lib
+
+__all__ = ["torch_key", "torch_to_flax", "flax_to_torch", "load_state_dict",
+           "save_variables", "load_variables", "ConversionError"]
+
+Variables = Dict[str, Any]
+
+_LEAF = {
+    ("params", "kernel"): "weight",
+    ("params", "bias"): "bias",
+    ("params", "scale"): "weight",
+    ("params", "negative_slope"): "weight",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+_SEQUENTIAL = {"conv": "0", "bn": "1", "act": "2"}
+_FAMILY_RENAMES = {
+    models_lib.IR2Net: {"downsample_conv": "downsample.1",
+                        "downsample_bn": "downsample.2"},
+    models_lib.ResNet34: {"downsample_conv": "downsample.0",
+                          "downsample_bn": "downsample.1"},
+    models_lib.ResNet18: {"shortcut_conv": "shortcut.0",
+                          "shortcut_bn": "shortcut.1"},
+}
+_IGNORED_TORCH_LEAVES = ("num_batches_tracked",)
+
+
+class ConversionError(ValueError):
+  """A state_dict does not fit the model (names the offending key)."""
+
+
+def _flat_binary(model: nn.Module, path: Tuple[str, ...]) -> bool:
+  """ImageNet HardBinaryConv keeps its weights flat, (O*I*kH*kW, 1)."""
+  return isinstance(model, models_lib.IR2Net) and "binary_conv" in path
+
+
+def torch_key(model: nn.Module, collection: str, path: Tuple[str, ...]) -> str:
+  """The ``state_dict`` key of the Flax leaf ``variables[collection][path]``."""
+  renames = _FAMILY_RENAMES.get(type(model), {})
+  parts = []
+  for i, name in enumerate(path[:-1]):
+    if i > 0 and path[i - 1] in ("primary_conv", "cheap_operation"):
+      parts.append(_SEQUENTIAL[name])
+    elif name in renames:
+      parts.append(renames[name])
+    else:
+      parts.append(re.sub(r"^(layer\d+)_(\d+)$", r"\1.\2", name))
+  leaf = _LEAF[(collection, path[-1])]
+  if leaf == "weight" and _flat_binary(model, path):
+    leaf = "weights"
+  return ".".join(parts + [leaf])
+
+
+def _to_flax_layout(value: np.ndarray, target_shape: Tuple[int, ...],
+                    flat_binary: bool) -> np.ndarray:
+  if len(target_shape) == 4:
+    kh, kw, i, o = target_shape
+    if flat_binary:
+      value = value.reshape(o, i, kh, kw)
+    if value.ndim == 4:
+      return value.transpose(2, 3, 1, 0)
+  elif len(target_shape) == 2 and value.ndim == 2:
+    return value.T
+  return value
+
+
+def _to_torch_layout(value: np.ndarray, flat_binary: bool) -> np.ndarray:
+  if value.ndim == 4:
+    value = value.transpose(3, 2, 0, 1)
+    return value.reshape(-1, 1) if flat_binary else value
+  if value.ndim == 2:
+    return value.T
+  return value
+
+
+def _abstract_variables(model: nn.Module, image_size: int) -> Variables:
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x,
+                                             train=False), x)
+
+
+def _strip_prefix(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
+  """Drops the ``module.`` prefix that ``nn.DataParallel`` saves."""
+  keys = list(state_dict)
+  if keys and all(k.startswith("module.") for k in keys):
+    return {k[len("module."):]: v for k, v in state_dict.items()}
+  return dict(state_dict)
+
+
+def torch_to_flax(state_dict: Mapping[str, Any], model: nn.Module,
+                  image_size: int = 224, dtype=None) -> Variables:
+  """Converts a PyTorch ``state_dict`` into ``{'params', 'batch_stats'}``.
+
+  Args:
+    state_dict: key -> array (numpy or anything ``np.asarray`` takes), with
+      or without the ``module.`` prefix.
+    model: the Flax model it belongs to (e.g. ``create_model('ir2net_c',
+      stage=2)``); only its structure is used.
+    image_size: any input size the model accepts (shapes only).
+    dtype: cast floating arrays to this dtype (default: keep the input's).
+
+  Returns:
+    Variables for ``model.apply``.
+
+  Raises:
+    ConversionError: a key is missing, unexpected, or has the wrong shape.
+  """
+  state = _strip_prefix(state_dict)
+  abstract = _abstract_variables(model, image_size)
+  used, out = set(), {}
+  for collection in ("params", "batch_stats"):
+    flat = flax.traverse_util.flatten_dict(abstract.get(collection, {}))
+    converted = {}
+    for path, leaf in flat.items():
+      key = torch_key(model, collection, path)
+      if key not in state:
+        raise ConversionError(
+            f"missing key {key!r} in the state_dict (needed for Flax "
+            f"{collection}/{'/'.join(path)} of {type(model).__name__})")
+      value = np.asarray(state[key])
+      if dtype is not None:
+        value = value.astype(dtype)
+      new = _to_flax_layout(value, leaf.shape, _flat_binary(model, path))
+      if new.shape != leaf.shape:
+        raise ConversionError(
+            f"key {key!r} has shape {tuple(value.shape)}, which does not fit "
+            f"Flax {collection}/{'/'.join(path)} of shape {leaf.shape}; is "
+            f"this checkpoint for another architecture or variant?")
+      converted[path] = new
+      used.add(key)
+    out[collection] = flax.traverse_util.unflatten_dict(converted)
+  unexpected = [k for k in state if k not in used
+                and k.rpartition(".")[2] not in _IGNORED_TORCH_LEAVES]
+  if unexpected:
+    raise ConversionError(
+        f"unexpected keys in the state_dict for {type(model).__name__}: "
+        f"{unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
+  return out
+
+
+def flax_to_torch(variables: Variables, model: nn.Module) -> Dict[str, np.ndarray]:
+  """The inverse of ``torch_to_flax``: Flax variables -> a numpy state_dict."""
+  out = {}
+  for collection in ("params", "batch_stats"):
+    flat = flax.traverse_util.flatten_dict(variables.get(collection, {}))
+    for path, value in flat.items():
+      out[torch_key(model, collection, path)] = _to_torch_layout(
+          np.asarray(value), _flat_binary(model, path))
+  return out
+
+
+def load_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """Reads a state_dict from a ``.npz`` or a torch ``.pth``/``.pth.tar``.
+
+  A torch checkpoint that wraps the weights in ``{'state_dict': ...}`` (as
+  the reference's trainers save them) is unwrapped.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no such checkpoint file: {path}")
+  if path.endswith(".npz"):
+    with np.load(path) as z:
+      return {k: z[k] for k in z.files}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ImportError(
+        "reading a .pth file needs PyTorch (pip install torch); it is used "
+        "only by this conversion command") from None
+  obj = torch.load(path, map_location="cpu", weights_only=True)
+  if isinstance(obj, dict) and "state_dict" in obj:
+    obj = obj["state_dict"]
+  return {k: v.detach().cpu().numpy() for k, v in obj.items()
+          if hasattr(v, "detach")}
+
+
+def save_variables(directory: str, variables: Variables) -> None:
+  """Saves ``{'params', 'batch_stats'}`` as an orbax checkpoint."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory, variables)
+    ckptr.wait_until_finished()
+
+
+def load_variables(directory: str, abstract: Variables = None) -> Variables:
+  """Restores variables saved by ``save_variables`` (or the command).
+
+  Args:
+    directory: the checkpoint directory.
+    abstract: optional tree of ``jax.ShapeDtypeStruct`` to restore into
+      (checks the structure); None restores as saved.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = os.path.abspath(directory)
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"no converted checkpoint at {directory}")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(directory, abstract)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      description="Convert a PyTorch IR2Net / ResNet-34 state_dict into an "
+                  "orbax checkpoint of Flax variables.")
+  parser.add_argument("--model", required=True,
+                      choices=sorted(models_lib.MODELS))
+  parser.add_argument("--stage", type=int, default=None,
+                      help="IR2Net stage (1 or 2); ImageNet models only")
+  parser.add_argument("--input", required=True,
+                      help=".pth / .pth.tar (needs torch) or .npz")
+  parser.add_argument("--output", required=True,
+                      help="directory for the orbax checkpoint (must not exist)")
+  parser.add_argument("--image_size", type=int, default=None)
+  args = parser.parse_args(argv)
+  kwargs = {"stage": args.stage} if args.stage is not None else {}
+  model = models_lib.create_model(args.model, **kwargs)
+  image_size = args.image_size or (32 if args.model.startswith("cifar")
+                                   else 224)
+  if os.path.exists(args.output):
+    parser.error(f"--output {args.output} exists; choose a new directory")
+  variables = torch_to_flax(load_state_dict(args.input), model, image_size)
+  save_variables(args.output, variables)
+  n = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
+  print(f"wrote {args.output}: {args.model} ({n:,} parameters)")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,298 @@
+"""Layers of the IR2Net models, with PyTorch's numerics where they differ.
+
+All layers are NHWC. Convolutions take explicit symmetric padding, because the
+reference pads ``p`` pixels on every side (also at stride 2, where XLA's
+``'SAME'`` pads asymmetrically).
+"""
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ir2net_jax import binarize
+
+__all__ = [
+    "BatchNorm", "PReLU", "hardtanh", "conv", "BinaryConv", "CIRec",
+    "adaptive_avg_pool", "max_pool", "avg_pool", "kaiming_normal",
+    "torch_default_conv_init", "ACTIVATIONS",
+]
+
+Dtype = Any
+
+# PyTorch's kaiming_normal_ (fan_in, gain sqrt 2), not truncated.
+kaiming_normal = nn.initializers.variance_scaling(2.0, "fan_in",
+                                                  "normal")
+# PyTorch's default Conv2d / Linear weight init, kaiming_uniform_(a=sqrt(5)).
+torch_default_conv_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in",
+                                                           "uniform")
+
+
+def hardtanh(x: jax.Array) -> jax.Array:
+  """``clip(x, -1, 1)`` whose gradient is 1 strictly inside, as in PyTorch."""
+  one = jnp.ones((), x.dtype)
+  return jnp.where(x <= -1, -one, jnp.where(x >= 1, one, x))
+
+
+class PReLU(nn.Module):
+  """Per-channel PReLU, ``x if x > 0 else a_c * x`` (PyTorch ``nn.PReLU(C)``).
+
+  Attributes:
+    init_slope: initial slope of every channel (PyTorch: 0.25).
+  """
+  init_slope: float = 0.25
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(..., C) -> (..., C)."""
+    slope = self.param("negative_slope",
+                       nn.initializers.constant(self.init_slope),
+                       (x.shape[-1],), jnp.float32)
+    return jnp.where(x > 0, x, slope.astype(x.dtype) * x)
+
+
+class _Hardtanh(nn.Module):
+  """Module wrapper so CIRec can take its activation by name."""
+
+  @nn.compact
+  def __call__(self, x):
+    return hardtanh(x)
+
+
+ACTIVATIONS = {"hardtanh": _Hardtanh, "prelu": PReLU}
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch's statistics, optionally synchronised over devices.
+
+  Train mode normalises with the biased batch variance and updates the running
+  variance with the *unbiased* one (``n / (n - 1)``, n = elements per channel
+  over the global batch), ``running = (1 - momentum) running + momentum batch``
+  (PyTorch's momentum convention). Flax's ``nn.BatchNorm`` keeps the biased
+  variance, which the reference's running statistics would not match.
+
+  Attributes:
+    use_running_average: normalise with the running statistics (eval mode).
+    momentum: PyTorch-style momentum (weight of the new batch statistic).
+    epsilon: added to the variance.
+    axis_name: mapped axis to average the statistics over (global batch).
+  """
+  use_running_average: Optional[bool] = None
+  momentum: float = 0.1
+  epsilon: float = 1e-5
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array,
+               use_running_average: Optional[bool] = None) -> jax.Array:
+    """(..., C) -> (..., C); statistics over every axis but the last."""
+    use_ra = nn.merge_param("use_running_average", self.use_running_average,
+                            use_running_average)
+    features = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,),
+                            jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,),
+                           jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+
+    if use_ra:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
+      xs = x.astype(stat_dtype)
+      axes = tuple(range(x.ndim - 1))
+      n = math.prod(x.shape[:-1])
+      mean = jnp.mean(xs, axes)
+      if self.axis_name is not None:
+        mean = lax.pmean(mean, self.axis_name)
+        n = n * lax.psum(1, self.axis_name)
+      var = jnp.mean(jnp.square(xs - mean), axes)
+      if self.axis_name is not None:
+        var = lax.pmean(var, self.axis_name)
+      if not self.is_initializing():
+        m = self.momentum
+        unbiased = var * (n / jnp.maximum(n - 1, 1))
+        ra_mean.value = ((1 - m) * ra_mean.value + m * mean).astype(
+            ra_mean.value.dtype)
+        ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(
+            ra_var.value.dtype)
+    dtype = x.dtype
+    inv = lax.rsqrt(var + self.epsilon)
+    return ((x - mean.astype(dtype)) * (inv * scale).astype(dtype)
+            + bias.astype(dtype))
+
+
+def conv(features: int, kernel: int, stride: int = 1,
+         padding: Optional[int] = None, groups: int = 1,
+         kernel_init: Callable = torch_default_conv_init,
+         name: Optional[str] = None, dtype: Optional[Dtype] = None) -> nn.Conv:
+  """A real-valued bias-free conv with PyTorch's symmetric padding.
+
+  ``padding`` defaults to ``kernel // 2`` on every side.
+  """
+  p = kernel // 2 if padding is None else padding
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                 padding=((p, p), (p, p)), feature_group_count=groups,
+                 use_bias=False, kernel_init=kernel_init, name=name,
+                 dtype=dtype)
+
+
+def _uniform_0_to(limit: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, 0.0, limit)
+  return init
+
+
+class BinaryConv(nn.Module):
+  """3x3 convolution of binarised activations (the block conv of every model).
+
+  Activations are always binarised with ``activation_estimator`` (ApproxSign
+  by default). Weights are binarised with ``weight_estimator`` when
+  ``binary_weights`` is True (stage 2 and CIFAR) and used as they are when
+  False (ImageNet stage 1). No scaling factor, as in the reference.
+
+  Attributes:
+    features: output channels.
+    strides: spatial stride.
+    binary_weights: stage switch (False: stage 1, True: stage 2).
+    kernel_size: square kernel size (3 in every IR2Net model).
+    activation_estimator, weight_estimator: names in ``binarize``.
+    zero_to_one: map sign(0) to +1 instead of 0.
+    kernel_init: weight initialiser (HWIO).
+    compute_dtype: dtype of the convolution operands. ±1 operands are exact
+      in bfloat16 (and int8), so a low-precision dtype changes nothing when
+      both operands are binary; None keeps the input's dtype.
+  """
+  features: int
+  strides: int = 1
+  binary_weights: bool = True
+  kernel_size: int = 3
+  activation_estimator: str = "approx_sign"
+  weight_estimator: str = "clipped_ste"
+  zero_to_one: bool = False
+  kernel_init: Callable = kaiming_normal
+  compute_dtype: Optional[Dtype] = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """(B, H, W, Cin) -> (B, H', W', features)."""
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init,
+                        (k, k, x.shape[-1], self.features), jnp.float32)
+    kernel = kernel.astype(x.dtype)
+    bx = binarize.get_estimator(self.activation_estimator)(x, self.zero_to_one)
+    if self.binary_weights:
+      kernel = binarize.get_estimator(self.weight_estimator)(kernel,
+                                                            self.zero_to_one)
+    out_dtype = x.dtype
+    if self.compute_dtype is not None:
+      bx = bx.astype(self.compute_dtype)
+      kernel = kernel.astype(self.compute_dtype)
+    p = k // 2
+    y = lax.conv_general_dilated(
+        bx, kernel, window_strides=(self.strides, self.strides),
+        padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=(jnp.float32 if self.compute_dtype is not None
+                                and out_dtype != jnp.float64 else None))
+    return y.astype(out_dtype)
+
+
+def binary_conv_init(stage_one_uniform: bool) -> Callable:
+  """ImageNet HardBinaryConv init: uniform [0, 0.001); CIFAR: Kaiming normal."""
+  return _uniform_0_to(0.001) if stage_one_uniform else kaiming_normal
+
+
+class _ConvBNAct(nn.Module):
+  """conv -> BatchNorm -> activation; submodules ``conv``, ``bn``, ``act``."""
+  features: int
+  kernel: int
+  groups: int
+  activation: str
+  axis_name: Optional[str]
+  kernel_init: Callable
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = conv(self.features, self.kernel, groups=self.groups,
+             kernel_init=self.kernel_init, name="conv")(x)
+    x = BatchNorm(use_running_average=not train, axis_name=self.axis_name,
+                  name="bn")(x)
+    return ACTIVATIONS[self.activation](name="act")(x)
+
+
+class CIRec(nn.Module):
+  """Information recovery fusion module (GhostNet style), as in the reference.
+
+  With ``m = ceil(features / ratio)``: a 1x1 ``primary_conv`` (in -> m, BN,
+  activation), a 3x3 grouped ``cheap_operation`` (m -> m (ratio - 1), BN,
+  activation), concatenated, and the first ``features`` channels kept.
+
+  Attributes:
+    features: output channels ``n``.
+    ratio: ``s``.
+    groups_divisor: the cheap conv has ``m // groups_divisor`` groups
+      (IR2Net-C: 16); None means depthwise, ``m`` groups.
+    activation: ``'hardtanh'`` (CIFAR) or ``'prelu'`` (ImageNet).
+    axis_name: BatchNorm synchronisation axis.
+    kernel_init: conv weight initialiser.
+  """
+  features: int
+  ratio: int = 2
+  groups_divisor: Optional[int] = None
+  activation: str = "prelu"
+  axis_name: Optional[str] = None
+  kernel_init: Callable = torch_default_conv_init
+
+  @property
+  def init_channels(self) -> int:
+    return math.ceil(self.features / self.ratio)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """(B, H, W, Cin) -> (B, H, W, features)."""
+    m = self.init_channels
+    groups = m if self.groups_divisor is None else m // self.groups_divisor
+    common = dict(activation=self.activation, axis_name=self.axis_name,
+                  kernel_init=self.kernel_init)
+    x1 = _ConvBNAct(m, 1, 1, name="primary_conv", **common)(x, train)
+    x2 = _ConvBNAct(m * (self.ratio - 1), 3, groups, name="cheap_operation",
+                    **common)(x1, train)
+    return jnp.concatenate([x1, x2], axis=-1)[..., :self.features]
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int) -> jax.Array:
+  """PyTorch ``AdaptiveAvgPool2d(output_size)`` on NHWC.
+
+  Window ``i`` covers ``[floor(i in / out), ceil((i + 1) in / out))``. When the
+  size divides evenly this is a plain average pool.
+  """
+  b, h, w, c = x.shape
+  if h % output_size == 0 and w % output_size == 0:
+    kh, kw = h // output_size, w // output_size
+    return x.reshape(b, output_size, kh, output_size, kw, c).mean(axis=(2, 4))
+
+  def weights(n):
+    rows = []
+    for i in range(output_size):
+      start = (i * n) // output_size
+      end = -((-(i + 1) * n) // output_size)
+      rows.append([1.0 / (end - start) if start <= j < end else 0.0
+                   for j in range(n)])
+    return jnp.asarray(rows, x.dtype)
+
+  return jnp.einsum("bhwc,ph,qw->bpqc", x, weights(h), weights(w))
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
+  """PyTorch ``MaxPool2d`` (pads with -inf), NHWC."""
+  return nn.max_pool(x, (kernel, kernel), (stride, stride),
+                     ((padding, padding), (padding, padding)))
+
+
+def avg_pool(x: jax.Array, kernel: int, stride: int) -> jax.Array:
+  """PyTorch ``AvgPool2d(kernel, stride)`` with no padding, NHWC."""
+  return nn.avg_pool(x, (kernel, kernel), (stride, stride))

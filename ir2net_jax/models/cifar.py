@@ -1,0 +1,193 @@
+"""CIFAR-10 IR2Net models (1-bit weights and activations): ResNet-20,
+VGG-Small, ResNet-18. NHWC; each returns ``(logits, last feature map)``.
+
+Submodule names follow the reference's ``state_dict`` names (``layer1_0`` for
+``layer1.0``) so that conversion and the weight-decay rule can read them.
+"""
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ir2net_jax.layers import (BatchNorm, BinaryConv, CIRec, adaptive_avg_pool,
+                               conv, hardtanh, kaiming_normal, max_pool)
+
+__all__ = ["ResNet20", "VGGSmall", "ResNet18"]
+
+
+def _bn(train, axis_name, name):
+  return BatchNorm(use_running_average=not train, axis_name=axis_name,
+                   name=name)
+
+
+class _BasicBlock20(nn.Module):
+  """ResNet-20 block: two binary convs, each with its own shortcut (Bi-Real).
+
+  ``h = hardtanh(bn1(conv1(x)) + shortcut(x))``,
+  ``out = hardtanh(bn2(conv2(h)) + h)``; the shortcut is "option A".
+  """
+  planes: int
+  stride: int
+  zero_to_one: bool
+  axis_name: Optional[str]
+
+  @nn.compact
+  def __call__(self, x, train):
+    bconv = dict(binary_weights=True, zero_to_one=self.zero_to_one)
+    out = _bn(train, self.axis_name, "bn1")(
+        BinaryConv(self.planes, self.stride, name="conv1", **bconv)(x))
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      pad = self.planes // 4
+      shortcut = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0),
+                                             (pad, pad)))
+    else:
+      shortcut = x
+    h = hardtanh(out + shortcut)
+    out = _bn(train, self.axis_name, "bn2")(
+        BinaryConv(self.planes, 1, name="conv2", **bconv)(h))
+    return hardtanh(out + h)
+
+
+class ResNet20(nn.Module):
+  """CIFAR ResNet-20 1W1A with information recovery (CIRec 128 -> 64, s = 4).
+
+  Attributes:
+    num_classes: classifier outputs.
+    information_recovery: fuse pooled shallow features (False: plain head).
+    zero_to_one: binarise 0 to +1 instead of 0.
+    axis_name: BatchNorm synchronisation axis.
+    num_blocks: blocks per stage.
+  """
+  num_classes: int = 10
+  information_recovery: bool = True
+  zero_to_one: bool = False
+  axis_name: Optional[str] = None
+  num_blocks: Sequence[int] = (3, 3, 3)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """(B, 32, 32, 3) -> ((B, num_classes), (B, 8, 8, 64))."""
+    out = hardtanh(_bn(train, self.axis_name, "bn1")(
+        conv(16, 3, kernel_init=kaiming_normal, name="conv1")(x)))
+    pooled = [adaptive_avg_pool(out, 8)]
+    for stage, (planes, n) in enumerate(zip((16, 32, 64), self.num_blocks)):
+      for i in range(n):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        out = _BasicBlock20(planes, stride, self.zero_to_one, self.axis_name,
+                            name=f"layer{stage + 1}_{i}")(out, train)
+      if stage < 2:
+        pooled.append(adaptive_avg_pool(out, 8))
+    feature = out
+    if self.information_recovery:
+      out = CIRec(64, ratio=4, activation="hardtanh", axis_name=self.axis_name,
+                  kernel_init=kaiming_normal, name="fusion")(
+                      jnp.concatenate(pooled + [out], axis=-1), train)
+    out = jnp.mean(out, axis=(1, 2))
+    out = _bn(train, self.axis_name, "bn2")(out)
+    logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
+                      name="linear")(out)
+    return logits, feature
+
+
+class VGGSmall(nn.Module):
+  """CIFAR VGG-Small 1W1A with information recovery (CIRec 640 -> 512, s = 32).
+
+  Attributes: as ``ResNet20``.
+  """
+  num_classes: int = 10
+  information_recovery: bool = True
+  zero_to_one: bool = False
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """(B, 32, 32, 3) -> ((B, num_classes), (B, 4, 4, 512))."""
+    # The reference initialises VGG convs with N(0, sqrt(2 / fan_out)).
+    init = nn.initializers.variance_scaling(2.0, "fan_out",
+                                            "normal")
+    x = hardtanh(_bn(train, self.axis_name, "bn0")(
+        conv(128, 3, kernel_init=init, name="conv0")(x)))
+    fx = adaptive_avg_pool(x, 4)
+    for i, (planes, pool) in enumerate(
+        [(128, True), (256, False), (256, True), (512, False), (512, True)], 1):
+      x = BinaryConv(planes, 1, binary_weights=True,
+                     zero_to_one=self.zero_to_one, kernel_init=init,
+                     name=f"conv{i}")(x)
+      if pool:
+        x = max_pool(x, 2, 2, 0)
+      x = hardtanh(_bn(train, self.axis_name, f"bn{i}")(x))
+    feature = x
+    if self.information_recovery:
+      x = CIRec(512, ratio=32, activation="hardtanh", axis_name=self.axis_name,
+                kernel_init=init, name="fusion")(
+                    jnp.concatenate([fx, x], axis=-1), train)
+    # Flatten in (C, H, W) order, as the reference's NCHW ``view`` does, so a
+    # converted ``fc`` weight lines up.
+    x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+    logits = nn.Dense(self.num_classes,
+                      kernel_init=nn.initializers.normal(0.01),
+                      bias_init=nn.initializers.zeros, name="fc")(x)
+    return logits, feature
+
+
+class _BasicBlock18(nn.Module):
+  """CIFAR ResNet-18 block: ``hardtanh(bn2(conv2(hardtanh(bn1(conv1 x)))) +
+  shortcut(x))``; the downsample shortcut is a real 1x1 conv + BN."""
+  planes: int
+  stride: int
+  zero_to_one: bool
+  axis_name: Optional[str]
+
+  @nn.compact
+  def __call__(self, x, train):
+    bconv = dict(binary_weights=True, zero_to_one=self.zero_to_one)
+    out = hardtanh(_bn(train, self.axis_name, "bn1")(
+        BinaryConv(self.planes, self.stride, name="conv1", **bconv)(x)))
+    out = _bn(train, self.axis_name, "bn2")(
+        BinaryConv(self.planes, 1, name="conv2", **bconv)(out))
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = _bn(train, self.axis_name, "shortcut_bn")(
+          conv(self.planes, 1, self.stride, kernel_init=kaiming_normal,
+               name="shortcut_conv")(x))
+    return hardtanh(out + x)
+
+
+class ResNet18(nn.Module):
+  """CIFAR ResNet-18 1W1A with information recovery (CIRec 1024 -> 512, s = 20).
+
+  Attributes: as ``ResNet20``.
+  """
+  num_classes: int = 10
+  information_recovery: bool = True
+  zero_to_one: bool = False
+  axis_name: Optional[str] = None
+  num_blocks: Sequence[int] = (2, 2, 2, 2)
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """(B, 32, 32, 3) -> ((B, num_classes), (B, 4, 4, 512))."""
+    out = hardtanh(_bn(train, self.axis_name, "bn1")(
+        conv(64, 3, kernel_init=kaiming_normal, name="conv1")(x)))
+    pooled = [adaptive_avg_pool(out, 4)]
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512),
+                                            self.num_blocks)):
+      for i in range(n):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        out = _BasicBlock18(planes, stride, self.zero_to_one, self.axis_name,
+                            name=f"layer{stage + 1}_{i}")(out, train)
+      if stage < 3:
+        pooled.append(adaptive_avg_pool(out, 4))
+    feature = out
+    if self.information_recovery:
+      out = CIRec(512, ratio=20, activation="hardtanh",
+                  axis_name=self.axis_name, kernel_init=kaiming_normal,
+                  name="fusion")(jnp.concatenate(pooled + [out], axis=-1),
+                                 train)
+    # The reference applies avg_pool2d(4) to the 4x4 map: a global mean.
+    out = jnp.mean(out, axis=(1, 2))
+    out = _bn(train, self.axis_name, "bn2")(out)
+    logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
+                      name="linear")(out)
+    return logits, feature

@@ -1,0 +1,60 @@
+"""The real-valued ResNet-34 teacher in torchvision's layout (NHWC)."""
+
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ir2net_jax.layers import BatchNorm, conv, max_pool
+
+__all__ = ["ResNet34"]
+
+
+class _BasicBlock(nn.Module):
+  """torchvision BasicBlock: relu(bn2(conv2(relu(bn1(conv1 x)))) + id)."""
+  planes: int
+  stride: int
+  axis_name: Optional[str]
+
+  @nn.compact
+  def __call__(self, x, train):
+    bn = lambda name: BatchNorm(use_running_average=not train,
+                                axis_name=self.axis_name, name=name)
+    out = nn.relu(bn("bn1")(conv(self.planes, 3, self.stride, name="conv1")(x)))
+    out = bn("bn2")(conv(self.planes, 3, name="conv2")(out))
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = bn("downsample_bn")(conv(self.planes, 1, self.stride,
+                                   name="downsample_conv")(x))
+    return nn.relu(out + x)
+
+
+class ResNet34(nn.Module):
+  """torchvision ``resnet34``; returns ``(logits, stage-4 feature map)``.
+
+  Attributes:
+    num_classes: classifier outputs.
+    num_blocks: blocks per stage.
+    axis_name: BatchNorm synchronisation axis (the teacher normally runs in
+      eval mode, where it is unused).
+  """
+  num_classes: int = 1000
+  num_blocks: Sequence[int] = (3, 4, 6, 3)
+  axis_name: Optional[str] = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """(B, 224, 224, 3) -> ((B, num_classes), (B, 7, 7, 512))."""
+    x = conv(64, 7, 2, name="conv1")(x)
+    x = BatchNorm(use_running_average=not train, axis_name=self.axis_name,
+                  name="bn1")(x)
+    x = max_pool(nn.relu(x), 3, 2, 1)
+    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512),
+                                            self.num_blocks)):
+      for i in range(n):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        x = _BasicBlock(planes, stride, self.axis_name,
+                        name=f"layer{stage + 1}_{i}")(x, train)
+    feature = x
+    logits = nn.Dense(self.num_classes, name="fc")(jnp.mean(x, axis=(1, 2)))
+    return logits, feature

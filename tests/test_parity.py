@@ -1,0 +1,289 @@
+"""Parity with the PyTorch reference's recorded numbers.
+
+For every fixture file in tests/fixtures/reference, the weights are rebuilt
+from its spec, converted, and every array it holds is compared at the
+tolerances of the fixtures' README: in float32 against the float32 arrays,
+and in float64 (``jax.enable_x64``) against the ``f64/`` arrays. Nothing
+about a particular fixture set is hard-coded.
+
+Set IR2NET_PARITY_REPORT=path to write the largest error of each check.
+"""
+
+import atexit
+import collections
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference_fixtures as rf
+from ir2net_jax import convert, losses, objective, restriction
+
+PATHS = rf.fixture_paths()
+STUDENTS = [p for p in PATHS if rf.load(p).meta["kind"] == "student"]
+PRECISIONS = ("f32", "f64")
+ERRORS = collections.defaultdict(dict)
+
+
+def _record(fx, prec, check, err):
+  key = f"{fx.name}/{prec}"
+  ERRORS[key][check] = max(float(err), ERRORS[key].get(check, 0.0))
+
+
+@atexit.register
+def _write_report():
+  path = os.environ.get("IR2NET_PARITY_REPORT")
+  if path and ERRORS:
+    with open(path, "w") as f:
+      json.dump(ERRORS, f, indent=1, sort_keys=True)
+
+
+def _ref(fx, name, prec):
+  return fx.data[name if prec == "f32" else "f64/" + name]
+
+
+def _f32_train_checkable(fx):
+  """Whether float32 can match the recorded float32 training step at all.
+
+  Where the reference's own float32 and float64 training passes disagree
+  beyond the tolerance (a binary-activation input within rounding of 0 flips
+  sign), only the float64 comparison is meaningful.
+  """
+  return rf.rel(fx.data["train_logits1"], fx.data["f64/train_logits1"]) <= 1e-4
+
+
+def _tolerances(fx, prec):
+  if prec == "f64":
+    return dict(value=1e-9, attention=1e-9, grad_l2=1e-8, grad_sample=1e-8,
+                bn=1e-9)
+  grad = 1e-3 if fx.is_imagenet else 1e-4
+  return dict(value=1e-4, attention=1e-4, grad_l2=grad,
+              grad_sample=10 * grad, bn=1e-5)
+
+
+def _teacher_logits(fx, prec):
+  """The teacher's logits on the fixture's input (cached per teacher+input)."""
+  teacher = fx.teacher()
+  return _cached_teacher_logits(teacher.name, prec,
+                                fx.data["input"].tobytes(),
+                                fx.data["input"].shape)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_teacher_logits(teacher_name, prec, input_bytes, shape):
+  teacher = rf.load(os.path.join(rf.FIXTURE_DIR, teacher_name + ".npz"))
+  with jax.enable_x64(prec == "f64"):
+    dtype = np.float64 if prec == "f64" else np.float32
+    model = teacher.model()
+    variables = teacher.variables(dtype)
+    x = np.frombuffer(input_bytes, np.float32).reshape(shape)
+    x = jnp.asarray(x.transpose(0, 2, 3, 1).astype(dtype))
+    logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, x)
+    return np.asarray(logits)
+
+
+@functools.lru_cache(maxsize=None)
+def _run(path, prec, train=True):
+  """Runs the port on a fixture: eval pass and the recorded training step."""
+  fx = rf.load(path)
+  if fx.is_teacher:
+    return {"eval_logits": _cached_teacher_logits(
+        fx.name, prec, fx.data["input"].tobytes(), fx.data["input"].shape)}
+  out = {}
+  with jax.enable_x64(prec == "f64"):
+    dtype = np.float64 if prec == "f64" else np.float32
+    model = fx.model()
+    variables = fx.variables(dtype)
+    x = jnp.asarray(fx.nhwc("input").astype(dtype))
+    logits, feature = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, x)
+    out["eval_logits"], out["eval_feature"] = np.asarray(logits), np.asarray(
+        feature)
+    if not train:
+      return out
+    if fx.meta.get("teacher"):
+      target = jnp.asarray(_teacher_logits(fx, prec))
+      loss_fn = losses.distribution_loss
+      out["teacher_logits"] = np.asarray(target)
+    else:
+      target = jnp.asarray(fx.data["labels"].astype(np.int32))
+      loss_fn = losses.cross_entropy
+
+    @jax.jit
+    def step(params, batch_stats, x, target):
+      return jax.value_and_grad(objective.two_pass_objective, has_aux=True)(
+          params, batch_stats, model, x, target, loss_fn,
+          fx.meta["erase_lambda"])
+
+    (loss, aux), grads = step(variables["params"], variables["batch_stats"],
+                              x, target)
+    out.update(
+        loss=np.asarray(loss), loss_terms=np.asarray(aux.loss_terms),
+        train_logits1=np.asarray(aux.logits_clean),
+        train_logits2=np.asarray(aux.logits_erased),
+        train_feature1=np.asarray(aux.feature),
+        erase_mask=np.asarray(aux.mask),
+        attention=np.asarray(restriction.attention_map(aux.feature)))
+    out["grads"] = convert.flax_to_torch({"params": grads}, model)
+    out["bn_after"] = convert.flax_to_torch(
+        {"batch_stats": aux.batch_stats}, model)
+  return out
+
+
+def _check_value(fx, prec, name, port, tol, transpose=False):
+  ref = _ref(fx, name, prec)
+  if transpose:
+    ref = ref.transpose(0, 2, 3, 1)
+  assert port.shape == ref.shape, (name, port.shape, ref.shape)
+  err = rf.rel(port, ref)
+  _record(fx, prec, name, err)
+  assert err <= tol, f"{fx.name} {prec} {name}: rel {err:.3g} > {tol:g}"
+
+
+def _mask_mismatches(port, ref):
+  return (np.asarray(port) != np.asarray(ref, port.dtype)).reshape(
+      port.shape[0], -1).sum(axis=1)
+
+
+@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("path", PATHS, ids=rf.fixture_ids())
+def test_eval_pass(path, prec):
+  fx = rf.load(path)
+  tol = _tolerances(fx, prec)["value"]
+  out = _run(path, prec, train=not fx.is_teacher)
+  _check_value(fx, prec, "eval_logits", out["eval_logits"], tol)
+  if prec == "f32" and "eval_feature" in fx.data:
+    _check_value(fx, prec, "eval_feature", out["eval_feature"], tol,
+                 transpose=True)
+  if "teacher_logits" in fx.data:
+    _check_value(fx, prec, "teacher_logits", out["teacher_logits"], tol)
+
+
+def _train_out(path, prec):
+  fx = rf.load(path)
+  if prec == "f32" and not _f32_train_checkable(fx):
+    pytest.skip("the reference's own float32 and float64 training steps "
+                "disagree (a sign flips); checked in float64 instead")
+  return fx, _run(path, prec)
+
+
+@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
+def test_training_forward_and_loss(path, prec):
+  fx, out = _train_out(path, prec)
+  tol = _tolerances(fx, prec)
+  for name in ("train_logits1", "train_logits2", "loss", "loss_terms"):
+    _check_value(fx, prec, name, out[name], tol["value"])
+  if prec == "f32":
+    _check_value(fx, prec, "train_feature1", out["train_feature1"],
+                 tol["value"], transpose=True)
+  att, ref = out["attention"], _ref(fx, "attention", prec)
+  err = float(np.max(np.abs(att - ref) / np.abs(ref)))
+  _record(fx, prec, "attention", err)
+  assert err <= tol["attention"], err
+  allowed = 0 if prec == "f64" else fx.data["mask_near_ties"]
+  bad = _mask_mismatches(out["erase_mask"], _ref(fx, "erase_mask", prec))
+  _record(fx, prec, "erase_mask_mismatches", bad.max())
+  assert np.all(bad <= allowed), (bad, allowed)
+
+
+@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
+def test_gradients(path, prec):
+  fx, out = _train_out(path, prec)
+  tol = _tolerances(fx, prec)
+  keys = [k[len("grad_l2/"):] for k in fx.data if k.startswith("grad_l2/")]
+  assert set(keys) == set(out["grads"]), "parameter sets differ"
+  for key in keys:
+    g = out["grads"][key].astype(np.float64)
+    ref_l2 = float(_ref(fx, f"grad_l2/{key}", prec))
+    rms = ref_l2 / np.sqrt(g.size)
+    err_l2 = abs(np.linalg.norm(g) - ref_l2) / max(ref_l2, 1e-300)
+    _record(fx, prec, "grad_l2", err_l2)
+    assert err_l2 <= tol["grad_l2"], (key, err_l2)
+    err_sum = abs(g.sum() - float(_ref(fx, f"grad_sum/{key}", prec))) / max(
+        ref_l2 * np.sqrt(g.size), 1e-300)
+    _record(fx, prec, "grad_sum", err_sum)
+    assert err_sum <= tol["grad_l2"], (key, err_sum)
+    idx = fx.data[f"grad_idx/{key}"]
+    sample = g.reshape(-1)[idx]
+    ref_s = _ref(fx, f"grad_sample/{key}", prec).astype(np.float64)
+    err_s = np.max(np.abs(sample - ref_s) / (np.abs(ref_s) + rms + 1e-300))
+    _record(fx, prec, "grad_sample", err_s)
+    assert err_s <= tol["grad_sample"], (key, err_s)
+
+
+@pytest.mark.parametrize("prec", PRECISIONS)
+@pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
+def test_batchnorm_statistics_after_both_passes(path, prec):
+  fx, out = _train_out(path, prec)
+  keys = [k[len("bn_after/"):] for k in fx.data if k.startswith("bn_after/")]
+  assert set(keys) == set(out["bn_after"])
+  for key in keys:
+    err = rf.rel(out["bn_after"][key], _ref(fx, f"bn_after/{key}", prec))
+    _record(fx, prec, "bn_after", err)
+    assert err <= _tolerances(fx, prec)["bn"], (key, err)
+
+
+@pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
+def test_erase_in_isolation(path):
+  """The upsample and threshold alone, fed the reference's attention maps."""
+  fx = rf.load(path)
+  size = fx.data["input"].shape[2:]
+  lam = fx.meta["erase_lambda"]
+  for prefix, ties in (("", "mask_near_ties"), ("erase_probe/", "erase_probe/near_ties")):
+    att = jnp.asarray(fx.data[prefix + "attention"])
+    mask = np.asarray(restriction.erase_mask(att, size, lam))
+    bad = _mask_mismatches(mask, fx.data[prefix + ("mask" if prefix else "erase_mask")])
+    _record(fx, "f32", prefix + "mask_mismatches_given_attention", bad.max())
+    assert np.all(bad <= fx.data[ties]), (prefix, bad)
+  # The probe's attention from its stored feature map.
+  feature = jnp.asarray(fx.data["erase_probe/feature"].transpose(0, 2, 3, 1))
+  att = np.asarray(restriction.attention_map(feature))
+  ref = fx.data["erase_probe/attention"]
+  err = float(np.max(np.abs(att - ref) / np.abs(ref)))
+  _record(fx, "f32", "erase_probe/attention", err)
+  assert err <= 1e-4
+  # And the whole restriction, erased images included.
+  images = jnp.asarray(fx.nhwc("input"))
+  erased, mask = restriction.information_restriction(feature, images, lam)
+  bad = _mask_mismatches(np.asarray(mask), fx.data["erase_probe/mask"])
+  assert np.all(bad <= fx.data["erase_probe/near_ties"])
+  np.testing.assert_array_equal(np.asarray(erased),
+                                np.asarray(images) * np.asarray(mask)[..., None])
+  assert 0 < np.asarray(mask).mean() < 1  # the probe really erases
+
+
+def test_second_pass_sees_erased_images():
+  """With a hand-made mask, the second forward receives ``image * mask``."""
+  fx = rf.load(STUDENTS[0])
+  model, variables = fx.model(), fx.variables()
+  x = jnp.asarray(fx.nhwc("input"))
+  h, w = x.shape[1:3]
+  mask = (jnp.arange(h)[:, None] + jnp.arange(w)[None, :]) % 3 != 0
+  mask = jnp.broadcast_to(mask, x.shape[:3]).astype(x.dtype)
+  labels = jnp.asarray(fx.data["labels"].astype(np.int32))
+  seen = {}
+
+  def restrict(feature, images, lam):
+    seen["feature_shape"] = feature.shape
+    return images * mask[..., None], mask
+
+  _, aux = objective.two_pass_objective(
+      variables["params"], variables["batch_stats"], model, x, labels,
+      losses.cross_entropy, restrict=restrict)
+  # By hand: clean pass (updating the statistics), then the masked batch.
+  _, state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+  (expected, _), state2 = model.apply(
+      {"params": variables["params"], "batch_stats": state["batch_stats"]},
+      x * mask[..., None], train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(aux.logits_erased, expected, rtol=1e-5, atol=1e-5)
+  assert rf.rel(aux.logits_erased, aux.logits_clean) > 1e-3
+  np.testing.assert_array_equal(aux.mask, mask)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+               aux.batch_stats, state2["batch_stats"])
