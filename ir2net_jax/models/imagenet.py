@@ -69,6 +69,8 @@ class IR2Net(nn.Module):
     zero_to_one: binarise 0 to +1 instead of 0.
     axis_name: BatchNorm synchronisation axis.
     compute_dtype: operand dtype of the binary convolutions (see BinaryConv).
+    num_blocks: blocks per stage, overriding ``depth``'s layout (e.g.
+      ``(1, 1, 1, 1)`` for a tiny test model).
   """
   variant: str = "a"
   stage: int = 1
@@ -78,6 +80,7 @@ class IR2Net(nn.Module):
   zero_to_one: bool = False
   axis_name: Optional[str] = None
   compute_dtype: Optional[jnp.dtype] = None
+  num_blocks: Optional[Sequence[int]] = None
 
   def setup_check(self):
     if self.variant not in FUSIONS:
@@ -98,7 +101,7 @@ class IR2Net(nn.Module):
     x = PReLU(name="prelu")(bn("bn1")(conv(64, 7, 2, name="conv1")(x)))
     shallow = [x]
     x = max_pool(x, 3, 2, 1)
-    layout = LAYOUTS[self.depth]
+    layout = self.num_blocks or LAYOUTS[self.depth]
     for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), layout)):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1

@@ -1,0 +1,72 @@
+"""Every configuration field, with its default. Recipes start from here.
+
+Not a recipe itself: run ``configs/digits.py``, ``configs/cifar10_*.py`` or
+``configs/imagenet.py``. ``-1`` means "derive it" where noted.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.name = "default"
+
+  # Model: a name from ir2net_jax.models.MODELS and its attributes.
+  c.model = "cifar_resnet20"
+  c.model_kwargs = ml_collections.ConfigDict()   # e.g. num_blocks=(1, 1, 1)
+  c.stage = 1                  # IR2Net (ImageNet) models: 1 or 2
+  c.num_classes = -1           # -1: from the data set
+  c.information_recovery = True
+  c.information_restriction = True
+  c.erase_lambda = 0.15
+  c.zero_to_one = False        # binarise 0 to +1 (larq) instead of 0
+  c.sync_batch_stats = True    # BatchNorm over the global batch
+  c.binary_compute_dtype = config_dict.placeholder(str)  # e.g. 'bfloat16'
+
+  # Data (ir2net_jax.data).
+  c.dataset = "digits"         # 'digits' | 'cifar10' | 'imagenet2012'
+  c.data_dir = config_dict.placeholder(str)    # tfds data dir
+  c.manual_dir = config_dict.placeholder(str)  # ImageNet tars
+  c.image_size = 32
+  c.train_split = "train"
+  c.eval_split = "test"
+  c.shuffle_buffer = config_dict.placeholder(int)  # None: per data set
+  c.dtype = "float32"          # image dtype fed to the model
+  c.prefetch = 2
+
+  # Loss: 'cross_entropy' (labels) or 'distillation' (frozen teacher).
+  c.loss = "cross_entropy"
+  c.teacher_model = "teacher_resnet34"
+  c.teacher_kwargs = ml_collections.ConfigDict()
+  c.teacher_checkpoint = ""    # converted with `python -m ir2net_jax.convert`
+
+  # Optimisation.
+  c.optimizer = "sgd"          # 'sgd' | 'adam'
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+  c.weight_decay_rule = "all"  # 'all' | 'conv_or_4d' (the ImageNet rule)
+  c.schedule_unit = "epoch"    # cosine stepped per 'epoch' (reference) or 'step'
+  c.warmup_epochs = 0.0
+  c.batch_size = 128           # global, over all devices and hosts
+  c.num_epochs = 10
+  c.num_train_steps = -1       # -1: num_epochs of the training split
+  c.seed = 0
+
+  # Initialisation.
+  c.stage1_checkpoint = ""     # stage 2: stage-1 workdir (default ../stage1)
+  c.init_from = ""             # converted variables to start from
+
+  # Evaluation, logging, checkpoints.
+  c.eval_every_epochs = 1
+  c.eval_batch_size = -1       # -1: batch_size
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = -1  # -1: once an epoch
+  c.keep_checkpoints = 2
+
+  # Multi-host (otherwise read from the cluster environment, if any).
+  c.coordinator_address = ""
+  c.num_processes = 1
+  c.process_id = 0
+  return c

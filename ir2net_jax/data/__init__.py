@@ -1,0 +1,55 @@
+"""Input pipelines: tfds + tf.data for digits, CIFAR-10 and ImageNet.
+
+Public API::
+
+  info = dataset_info(config)                    # DatasetInfo
+  it = train_iterator(config, global_batch_size=..., seed=..., start_step=...)
+  it = eval_iterator(config, global_batch_size=...)
+  it = prefetch_to_device(it, size=2, sharding=NamedSharding(mesh, P('data')))
+
+Batches are dicts of host-local numpy arrays, B = global_batch_size //
+process_count: ``image`` (B, S, S, 3) normalised, ``label`` int32 (B,), and
+for eval ``mask`` float32 (B,) (0 marks padding). Training batches are an
+infinite, deterministic function of (seed, host, step); eval counts every
+example once over all hosts and batches.
+
+Config fields read (``ml_collections.ConfigDict``; a missing or None field
+takes the default shown):
+
+* ``dataset``: 'digits' | 'cifar10' | 'imagenet2012'. Required.
+* ``data_dir``: tfds data directory; None = the tfds default
+  (``~/tensorflow_datasets``, or ``$TFDS_DATA_DIR``).
+* ``manual_dir``: directory with ILSVRC2012_img_train.tar and
+  ILSVRC2012_img_val.tar, used once to prepare imagenet2012 into
+  ``data_dir``; None.
+* ``image_size``: model input size S: 32 for digits and cifar10 (the only
+  size they serve), 224 for imagenet2012 (any size).
+* ``train_split``: 'train'. Any tfds split expression, e.g. 'train[:90%]'.
+* ``eval_split``: 'test' for digits and cifar10, 'validation' for
+  imagenet2012.
+* ``shuffle_buffer``: examples in the shuffle buffer; 1437 for digits and
+  50000 for cifar10 (the whole split), 16384 for imagenet2012.
+* ``dtype``: 'float32' | 'bfloat16', dtype of ``image``; 'float32'.
+
+Data sets: ``digits`` is scikit-learn's 8x8 digits, built locally as the tfds
+dataset ``ir2net_digits`` on first use (1437 train / 360 test, no network);
+``cifar10`` must be prepared beforehand (``tfds build cifar10
+--data_dir=DIR``); ``imagenet2012`` is prepared from ``manual_dir`` on first
+use. Nothing here downloads. Augmentation recipes: see ``recipes``.
+
+Everything wrong with a config (unknown data set, missing data, image size,
+batch size not divisible by the number of hosts) raises :class:`DataError`
+before any data is read.
+"""
+
+from ir2net_jax.data.pipeline import DatasetInfo
+from ir2net_jax.data.pipeline import dataset_info
+from ir2net_jax.data.pipeline import eval_iterator
+from ir2net_jax.data.pipeline import train_iterator
+from ir2net_jax.data.prefetch import prefetch_to_device
+from ir2net_jax.data.sources import DataError
+
+__all__ = [
+    "DataError", "DatasetInfo", "dataset_info", "train_iterator",
+    "eval_iterator", "prefetch_to_device",
+]

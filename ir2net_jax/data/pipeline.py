@@ -1,0 +1,253 @@
+"""tf.data pipelines: infinite resumable training batches, padded eval batches.
+
+Training determinism. For a given ``(seed, process_index)`` the batch at step
+``s`` depends on nothing but ``s``:
+
+* each host reads its own slice of the split in a fixed order (files are not
+  shuffled; tfds shuffled the examples when it wrote them);
+* epoch ``e`` is a shuffle of that slice seeded by ``(seed, process, e)``
+  (``reshuffle_each_iteration=False``), truncated to ``steps_per_epoch *
+  local_batch`` examples, so that batches never straddle epochs;
+* example ``i`` of epoch ``e`` is augmented with stateless ops seeded by
+  ``(seed, process, e * examples_per_epoch + i)``.
+
+Starting at ``start_step`` therefore means starting at epoch
+``start_step // steps_per_epoch`` and skipping ``start_step % steps_per_epoch``
+batches' worth of examples before they are augmented, which yields exactly the
+batches an iterator started at 0 yields from that step on. The ImageNet
+shuffle buffer mixes within its window only; with the file order fixed, an
+epoch is not a uniform permutation of the whole split (CIFAR-10 and digits are
+cached and shuffled whole).
+"""
+
+import dataclasses
+import functools
+from typing import Dict, Iterator, Optional, Tuple
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+
+from ir2net_jax.data import sources
+from ir2net_jax.data.sources import DataError
+
+__all__ = ["DatasetInfo", "dataset_info", "train_iterator", "eval_iterator"]
+
+Batch = Dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Sizes of a configured data set (all hosts together).
+
+  Attributes:
+    num_train: examples in the train split.
+    num_eval: examples in the eval split.
+    num_classes: number of labels.
+    image_size: height and width of the model's input images.
+  """
+  num_train: int
+  num_eval: int
+  num_classes: int
+  image_size: int
+
+
+@functools.cache
+def _hide_accelerators_from_tf() -> None:
+  """Keeps TF off GPUs and TPUs, which belong to JAX; once per process."""
+  for kind in ("GPU", "TPU"):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except ValueError:  # No such device type in this TF build.
+      pass
+    except RuntimeError as e:  # TF's devices were initialised already.
+      logging.warning("Could not hide %s devices from TensorFlow: %s", kind, e)
+
+
+def _process_layout(process_index: Optional[int],
+                    process_count: Optional[int]) -> Tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if count < 1 or not 0 <= index < count:
+    raise DataError(f"Need 0 <= process_index < process_count; got "
+                    f"process_index={index}, process_count={count}.")
+  return index, count
+
+
+def _local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size < 1 or global_batch_size % process_count:
+    raise DataError(f"global_batch_size={global_batch_size} must be a positive "
+                    f"multiple of process_count={process_count}.")
+  return global_batch_size // process_count
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  # Parallelism comes from parallel map calls; one thread per op avoids
+  # oversubscription (as the Flax ImageNet example does).
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _open(config, global_batch_size, process_index, process_count):
+  """Checks everything cheap first, then opens the builder."""
+  settings = sources.read_settings(config)
+  index, count = _process_layout(process_index, process_count)
+  local_batch = _local_batch_size(global_batch_size, count)
+  _hide_accelerators_from_tf()
+  return settings, sources.open_builder(settings), index, count, local_batch
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Split sizes, classes and image size of the data set ``config`` names.
+
+  Prepares digits (and ImageNet from ``manual_dir``) if needed.
+
+  Raises:
+    DataError: see ``sources.read_settings`` and ``sources.open_builder``.
+  """
+  settings, builder, _, _, _ = _open(config, 1, 0, 1)
+  spec = settings.spec
+  num_train, num_eval = (
+      sources.read_split(builder, split, spec, 0, 1).num_examples
+      for split in (settings.train_split, settings.eval_split))
+  return DatasetInfo(num_train=num_train, num_eval=num_eval,
+                     num_classes=spec.num_classes,
+                     image_size=settings.image_size)
+
+
+def _shuffle_and_augment_keys(seed: int, process_index: int) -> Tuple[int, int]:
+  """Two 63-bit keys from (seed, process); numpy's SeedSequence is stable."""
+  state = np.random.SeedSequence([seed, process_index]).generate_state(
+      2, np.uint64)
+  return int(state[0] >> 1), int(state[1] >> 1)
+
+
+def train_iterator(config, *, global_batch_size: int, seed: int,
+                   start_step: int = 0, process_index: Optional[int] = None,
+                   process_count: Optional[int] = None) -> Iterator[Batch]:
+  """Infinite training batches of this host, from ``start_step`` on.
+
+  Args:
+    config: ConfigDict with the data fields (see the package docstring).
+    global_batch_size: batch size summed over all hosts.
+    seed: data seed: shuffling and augmentation.
+    start_step: index of the first batch to yield; resuming at step k yields
+      exactly what a fresh iterator yields from its k-th batch on.
+    process_index: this host, default ``jax.process_index()``.
+    process_count: number of hosts, default ``jax.process_count()``.
+
+  Returns:
+    An iterator of dicts of host-local numpy arrays, with
+    ``B = global_batch_size // process_count``:
+    ``image`` (B, S, S, 3) float32 or bfloat16 (``config.dtype``), normalised;
+    ``label`` int32 (B,).
+
+  Raises:
+    DataError: bad config, missing data, or fewer examples per host than a
+      batch.
+  """
+  if start_step < 0:
+    raise DataError(f"start_step must be >= 0; got {start_step}.")
+  settings, builder, index, count, local_batch = _open(
+      config, global_batch_size, process_index, process_count)
+  source = sources.read_split(builder, settings.train_split, settings.spec,
+                              index, count)
+  # The same on every host (host slices differ by at most one example), and
+  # equal to num_train // global_batch_size.
+  steps_per_epoch = min(source.host_counts) // local_batch
+  if steps_per_epoch == 0:
+    raise DataError(
+        f"A host has {min(source.host_counts)} examples of "
+        f"{settings.train_split!r}, fewer than its batch of {local_batch}.")
+  ds = _train_dataset(source, settings, local_batch, steps_per_epoch, seed,
+                      start_step)
+  return ds.as_numpy_iterator()
+
+
+def _train_dataset(source: sources.HostSplit, settings: sources.Settings,
+                   local_batch: int, steps_per_epoch: int, seed: int,
+                   start_step: int) -> tf.data.Dataset:
+  """The batched training dataset; see the module docstring."""
+  per_epoch = steps_per_epoch * local_batch
+  start_epoch, start_batch = divmod(start_step, steps_per_epoch)
+  shuffle_key, augment_key = _shuffle_and_augment_keys(
+      seed, source.process_index)
+  examples = source.dataset.cache() if settings.spec.cache else source.dataset
+
+  def epoch_examples(epoch):
+    shuffle_seed = tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.constant(shuffle_key, tf.int64), epoch]),
+        minval=0, maxval=2**62, dtype=tf.int64)
+    ds = examples.shuffle(settings.shuffle_buffer, seed=shuffle_seed,
+                          reshuffle_each_iteration=False)
+    skip = tf.where(epoch == start_epoch, start_batch * local_batch, 0)
+    # filter rather than take: the cache is kept only if read to the end.
+    ds = ds.enumerate().skip(tf.cast(skip, tf.int64))
+    ds = ds.filter(lambda i, _: i < per_epoch)
+    return ds.map(lambda i, ex: (epoch * per_epoch + i, ex))
+
+  def preprocess(example_index, example):
+    example_seed = tf.stack([tf.constant(augment_key, tf.int64), example_index])
+    image = settings.spec.train_recipe(example["image"], example_seed,
+                                       settings.image_size)
+    return {"image": tf.cast(image, settings.dtype),
+            "label": tf.cast(example["label"], tf.int32)}
+
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
+  ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  ds = ds.batch(local_batch, drop_remainder=True)
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_iterator(config, *, global_batch_size: int,
+                  process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Iterator[Batch]:
+  """One pass over the eval split, padded so every example counts once.
+
+  Every host yields the same number of batches, ``ceil(max examples per host
+  / B)``; examples that pad a host's last batches have ``mask == 0``, an
+  all-zero image and label 0. Order is deterministic; no augmentation.
+
+  Args:
+    config: ConfigDict with the data fields (see the package docstring).
+    global_batch_size: batch size summed over all hosts.
+    process_index: this host, default ``jax.process_index()``.
+    process_count: number of hosts, default ``jax.process_count()``.
+
+  Returns:
+    A finite iterator of dicts of host-local numpy arrays,
+    ``B = global_batch_size // process_count``: ``image`` (B, S, S, 3)
+    float32 or bfloat16, ``label`` int32 (B,), ``mask`` float32 (B,), 1 for a
+    real example and 0 for padding.
+
+  Raises:
+    DataError: bad config or missing data.
+  """
+  settings, builder, index, count, local_batch = _open(
+      config, global_batch_size, process_index, process_count)
+  source = sources.read_split(builder, settings.eval_split, settings.spec,
+                              index, count)
+  num_batches = -(-max(source.host_counts) // local_batch)
+  size = settings.image_size
+
+  def preprocess(example):
+    image = settings.spec.eval_recipe(example["image"], size)
+    return {"image": tf.ensure_shape(tf.cast(image, settings.dtype),
+                                     [size, size, 3]),
+            "label": tf.cast(example["label"], tf.int32),
+            "mask": tf.constant(1.0, tf.float32)}
+
+  padding = tf.data.Dataset.from_tensors({
+      "image": tf.zeros([size, size, 3], settings.dtype),
+      "label": tf.constant(0, tf.int32),
+      "mask": tf.constant(0.0, tf.float32),
+  }).repeat(num_batches * local_batch - source.num_examples)
+  ds = source.dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                          deterministic=True)
+  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return ds.as_numpy_iterator()

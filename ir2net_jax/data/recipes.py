@@ -1,0 +1,129 @@
+"""Per-data-set preprocessing recipes, as in the PyTorch reference.
+
+Each recipe maps one stored image to the model's input, float32
+(image_size, image_size, 3), normalised. Train recipes take a (2,) stateless
+``seed``; eval recipes are deterministic.
+
+* cifar10: train = RandomCrop(32, padding=4) + RandomHorizontalFlip; both
+  then ToTensor + Normalize(ImageNet mean / std).
+* imagenet2012: train = RandomResizedCrop(image_size, scale=(0.08, 1),
+  ratio=(3/4, 4/3)) fused with JPEG decoding, Lighting(0.1),
+  RandomHorizontalFlip, ToTensor, Normalize; eval = Resize(round(image_size *
+  256 / 224)), CenterCrop(image_size), ToTensor, Normalize.
+* digits (ours, no reference): bilinear upsampling of the 8x8 image to
+  image_size, grey replicated to 3 channels; train adds a random crop with
+  2-pixel zero padding (no flip: digits are not mirror-invariant); both then
+  /255 and Normalize(mean=0.5, std=0.5), i.e. pixels in [-1, 1].
+
+Lighting, as ReActNet's ``Lighting`` (the transform the reference uses) does
+it: the offset ``eigvec @ (alpha * eigval)``, alpha ~ N(0, 0.1), is added to
+the uint8 PIL image on the 0..255 scale with the eigenvalues as given (not
+scaled by 255), then clipped to [0, 255] and cast back to uint8, which
+truncates. The offset is about 0.01 grey levels, so in effect each channel of
+an image stays as it is (positive offset) or drops by one level (negative
+offset). We mirror that exactly, truncation included, so the augmentation
+distribution is the reference's; it is nearly a no-op, as there.
+"""
+
+from typing import Tuple
+
+import tensorflow as tf
+
+from ir2net_jax.data import augment
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_PCA_EIGVEC = (
+    (-0.5675, 0.7192, 0.4009),
+    (-0.5808, -0.0045, -0.8140),
+    (-0.5836, -0.6948, 0.4203),
+)
+LIGHTING_ALPHASTD = 0.1
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+CIFAR_PADDING = 4
+DIGITS_PADDING = 2
+DIGITS_MEAN = (0.5, 0.5, 0.5)
+DIGITS_STD = (0.5, 0.5, 0.5)
+
+
+def eval_resize_size(image_size: int) -> int:
+  """Shorter side before the eval centre crop: 256 for 224."""
+  return int(round(image_size * 256 / 224))
+
+
+def normalized_range(mean: Tuple[float, ...],
+                     std: Tuple[float, ...]) -> Tuple[float, float]:
+  """Smallest and largest value a normalised 0..255 image can take."""
+  lows = [(0.0 - m) / s for m, s in zip(mean, std)]
+  highs = [(1.0 - m) / s for m, s in zip(mean, std)]
+  return min(lows), max(highs)
+
+
+def cifar10_train(image: tf.Tensor, seed: tf.Tensor,
+                  image_size: int) -> tf.Tensor:
+  """uint8 (32, 32, 3) -> float32 (32, 32, 3): crop, flip, normalise."""
+  del image_size  # Always 32, checked when the config is read.
+  crop_seed, flip_seed = tf.unstack(augment.split_seed(seed, 2))
+  image = augment.random_crop_with_padding(image, crop_seed, CIFAR_PADDING)
+  image = augment.random_flip_left_right(image, flip_seed)
+  return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def cifar10_eval(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """uint8 (32, 32, 3) -> float32 (32, 32, 3): normalise."""
+  del image_size
+  return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def pil_lighting(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """The reference's Lighting on a uint8 image, float32 (H, W, 3) in and out.
+
+  Adds the PCA offset, clips to [0, 255] and truncates to integer levels, as
+  ``Image.fromarray(np.clip(img + inc, 0, 255).astype(np.uint8))`` does.
+  """
+  image = augment.lighting(image, seed, LIGHTING_ALPHASTD, IMAGENET_PCA_EIGVAL,
+                           IMAGENET_PCA_EIGVEC)
+  return tf.floor(tf.clip_by_value(image, 0.0, 255.0))
+
+
+def imagenet_train(jpeg: tf.Tensor, seed: tf.Tensor,
+                   image_size: int) -> tf.Tensor:
+  """JPEG bytes -> float32 (image_size, image_size, 3).
+
+  Fused decode + RandomResizedCrop, Lighting, flip, normalise.
+  """
+  crop_seed, light_seed, flip_seed = tf.unstack(augment.split_seed(seed, 3))
+  image = augment.decode_and_random_resized_crop(
+      jpeg, crop_seed, image_size, CROP_SCALE, CROP_RATIO)
+  image = pil_lighting(image, light_seed)
+  image = augment.random_flip_left_right(image, flip_seed)
+  return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def imagenet_eval(jpeg: tf.Tensor, image_size: int) -> tf.Tensor:
+  """JPEG bytes -> float32 (image_size, image_size, 3): resize, centre crop."""
+  image = augment.decode_resize_and_center_crop(
+      jpeg, image_size, eval_resize_size(image_size))
+  return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _digits_upsample(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """uint8 (8, 8, 1) -> float32 (image_size, image_size, 3), 0..255."""
+  image = tf.image.resize(image, [image_size, image_size], method="bilinear")
+  return tf.image.grayscale_to_rgb(image)
+
+
+def digits_train(image: tf.Tensor, seed: tf.Tensor,
+                 image_size: int) -> tf.Tensor:
+  """uint8 (8, 8, 1) -> float32 (image_size, image_size, 3): crop, normalise."""
+  image = _digits_upsample(image, image_size)
+  image = augment.random_crop_with_padding(image, seed, DIGITS_PADDING)
+  return augment.normalize(image, DIGITS_MEAN, DIGITS_STD)
+
+
+def digits_eval(image: tf.Tensor, image_size: int) -> tf.Tensor:
+  """uint8 (8, 8, 1) -> float32 (image_size, image_size, 3): normalise."""
+  return augment.normalize(_digits_upsample(image, image_size), DIGITS_MEAN,
+                           DIGITS_STD)

@@ -1,0 +1,399 @@
+"""The two-stage IR2Net training loop: ``train_and_evaluate(config, workdir)``.
+
+Data flows one way: config -> (data, model, teacher, optimizer) -> a
+``shard_map``-ed train step over a ``('data',)`` mesh -> orbax checkpoints,
+clu metrics (TensorBoard files in the workdir) and ``summary.json``.
+
+Everything that can be wrong with a run (an unknown model, missing data, a
+missing stage-1 checkpoint or teacher) is checked before the workdir is
+touched and before anything is compiled.
+"""
+
+import functools
+import json
+import logging as pylogging
+import os
+import time
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from ir2net_jax import checkpoints as ckpt_lib
+from ir2net_jax import convert, data, losses, models, objective, optim, parallel
+
+__all__ = ["TrainState", "ConfigError", "validate_config", "build_model",
+           "make_train_step", "make_eval_step", "train_and_evaluate"]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (and is checkpointed)."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with what to do instead."""
+
+
+_CHOICES = {
+    "optimizer": ("sgd", "adam"),
+    "loss": ("cross_entropy", "distillation"),
+    "weight_decay_rule": ("all", "conv_or_4d"),
+    "schedule_unit": ("epoch", "step"),
+    "dtype": ("float32", "bfloat16"),
+}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for values that cannot work (cheap, no JAX work)."""
+  if config.model not in models.MODELS:
+    raise ConfigError(f"config.model={config.model!r} is not a model; choose "
+                      f"one of {sorted(models.MODELS)}")
+  for field, choices in _CHOICES.items():
+    if config[field] not in choices:
+      raise ConfigError(f"config.{field}={config[field]!r}; choose one of "
+                        f"{list(choices)}")
+  if config.model.startswith("ir2net") and config.stage not in (1, 2):
+    raise ConfigError(f"config.stage={config.stage!r}; IR2Net has stages 1 "
+                      "and 2")
+  for field in ("batch_size", "num_epochs", "learning_rate"):
+    if not config[field] > 0:
+      raise ConfigError(f"config.{field}={config[field]!r} must be positive")
+  if config.weight_decay < 0:
+    raise ConfigError("config.weight_decay must be >= 0")
+  if config.loss == "distillation":
+    if config.teacher_model not in models.MODELS:
+      raise ConfigError(f"config.teacher_model={config.teacher_model!r} is "
+                        f"not a model; choose one of {sorted(models.MODELS)}")
+    if not config.teacher_checkpoint:
+      raise ConfigError(
+          "config.loss='distillation' needs a teacher: convert torchvision's "
+          "ResNet-34 once with `python -m ir2net_jax.convert "
+          "--model=teacher_resnet34 --input=resnet34.pth --output=DIR` and "
+          "pass --config.teacher_checkpoint=DIR")
+    if not os.path.isdir(config.teacher_checkpoint):
+      raise ConfigError(f"no teacher checkpoint at config.teacher_checkpoint="
+                        f"{config.teacher_checkpoint!r}")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f"config.init_from={config.init_from!r} does not exist")
+  n = jax.device_count()
+  eval_bs = _eval_batch_size(config)
+  for name, bs in (("batch_size", config.batch_size),
+                   ("eval_batch_size", eval_bs)):
+    if bs % n:
+      raise ConfigError(f"config.{name}={bs} is not divisible by the {n} "
+                        "devices; choose a multiple")
+
+
+def _eval_batch_size(config) -> int:
+  return config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
+
+
+def build_model(config, num_classes: int, axis_name: Optional[str] = None,
+                ) -> nn.Module:
+  """The student model the config names (BatchNorm synced over axis_name)."""
+  kwargs = dict(config.model_kwargs)
+  kwargs.update(num_classes=num_classes,
+                information_recovery=config.information_recovery,
+                zero_to_one=config.zero_to_one,
+                axis_name=axis_name if config.sync_batch_stats else None)
+  if config.model.startswith("ir2net"):
+    kwargs["stage"] = config.stage
+    if config.binary_compute_dtype:
+      kwargs["compute_dtype"] = jnp.dtype(config.binary_compute_dtype)
+  return models.create_model(config.model, **kwargs)
+
+
+def _loss_fn(config) -> Callable:
+  return (losses.distribution_loss if config.loss == "distillation"
+          else losses.cross_entropy)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                    config, teacher: Optional[nn.Module] = None) -> Callable:
+  """The per-device train step ``(state, batch, teacher_vars) -> (state,
+  metrics)``, to be run under ``shard_map`` with axis ``'data'``.
+
+  The loss is ``pmean``-ed over devices *inside* the differentiated function,
+  so the gradient is already the global batch's (no second pmean).
+  """
+  loss_fn = _loss_fn(config)
+
+  def step(state: TrainState, batch, teacher_vars):
+    images, labels = batch["image"], batch["label"]
+    if teacher is not None:
+      target, _ = teacher.apply(teacher_vars, images, train=False)
+      target = lax.stop_gradient(target.astype(jnp.float32))
+    else:
+      target = labels
+
+    def global_loss(params):
+      loss, aux = objective.two_pass_objective(
+          params, state.batch_stats, model, images, target, loss_fn,
+          config.erase_lambda,
+          information_restriction=config.information_restriction)
+      return lax.pmean(loss, parallel.AXIS), aux
+
+    (loss, aux), grads = jax.value_and_grad(global_loss, has_aux=True)(
+        state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    batch_stats = aux.batch_stats
+    if not config.sync_batch_stats:
+      batch_stats = lax.pmean(batch_stats, parallel.AXIS)
+    top1 = jnp.mean(jnp.argmax(aux.logits_clean, -1) == labels)
+    metrics = {
+        "loss": loss,
+        "loss_clean": lax.pmean(aux.loss_terms[0], parallel.AXIS),
+        "loss_erased": lax.pmean(aux.loss_terms[1], parallel.AXIS),
+        "top1": lax.pmean(top1, parallel.AXIS),
+        "kept_pixels": lax.pmean(jnp.mean(aux.mask), parallel.AXIS),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return step
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+  """Per-device eval step ``(variables, batch) -> global sums``.
+
+  Returns the number of real (unmasked) examples and of top-1 / top-5 hits,
+  summed over devices, so padding never counts.
+  """
+
+  def step(variables, batch):
+    logits, _ = model.apply(variables, batch["image"], train=False)
+    labels, mask = batch["label"], batch["mask"]
+    top1 = jnp.argmax(logits, -1) == labels
+    k = min(5, logits.shape[-1])
+    top5 = jnp.any(lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    sums = {"count": jnp.sum(mask), "top1": jnp.sum(top1 * mask),
+            "top5": jnp.sum(top5 * mask)}
+    return lax.psum(sums, parallel.AXIS)
+
+  return step
+
+
+def init_variables(model, image_size, seed) -> Dict[str, Any]:
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  return jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(seed), x)
+
+
+def _load_teacher(config, num_classes):
+  teacher = models.create_model(config.teacher_model, num_classes=num_classes,
+                                **dict(config.teacher_kwargs))
+  abstract = jax.eval_shape(
+      lambda: init_variables(teacher, config.image_size, 0))
+  try:
+    variables = convert.load_variables(config.teacher_checkpoint, abstract)
+  except Exception as e:  # orbax raises several types for a mismatch
+    raise ConfigError(f"the teacher checkpoint {config.teacher_checkpoint} "
+                      f"does not fit {config.teacher_model}: {e}") from None
+  return teacher, variables
+
+
+def _evaluate(eval_step, variables, config, mesh) -> Dict[str, float]:
+  totals = {"count": 0.0, "top1": 0.0, "top5": 0.0}
+  it = data.eval_iterator(config, global_batch_size=_eval_batch_size(config))
+  for batch in data.prefetch_to_device(it, config.prefetch,
+                                       parallel.batch_sharding(mesh)):
+    sums = eval_step(variables, batch)
+    for k in totals:
+      totals[k] += float(sums[k])
+  count = max(totals["count"], 1.0)
+  return {"eval_top1": totals["top1"] / count,
+          "eval_top5": totals["top5"] / count, "eval_count": totals["count"]}
+
+
+def _check_resume(workdir: str, config) -> None:
+  """Refuses to resume a workdir that holds a run of another model."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  for field in ("model", "stage", "dataset"):
+    if old.get(field) != config[field]:
+      raise ConfigError(
+          f"the workdir {workdir} holds a run with {field}={old.get(field)!r}, "
+          f"not {config[field]!r}; use a new --workdir")
+
+
+class _DropLibraryInfo(pylogging.Filter):
+  """Keeps INFO lines of orbax / tfds (several per checkpoint) out of the log."""
+  _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
+
+  def filter(self, record):
+    return (record.levelno >= pylogging.WARNING
+            or not any(p in record.pathname for p in self._NOISY))
+
+
+def _quiet_library_logs() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
+    handler.addFilter(_DropLibraryInfo())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> Dict[str, Any]:
+  """Trains and evaluates one stage as the config says; returns the summary.
+
+  Resumes from the latest checkpoint in ``workdir`` if there is one. Stage 2
+  of an IR2Net model starts from the last stage-1 checkpoint.
+  """
+  start_time = time.time()
+  _quiet_library_logs()
+  parallel.init_distributed(config)
+  validate_config(config)
+  info = data.dataset_info(config)            # DataError if missing
+  num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
+  stage2 = config.model.startswith("ir2net") and config.stage == 2
+  stage1_dir = ckpt_lib.stage1_directory(config, workdir) if stage2 else None
+  if stage2:
+    ckpt_lib.check_stage1(config, stage1_dir)
+  workdir = os.path.abspath(workdir)
+  _check_resume(workdir, config)
+  steps_per_epoch = info.num_train // config.batch_size
+  if steps_per_epoch < 1:
+    raise ConfigError(f"config.batch_size={config.batch_size} is larger than "
+                      f"the {info.num_train} training examples")
+  num_steps = (config.num_train_steps if config.num_train_steps > 0
+               else config.num_epochs * steps_per_epoch)
+
+  mesh = parallel.data_mesh()
+  model = build_model(config, num_classes, parallel.AXIS)
+  teacher, teacher_vars = (None, {})
+  if config.loss == "distillation":
+    teacher, teacher_vars = _load_teacher(config, num_classes)
+  variables = init_variables(model, config.image_size, config.seed)
+  if stage2:
+    variables = ckpt_lib.restore_stage1_variables(stage1_dir, variables)
+    logging.info("stage 2: starting from the last stage-1 checkpoint in %s",
+                 stage1_dir)
+  elif config.init_from:
+    variables = convert.load_variables(config.init_from, variables)
+  tx = optim.create_optimizer(config, variables["params"], model,
+                              steps_per_epoch)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                     batch_stats=variables["batch_stats"],
+                     opt_state=tx.init(variables["params"]))
+
+  # From here on the workdir is written to.
+  is_host0 = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_host0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(config.to_dict(), f, indent=1, default=str)
+  checkpoints = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints)
+  best = {"eval_top1": -1.0, "eval_top5": -1.0}
+  if checkpoints.latest_step() is not None:
+    state, meta = checkpoints.restore(state)
+    best = meta.get("best", best)
+    logging.info("resumed from step %d", int(state.step))
+  start_step = int(state.step)
+  state = parallel.replicate(state, mesh)
+  teacher_vars = parallel.replicate(teacher_vars, mesh)
+
+  batch_spec = P(parallel.AXIS)
+  train_step = parallel.shard_step(
+      make_train_step(model, tx, config, teacher), mesh,
+      in_specs=(P(), batch_spec, P()), out_specs=(P(), P()),
+      donate_argnums=(0,))
+  eval_step = parallel.shard_step(make_eval_step(model), mesh,
+                                  in_specs=(P(), batch_spec), out_specs=P())
+
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=not is_host0, asynchronous=True)
+  if start_step == 0:
+    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+  report = periodic_actions.ReportProgress(
+      num_train_steps=num_steps, writer=writer,
+      every_steps=config.log_every_steps)
+  schedule = optim.learning_rate_schedule(config, steps_per_epoch)
+  ckpt_every = (config.checkpoint_every_steps
+                if config.checkpoint_every_steps > 0 else steps_per_epoch)
+  train_iter = data.prefetch_to_device(
+      data.train_iterator(config, global_batch_size=config.batch_size,
+                          seed=config.seed, start_step=start_step),
+      config.prefetch, parallel.batch_sharding(mesh))
+  logging.info("training %s for %d steps (%d per epoch) on %d devices",
+               config.name, num_steps, steps_per_epoch, jax.device_count())
+
+  pending, last_eval = [], {}
+  meta = lambda: {"model": config.model, "stage": config.stage,
+                  "name": config.name, "best": best, **last_eval}
+  for step in range(start_step + 1, num_steps + 1):
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      state, metrics = train_step(state, next(train_iter), teacher_vars)
+    pending.append(metrics)
+    report(step)
+    if step % config.log_every_steps == 0 or step == num_steps:
+      summary = {k: float(np.mean([jax.device_get(m[k]) for m in pending]))
+                 for k in pending[0]}
+      summary["learning_rate"] = float(schedule(step - 1))
+      writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()})
+      pending = []
+    end_of_epoch = step % steps_per_epoch == 0
+    epoch = step // steps_per_epoch
+    is_best = False
+    if step == num_steps or (end_of_epoch and
+                             epoch % config.eval_every_epochs == 0):
+      last_eval = _evaluate(eval_step, {"params": state.params,
+                                        "batch_stats": state.batch_stats},
+                            config, mesh)
+      writer.write_scalars(step, last_eval)
+      logging.info("step %d (epoch %.2f): eval top-1 %.4f top-5 %.4f", step,
+                   step / steps_per_epoch, last_eval["eval_top1"],
+                   last_eval["eval_top5"])
+      if last_eval["eval_top1"] > best["eval_top1"]:
+        best = {"eval_top1": last_eval["eval_top1"],
+                "eval_top5": last_eval["eval_top5"], "step": step}
+        is_best = True
+    if step % ckpt_every == 0 or step == num_steps or is_best:
+      checkpoints.save(step, state, meta(), best=is_best)
+  writer.flush()
+  checkpoints.wait()
+  checkpoints.close()
+  summary = {
+      "name": config.name, "model": config.model, "stage": config.stage,
+      "dataset": config.dataset, "steps": num_steps,
+      "final_eval_top1": last_eval.get("eval_top1"),
+      "final_eval_top5": last_eval.get("eval_top5"),
+      "best_eval_top1": best["eval_top1"], "best_eval_top5": best["eval_top5"],
+      "wall_time_s": time.time() - start_time,
+      "devices": jax.device_count(), "processes": jax.process_count(),
+  }
+  if is_host0:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  logging.info("done: %s", json.dumps(summary))
+  writer.close()
+  return summary
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    elif isinstance(v, (int, float, str, bool)):
+      out[f"{prefix}{k}"] = v
+    else:
+      out[f"{prefix}{k}"] = str(v)
+  return out

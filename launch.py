@@ -1,0 +1,28 @@
+"""Trains IR2Net: ``python launch.py --config=configs/X.py --workdir=DIR``.
+
+Kept short on purpose: it parses flags and calls
+``ir2net_jax.train.train_and_evaluate``. Override any field with
+``--config.field=value``; unknown fields are an error.
+"""
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ir2net_jax import train
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.info("config:\n%s", FLAGS.config)
+  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
