@@ -5,6 +5,7 @@ reference pads ``p`` pixels on every side (also at stride 2, where XLA's
 ``'SAME'`` pads asymmetrically).
 """
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -163,9 +164,13 @@ class BinaryConv(nn.Module):
     activation_estimator, weight_estimator: names in ``binarize``.
     zero_to_one: map sign(0) to +1 instead of 0.
     kernel_init: weight initialiser (HWIO).
-    compute_dtype: dtype of the convolution operands. ±1 operands are exact
-      in bfloat16 (and int8), so a low-precision dtype changes nothing when
-      both operands are binary; None keeps the input's dtype.
+    compute_dtype: dtype of the convolution operands; None keeps the
+      input's. ±1 operands are exact in bfloat16 and int8, so with binary
+      weights either changes nothing (float32 / int32 accumulation). 'int8'
+      applies only with binary weights and at least ``int8_min_channels``
+      input channels (XLA's CPU int8 convolution is slower than float32 at
+      16 channels); 'bfloat16' (GPU / TPU) also rounds stage-1 real weights.
+    int8_min_channels: see ``compute_dtype``.
   """
   features: int
   strides: int = 1
@@ -176,6 +181,7 @@ class BinaryConv(nn.Module):
   zero_to_one: bool = False
   kernel_init: Callable = kaiming_normal
   compute_dtype: Optional[Dtype] = None
+  int8_min_channels: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -188,17 +194,58 @@ class BinaryConv(nn.Module):
     if self.binary_weights:
       kernel = binarize.get_estimator(self.weight_estimator)(kernel,
                                                             self.zero_to_one)
-    out_dtype = x.dtype
-    if self.compute_dtype is not None:
-      bx = bx.astype(self.compute_dtype)
-      kernel = kernel.astype(self.compute_dtype)
     p = k // 2
-    y = lax.conv_general_dilated(
-        bx, kernel, window_strides=(self.strides, self.strides),
-        padding=((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=(jnp.float32 if self.compute_dtype is not None
-                                and out_dtype != jnp.float64 else None))
-    return y.astype(out_dtype)
+    compute = (jnp.dtype(self.compute_dtype) if self.compute_dtype is not None
+               else None)
+    if compute is None:
+      return _conv(bx, kernel, self.strides, p)
+    if self.binary_weights:
+      if compute == jnp.int8 and x.shape[-1] < self.int8_min_channels:
+        return _conv(bx, kernel, self.strides, p)
+      return _low_precision_binary_conv(bx, kernel, self.strides, p,
+                                        compute.name)
+    if compute == jnp.int8:  # real (stage-1) weights have no int8 form
+      return _conv(bx, kernel, self.strides, p)
+    y = _conv(bx.astype(compute), kernel.astype(compute), self.strides, p,
+              preferred=jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _conv(x, kernel, stride, pad, preferred=None):
+  """NHWC x HWIO convolution with symmetric padding ``pad``."""
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      preferred_element_type=preferred)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _low_precision_binary_conv(bx, bw, stride, pad, dtype):
+  """Convolution of two {-1, 0, +1} tensors with ``dtype`` operands.
+
+  With int32 (int8) or float32 (bfloat16, fp8) accumulation the sums are
+  exact, so the result equals the float convolution bit for bit (fan-ins stay
+  far below 2^24). The backward pass multiplies real cotangents, so it runs
+  the float convolution's transposes in the input's dtype.
+  """
+  acc = jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
+  y = _conv(bx.astype(dtype), bw.astype(dtype), stride, pad, preferred=acc)
+  return y.astype(bx.dtype)
+
+
+def _low_precision_fwd(bx, bw, stride, pad, dtype):
+  return _low_precision_binary_conv(bx, bw, stride, pad, dtype), (bx, bw)
+
+
+def _low_precision_bwd(stride, pad, dtype, residuals, g):
+  del dtype
+  bx, bw = residuals
+  _, vjp = jax.vjp(lambda a, b: _conv(a, b, stride, pad), bx, bw)
+  return vjp(g)
+
+
+_low_precision_binary_conv.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
 def binary_conv_init(stage_one_uniform: bool) -> Callable:

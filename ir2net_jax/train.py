@@ -110,10 +110,10 @@ def build_model(config, num_classes: int, axis_name: Optional[str] = None,
                 information_recovery=config.information_recovery,
                 zero_to_one=config.zero_to_one,
                 axis_name=axis_name if config.sync_batch_stats else None)
+  if config.binary_compute_dtype:
+    kwargs["compute_dtype"] = config.binary_compute_dtype
   if config.model.startswith("ir2net"):
     kwargs["stage"] = config.stage
-    if config.binary_compute_dtype:
-      kwargs["compute_dtype"] = jnp.dtype(config.binary_compute_dtype)
   return models.create_model(config.model, **kwargs)
 
 

@@ -120,15 +120,27 @@ def test_binary_conv_stage_switch_and_symmetric_padding(binary_weights, stride):
   np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_binary_conv_low_precision_operands_are_exact():
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+@pytest.mark.parametrize("channels", [16, 64])
+def test_binary_conv_low_precision_operands_are_exact(dtype, channels):
   rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.normal(size=(2, 8, 8, 16)).astype(np.float32))
-  v = {"params": {"kernel": jnp.asarray(
-      rng.normal(size=(3, 3, 16, 8)).astype(np.float32))}}
-  y32 = layers.BinaryConv(8).apply(v, x)
-  y16 = layers.BinaryConv(8, compute_dtype=jnp.bfloat16).apply(v, x)
-  assert y16.dtype == jnp.float32
-  np.testing.assert_array_equal(y32, y16)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, channels)).astype(np.float32))
+  k = jnp.asarray(rng.normal(size=(3, 3, channels, 8)).astype(np.float32))
+
+  def run(compute_dtype):
+    conv = layers.BinaryConv(8, compute_dtype=compute_dtype)
+    f = lambda x, k: conv.apply({"params": {"kernel": k}}, x)
+    y, vjp = jax.vjp(f, x, k)
+    return y, vjp(jnp.asarray(rng.normal(size=y.shape).astype(np.float32)))
+
+  rng = np.random.default_rng(5)
+  y32, g32 = run(None)
+  rng = np.random.default_rng(5)
+  ylow, glow = run(dtype)
+  assert ylow.dtype == jnp.float32
+  np.testing.assert_array_equal(y32, ylow)
+  for a, b in zip(g32, glow):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("features,ratio,divisor,cheap_shape", [

@@ -88,8 +88,11 @@ def _cached_teacher_logits(teacher_name, prec, input_bytes, shape):
 
 
 @functools.lru_cache(maxsize=None)
-def _run(path, prec, train=True):
-  """Runs the port on a fixture: eval pass and the recorded training step."""
+def _run(path, prec, train=True, compute_dtype=None):
+  """Runs the port on a fixture: eval pass and the recorded training step.
+
+  ``compute_dtype`` selects a speed option of the binary convolutions.
+  """
   fx = rf.load(path)
   if fx.is_teacher:
     return {"eval_logits": _cached_teacher_logits(
@@ -97,7 +100,8 @@ def _run(path, prec, train=True):
   out = {}
   with jax.enable_x64(prec == "f64"):
     dtype = np.float64 if prec == "f64" else np.float32
-    model = fx.model()
+    model = fx.model(**({"compute_dtype": compute_dtype} if compute_dtype
+                        else {}))
     variables = fx.variables(dtype)
     x = jnp.asarray(fx.nhwc("input").astype(dtype))
     logits, feature = jax.jit(lambda v, x: model.apply(v, x, train=False))(
@@ -287,3 +291,41 @@ def test_second_pass_sees_erased_images():
   np.testing.assert_array_equal(aux.mask, mask)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                aux.batch_stats, state2["batch_stats"])
+
+
+def _speed_option_cases():
+  """Every speed option on the CIFAR fixtures and the first ImageNet stage-2
+  fixture (binary weights: where the low-precision paths apply)."""
+  cases = []
+  imagenet_done = False
+  for p in STUDENTS:
+    fx = rf.load(p)
+    if not fx.meta["weights_binarized"]:
+      continue
+    if fx.is_imagenet:
+      if imagenet_done:
+        continue
+      imagenet_done = True
+    cases += [(p, option) for option in ("int8", "bfloat16")]
+  return cases
+
+
+@pytest.mark.parametrize(
+    "path,option", _speed_option_cases(),
+    ids=[f"{rf.load(p).name}-{o}" for p, o in _speed_option_cases()])
+def test_speed_options_keep_parity(path, option):
+  """Low-precision binary convolutions stay within the float32 tolerances."""
+  fx = rf.load(path)
+  out = _run(path, "f32", compute_dtype=option)
+  tol = _tolerances(fx, "f32")
+  for name in ("eval_logits", "train_logits1", "train_logits2", "loss"):
+    _check_value(fx, "f32", name, out[name], tol["value"])
+  plain = _run(path, "f32")
+  for key, g in out["grads"].items():
+    ref_l2 = float(fx.data[f"grad_l2/{key}"])
+    err = abs(np.linalg.norm(g.astype(np.float64)) - ref_l2) / ref_l2
+    assert err <= tol["grad_l2"], (key, err)
+    # Forward sums of +-1 are exact and the backward stays in float32, so
+    # the gradients are those of the plain float32 path.
+    np.testing.assert_allclose(g, plain["grads"][key], rtol=1e-5,
+                               atol=1e-6 * np.abs(plain["grads"][key]).max())

@@ -22,22 +22,33 @@ def _bn(train, axis_name, name):
                    name=name)
 
 
-class _BasicBlock20(nn.Module):
+class _Block(nn.Module):
+  """Fields and sublayers shared by the CIFAR residual blocks."""
+  planes: int
+  stride: int
+  zero_to_one: bool
+  axis_name: Optional[str]
+  compute_dtype: Optional[str] = None
+
+  def binary_conv(self, stride: int, name: str) -> BinaryConv:
+    return BinaryConv(self.planes, stride, binary_weights=True,
+                      zero_to_one=self.zero_to_one,
+                      compute_dtype=self.compute_dtype, name=name)
+
+  def bn(self, train: bool, name: str) -> BatchNorm:
+    return _bn(train, self.axis_name, name)
+
+
+class _BasicBlock20(_Block):
   """ResNet-20 block: two binary convs, each with its own shortcut (Bi-Real).
 
   ``h = hardtanh(bn1(conv1(x)) + shortcut(x))``,
   ``out = hardtanh(bn2(conv2(h)) + h)``; the shortcut is "option A".
   """
-  planes: int
-  stride: int
-  zero_to_one: bool
-  axis_name: Optional[str]
 
   @nn.compact
   def __call__(self, x, train):
-    bconv = dict(binary_weights=True, zero_to_one=self.zero_to_one)
-    out = _bn(train, self.axis_name, "bn1")(
-        BinaryConv(self.planes, self.stride, name="conv1", **bconv)(x))
+    out = self.bn(train, "bn1")(self.binary_conv(self.stride, "conv1")(x))
     if self.stride != 1 or x.shape[-1] != self.planes:
       pad = self.planes // 4
       shortcut = jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0),
@@ -45,8 +56,7 @@ class _BasicBlock20(nn.Module):
     else:
       shortcut = x
     h = hardtanh(out + shortcut)
-    out = _bn(train, self.axis_name, "bn2")(
-        BinaryConv(self.planes, 1, name="conv2", **bconv)(h))
+    out = self.bn(train, "bn2")(self.binary_conv(1, "conv2")(h))
     return hardtanh(out + h)
 
 
@@ -65,6 +75,7 @@ class ResNet20(nn.Module):
   zero_to_one: bool = False
   axis_name: Optional[str] = None
   num_blocks: Sequence[int] = (3, 3, 3)
+  compute_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -76,7 +87,7 @@ class ResNet20(nn.Module):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
         out = _BasicBlock20(planes, stride, self.zero_to_one, self.axis_name,
-                            name=f"layer{stage + 1}_{i}")(out, train)
+                            self.compute_dtype, name=f"layer{stage + 1}_{i}")(out, train)
       if stage < 2:
         pooled.append(adaptive_avg_pool(out, 8))
     feature = out
@@ -100,6 +111,7 @@ class VGGSmall(nn.Module):
   information_recovery: bool = True
   zero_to_one: bool = False
   axis_name: Optional[str] = None
+  compute_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -114,7 +126,7 @@ class VGGSmall(nn.Module):
         [(128, True), (256, False), (256, True), (512, False), (512, True)], 1):
       x = BinaryConv(planes, 1, binary_weights=True,
                      zero_to_one=self.zero_to_one, kernel_init=init,
-                     name=f"conv{i}")(x)
+                     compute_dtype=self.compute_dtype, name=f"conv{i}")(x)
       if pool:
         x = max_pool(x, 2, 2, 0)
       x = hardtanh(_bn(train, self.axis_name, f"bn{i}")(x))
@@ -132,23 +144,17 @@ class VGGSmall(nn.Module):
     return logits, feature
 
 
-class _BasicBlock18(nn.Module):
+class _BasicBlock18(_Block):
   """CIFAR ResNet-18 block: ``hardtanh(bn2(conv2(hardtanh(bn1(conv1 x)))) +
   shortcut(x))``; the downsample shortcut is a real 1x1 conv + BN."""
-  planes: int
-  stride: int
-  zero_to_one: bool
-  axis_name: Optional[str]
 
   @nn.compact
   def __call__(self, x, train):
-    bconv = dict(binary_weights=True, zero_to_one=self.zero_to_one)
-    out = hardtanh(_bn(train, self.axis_name, "bn1")(
-        BinaryConv(self.planes, self.stride, name="conv1", **bconv)(x)))
-    out = _bn(train, self.axis_name, "bn2")(
-        BinaryConv(self.planes, 1, name="conv2", **bconv)(out))
+    out = hardtanh(self.bn(train, "bn1")(
+        self.binary_conv(self.stride, "conv1")(x)))
+    out = self.bn(train, "bn2")(self.binary_conv(1, "conv2")(out))
     if self.stride != 1 or x.shape[-1] != self.planes:
-      x = _bn(train, self.axis_name, "shortcut_bn")(
+      x = self.bn(train, "shortcut_bn")(
           conv(self.planes, 1, self.stride, kernel_init=kaiming_normal,
                name="shortcut_conv")(x))
     return hardtanh(out + x)
@@ -164,6 +170,7 @@ class ResNet18(nn.Module):
   zero_to_one: bool = False
   axis_name: Optional[str] = None
   num_blocks: Sequence[int] = (2, 2, 2, 2)
+  compute_dtype: Optional[str] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -176,7 +183,7 @@ class ResNet18(nn.Module):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
         out = _BasicBlock18(planes, stride, self.zero_to_one, self.axis_name,
-                            name=f"layer{stage + 1}_{i}")(out, train)
+                            self.compute_dtype, name=f"layer{stage + 1}_{i}")(out, train)
       if stage < 3:
         pooled.append(adaptive_avg_pool(out, 4))
     feature = out
