@@ -367,6 +367,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         is_best = True
     if step % ckpt_every == 0 or step == num_steps or is_best:
       checkpoints.save(step, state, meta(), best=is_best)
+  if not last_eval:  # a finished run started again: report its result
+    last_eval = _evaluate(eval_step, {"params": state.params,
+                                      "batch_stats": state.batch_stats},
+                          config, mesh)
   writer.flush()
   checkpoints.wait()
   checkpoints.close()
