@@ -21,9 +21,7 @@ def cifar10_config(name: str, model: str, learning_rate: float,
   c.num_epochs = num_epochs
   c.schedule_unit = "epoch"
   if arg == "smoke":
-    c.num_epochs = 1
-    c.num_train_steps = 3
-    c.batch_size = 16
+    default.smoke(c, batch_size=16, num_train_steps=3)
   elif arg:
     raise ValueError(f"CIFAR-10 configs take '' or 'smoke', not {arg!r}")
   return c

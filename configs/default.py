@@ -70,3 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_processes = 1
   c.process_id = 0
   return c
+
+
+def smoke(c: ml_collections.ConfigDict, *, batch_size: int,
+          num_train_steps: int, num_epochs: int = 1, **fields):
+  """Shrinks recipe ``c`` to a seconds-long run (the ``:smoke`` argument)."""
+  c.batch_size = batch_size
+  c.num_train_steps = num_train_steps
+  c.num_epochs = num_epochs
+  c.update(fields)
+  return c

@@ -29,12 +29,9 @@ def get_config(arg: str = ""):
   c.log_every_steps = 50
   if arg == "smoke":  # seconds: a 1-block-per-stage ResNet-20, a few steps
     c.model_kwargs.num_blocks = (1, 1, 1)
-    c.batch_size = 16
-    c.eval_batch_size = 40
-    c.num_epochs = 2
-    c.num_train_steps = 6
-    c.log_every_steps = 2
-    c.checkpoint_every_steps = 2
+    default.smoke(c, batch_size=16, num_train_steps=6, num_epochs=2,
+                  eval_batch_size=40, log_every_steps=2,
+                  checkpoint_every_steps=2)
   elif arg:
     raise ValueError(f"configs/digits.py takes '' or 'smoke', not {arg!r}")
   return c

@@ -68,8 +68,5 @@ def get_config(arg: str = ""):
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000
   if o["smoke"]:
-    c.batch_size = 8
-    c.image_size = 64
-    c.num_epochs = 1
-    c.num_train_steps = 2
+    default.smoke(c, batch_size=8, num_train_steps=2, image_size=64)
   return c

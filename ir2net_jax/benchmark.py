@@ -89,7 +89,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ir2net_jax import costs, data, models, optim, parallel, train
+from ir2net_jax import costs, data, optim, parallel, train
 from ir2net_jax.data import sources
 
 __all__ = ["Recipe", "RECIPES", "PEAK_FLOPS", "recipe_config",
@@ -342,13 +342,6 @@ def _inference_seconds(model, variables, images, mesh, warmup: int,
   return _median_seconds(lambda: compiled(variables, images), warmup, steps)
 
 
-def _train_state(model, tx, variables) -> train.TrainState:
-  return train.TrainState(step=jnp.zeros((), jnp.int32),
-                          params=variables["params"],
-                          batch_stats=variables["batch_stats"],
-                          opt_state=tx.init(variables["params"]))
-
-
 def _models(config, num_classes: int):
   """``(student for the step, student without axis_name, teacher or None)``.
 
@@ -358,9 +351,7 @@ def _models(config, num_classes: int):
   plain = train.build_model(config, num_classes, None)
   teacher = None
   if config.loss == "distillation":
-    teacher = models.create_model(config.teacher_model,
-                                  num_classes=num_classes,
-                                  **dict(config.teacher_kwargs))
+    teacher = train.build_teacher(config, num_classes)
   return model, plain, teacher
 
 
@@ -406,12 +397,9 @@ def benchmark_recipe(name: str, config, mesh, warmup: int = 2,
 
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch=1000)
-  state = parallel.replicate(_train_state(model, tx, variables), mesh)
+  state = parallel.replicate(train.create_train_state(variables, tx), mesh)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
-  step = parallel.shard_step(
-      train.make_train_step(model, tx, config, teacher), mesh,
-      in_specs=(P(), P(parallel.AXIS), P()), out_specs=(P(), P()),
-      donate_argnums=(0,))
+  step = train.sharded_train_step(model, tx, config, mesh, teacher)
   start = time.perf_counter()
   compiled = step.lower(state, batch, teacher_vars).compile()
   compile_s = time.perf_counter() - start

@@ -7,7 +7,7 @@ reference pads ``p`` pixels on every side (also at stride 2, where XLA's
 
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax

@@ -5,7 +5,7 @@ restriction in between (SPEC section 3).
 the parity tests compare with the reference's recorded training step.
 """
 
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, NamedTuple, Tuple
 
 import flax.linen as nn
 import jax

@@ -14,7 +14,7 @@ import json
 import logging as pylogging
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import flax
 import flax.linen as nn
@@ -169,6 +169,31 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return step
 
 
+def sharded_train_step(model: nn.Module, tx: optax.GradientTransformation,
+                       config, mesh, teacher: Optional[nn.Module] = None
+                       ) -> Callable:
+  """``make_train_step`` as ``jit(shard_map)`` over ``mesh``: replicated state
+  (donated) and teacher variables, the batch split along ``'data'``."""
+  return parallel.shard_step(
+      make_train_step(model, tx, config, teacher), mesh,
+      in_specs=(P(), P(parallel.AXIS), P()), out_specs=(P(), P()),
+      donate_argnums=(0,))
+
+
+def create_train_state(variables: Dict[str, Any],
+                       tx: optax.GradientTransformation) -> TrainState:
+  """Step 0 of training from ``{'params', 'batch_stats'}``."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"],
+                    opt_state=tx.init(variables["params"]))
+
+
+def build_teacher(config, num_classes: int) -> nn.Module:
+  """The frozen teacher the config names (eval mode only, never trained)."""
+  return models.create_model(config.teacher_model, num_classes=num_classes,
+                             **dict(config.teacher_kwargs))
+
+
 def make_eval_step(model: nn.Module) -> Callable:
   """Per-device eval step ``(variables, batch) -> global sums``.
 
@@ -196,8 +221,7 @@ def init_variables(model, image_size, seed) -> Dict[str, Any]:
 
 
 def _load_teacher(config, num_classes):
-  teacher = models.create_model(config.teacher_model, num_classes=num_classes,
-                                **dict(config.teacher_kwargs))
+  teacher = build_teacher(config, num_classes)
   abstract = jax.eval_shape(
       lambda: init_variables(teacher, config.image_size, 0))
   try:
@@ -290,9 +314,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     variables = convert.load_variables(config.init_from, variables)
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                     batch_stats=variables["batch_stats"],
-                     opt_state=tx.init(variables["params"]))
+  state = create_train_state(variables, tx)
 
   # From here on the workdir is written to.
   is_host0 = jax.process_index() == 0
@@ -310,13 +332,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = parallel.replicate(state, mesh)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 
-  batch_spec = P(parallel.AXIS)
-  train_step = parallel.shard_step(
-      make_train_step(model, tx, config, teacher), mesh,
-      in_specs=(P(), batch_spec, P()), out_specs=(P(), P()),
-      donate_argnums=(0,))
+  train_step = sharded_train_step(model, tx, config, mesh, teacher)
   eval_step = parallel.shard_step(make_eval_step(model), mesh,
-                                  in_specs=(P(), batch_spec), out_specs=P())
+                                  in_specs=(P(), P(parallel.AXIS)),
+                                  out_specs=P())
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=not is_host0, asynchronous=True)

@@ -14,7 +14,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import flax  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import train_utils  # noqa: E402
 from ir2net_jax import optim, parallel, train  # noqa: E402
@@ -31,13 +30,9 @@ def run(out, process_id, num_processes, port):
   model = train.build_model(config, 10, parallel.AXIS)
   variables = train.init_variables(model, 32, 0)
   tx = optim.create_optimizer(config, variables["params"], model, 10)
-  state = train.TrainState(step=np.int32(0), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]))
   mesh = parallel.data_mesh()
-  state = parallel.replicate(state, mesh)
-  step = parallel.shard_step(train.make_train_step(model, tx, config), mesh,
-                             (P(), P(parallel.AXIS), P()), (P(), P()))
+  state = parallel.replicate(train.create_train_state(variables, tx), mesh)
+  step = train.sharded_train_step(model, tx, config, mesh)
   local = GLOBAL_BATCH // num_processes
   rows = slice(process_id * local, (process_id + 1) * local)
   for i in range(STEPS):

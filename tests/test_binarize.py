@@ -1,6 +1,5 @@
 """Sign estimators against their analytic forward values and gradients."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

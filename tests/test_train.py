@@ -9,13 +9,11 @@ import time
 
 import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
-from jax.sharding import PartitionSpec as P
 
 import train_utils
 from configs import imagenet as imagenet_config
@@ -37,14 +35,9 @@ def _run_steps(devices, steps=3, global_batch=16):
   model = train.build_model(config, 10, parallel.AXIS)
   variables = train.init_variables(model, 32, 0)
   tx = optim.create_optimizer(config, variables["params"], model, 10)
-  state = train.TrainState(step=jnp.zeros((), jnp.int32),
-                           params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]))
   mesh = parallel.data_mesh(devices)
-  state = parallel.replicate(state, mesh)
-  step = parallel.shard_step(train.make_train_step(model, tx, config), mesh,
-                             (P(), P(parallel.AXIS), P()), (P(), P()))
+  state = parallel.replicate(train.create_train_state(variables, tx), mesh)
+  step = train.sharded_train_step(model, tx, config, mesh)
   for i in range(steps):
     batch = jax.device_put(train_utils.random_batch(i, global_batch),
                            parallel.batch_sharding(mesh))

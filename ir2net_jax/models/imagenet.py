@@ -9,7 +9,6 @@ Submodule names follow the reference's ``state_dict`` (``layer1_0`` for
 from typing import Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ir2net_jax.layers import (BatchNorm, BinaryConv, CIRec, PReLU,

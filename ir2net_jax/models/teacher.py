@@ -3,7 +3,6 @@
 from typing import Optional, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from ir2net_jax.layers import BatchNorm, conv, max_pool
