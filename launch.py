@@ -1,14 +1,14 @@
 """Trains IR2Net: ``python launch.py --config=configs/X.py --workdir=DIR``.
 
-Kept short on purpose: it parses flags and calls
-``ir2net_jax.train.train_and_evaluate``. Override any field with
+Kept short on purpose: it parses flags, applies ``config.xla_cpu_flags``
+(before JAX starts) and calls ``ir2net_jax.train.train_and_evaluate``. Override any field with
 ``--config.field=value``; unknown fields are an error.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ir2net_jax import train
+from ir2net_jax import train, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
@@ -21,6 +21,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("config:\n%s", FLAGS.config)
+  added = xla_cpu.apply_flags(xla_cpu.resolve(
+      FLAGS.config.xla_cpu_flags, FLAGS.config.model,
+      FLAGS.config.binary_compute_dtype))
+  if added:
+    logging.info("XLA_FLAGS += %s", " ".join(added))
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

@@ -23,6 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.zero_to_one = False        # binarise 0 to +1 (larq) instead of 0
   c.sync_batch_stats = True    # BatchNorm over the global batch
   c.binary_compute_dtype = config_dict.placeholder(str)  # e.g. 'bfloat16'
+  # Added to XLA_FLAGS by launch.py before JAX starts; CPU only, changes
+  # speed, not results. 'auto': ir2net_jax.xla_cpu.resolve; '': XLA's own.
+  c.xla_cpu_flags = "auto"
 
   # Data (ir2net_jax.data).
   c.dataset = "digits"         # 'digits' | 'cifar10' | 'imagenet2012'

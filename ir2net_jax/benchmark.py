@@ -21,7 +21,9 @@ batch 16, 224x224, with the teacher). ``--batch_size`` and ``--image_size``
 replace those for every recipe; ``--binary_compute_dtype=bfloat16``,
 ``--dtype=bfloat16`` and ``--set=field=value`` (repeatable, dotted names
 reach ``model_kwargs`` / ``teacher_kwargs``) change config fields of every
-recipe, so speed options can be compared. ``--tiny`` (tests) keeps one block
+recipe, so speed options can be compared. ``--xla_cpu_flags`` is
+``config.xla_cpu_flags`` (``ir2net_jax.xla_cpu``), applied before JAX
+starts: ``auto`` by default, ``''`` for XLA's own defaults. ``--tiny`` (tests) keeps one block
 per stage and 32x32 ImageNet images. ``--json`` prints one JSON document
 (environment, rows, pipelines) instead of the table.
 
@@ -78,6 +80,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -89,7 +92,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ir2net_jax import costs, data, optim, parallel, train
+from ir2net_jax import costs, data, optim, parallel, train, xla_cpu
 from ir2net_jax.data import sources
 
 __all__ = ["Recipe", "RECIPES", "PEAK_FLOPS", "recipe_config",
@@ -446,6 +449,7 @@ def _row(name, config, devices, compile_s, step_s, infer_s, flops,
       "peak_memory_mb": memory_mb,
       "peak_memory_source": memory_source,
       "xla_memory_mb": xla_mb,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 
@@ -586,13 +590,21 @@ def _cell(row: Dict[str, Any], key: str, fmt: str) -> str:
   return fmt.format(value * _SCALE.get(key, 1))
 
 
+def _flags_lines(env, rows) -> List[str]:
+  flags = {r.get("xla_flags", env["xla_flags"]) for r in rows}
+  if len(flags) <= 1:
+    return [f"XLA_FLAGS={(flags.pop() if flags else env['xla_flags'])!r}"]
+  return [f"XLA_FLAGS for {r['recipe']}: {r['xla_flags']!r}" for r in rows]
+
+
 def format_table(env: Dict[str, Any], rows: Sequence[Dict[str, Any]],
                  pipelines: Sequence[Dict[str, Any]]) -> str:
   """Header lines, one fixed-width row per recipe, one line of pipelines."""
   lines = [
       f"device: {env['device_kind']} x {env['local_devices']} "
       f"({env['platform']}), host CPUs: {env['host_cpus']}",
-      f"jax {env['jax_version']}, XLA_FLAGS={env['xla_flags']!r}",
+      f"jax {env['jax_version']}",
+      *_flags_lines(env, rows),
       f"peak MB: {env['peak_memory_source']} (a high-water mark of the "
       "process); MFU: of the dense bf16 peak",
   ]
@@ -636,6 +648,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="config.binary_compute_dtype, e.g. bfloat16")
   parser.add_argument("--dtype", default=None,
                       help="config.dtype (input images), e.g. bfloat16")
+  parser.add_argument("--xla_cpu_flags", default=xla_cpu.AUTO,
+                      help="added to XLA_FLAGS before JAX starts, as "
+                           "config.xla_cpu_flags: 'auto' (the tuned flags, "
+                           "none with int8), '' for XLA's defaults, or flags")
   parser.add_argument("--set", action="append", default=[],
                       metavar="FIELD=VALUE", dest="overrides",
                       help="any config field (repeatable), e.g. "
@@ -667,22 +683,53 @@ def _overrides(args) -> List[str]:
   return out + list(args.overrides)
 
 
+def _rows_in_subprocesses(args, flags: Dict[str, str]) -> List[Dict]:
+  """Benchmarks each group of recipes that wants other XLA flags in a fresh
+  process (XLA reads its flags once); rows come back in recipe order."""
+  common = [f"--steps={args.steps}", f"--warmup={args.warmup}", "--json",
+            "--skip_pipeline"] + [f"--set={o}" for o in _overrides(args)]
+  common += [f"--{k}={getattr(args, k)}" for k in ("batch_size", "image_size")
+             if getattr(args, k) is not None]
+  common += [f"--{k}" for k in ("tiny", "skip_inference") if getattr(args, k)]
+  rows = {}
+  for value in dict.fromkeys(flags.values()):
+    group = [name for name in args.recipes if flags[name] == value]
+    if not args.json:
+      print(f"[{','.join(group)}: XLA flags {value!r}, own process]",
+            file=sys.stderr, flush=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "ir2net_jax.benchmark",
+         f"--recipes={','.join(group)}", f"--xla_cpu_flags={value}",
+         *common], stdout=subprocess.PIPE, text=True, check=True)
+    for row in json.loads(run.stdout)["rows"]:
+      rows[row["recipe"]] = row
+  return [rows[name] for name in args.recipes]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   """Runs the benchmark, prints the table (or JSON); returns the results."""
   args = parse_args(argv)
   configs = {name: recipe_config(name, args.batch_size, args.image_size,
                                  args.tiny, _overrides(args))
              for name in args.recipes}
-  mesh = parallel.data_mesh(jax.local_devices())
-  for name, config in configs.items():  # Fail before compiling anything.
-    _check(name, config, mesh.devices.size)
-  rows = []
-  for name, config in configs.items():
-    rows.append(benchmark_recipe(name, config, mesh, args.warmup, args.steps,
-                                 inference=not args.skip_inference))
-    if not args.json:
-      print(f"[{name}: {rows[-1]['images_per_s']:.1f} img/s]",
-            file=sys.stderr, flush=True)
+  flags = {name: xla_cpu.resolve(args.xla_cpu_flags, c.model,
+                                 c.binary_compute_dtype)
+           for name, c in configs.items()}
+  if len(set(flags.values())) > 1:
+    rows = _rows_in_subprocesses(args, flags)
+  else:
+    xla_cpu.apply_flags(next(iter(flags.values())))
+    mesh = parallel.data_mesh(jax.local_devices())
+    for name, config in configs.items():  # Fail before compiling anything.
+      _check(name, config, mesh.devices.size)
+    rows = []
+    for name, config in configs.items():
+      rows.append(benchmark_recipe(name, config, mesh, args.warmup,
+                                   args.steps,
+                                   inference=not args.skip_inference))
+      if not args.json:
+        print(f"[{name}: {rows[-1]['images_per_s']:.1f} img/s]",
+              file=sys.stderr, flush=True)
   pipelines = ([] if args.skip_pipeline else benchmark_pipelines(
       args.image_size or 224, args.pipeline_examples))
   result = {"environment": environment(), "rows": rows,

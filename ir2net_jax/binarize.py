@@ -35,7 +35,10 @@ def sign(x: jax.Array, zero_to_one: bool = False) -> jax.Array:
   """``sign`` in the dtype of ``x``; ``sign(0)`` is 0 unless ``zero_to_one``."""
   if zero_to_one:
     return jnp.where(x >= 0, 1, -1).astype(x.dtype)
-  return jnp.sign(x)
+  # jnp.sign's value for every input (±0 and NaN pass through), written as
+  # selects: XLA:CPU fuses those into the producer but not a sign op.
+  one = jnp.ones((), x.dtype)
+  return jnp.where(x > 0, one, jnp.where(x < 0, -one, x))
 
 
 def _with_surrogate(grad_fn: Callable[[jax.Array], jax.Array]):

@@ -5,13 +5,17 @@ the eight fake CPU devices of conftest.py, so batches are multiples of 8.
 """
 
 import json
+import os
+import subprocess
 import sys
 
 import pytest
 
-from ir2net_jax import benchmark, models, train
+from ir2net_jax import benchmark, models, train, xla_cpu
 
-TINY = ["--tiny", "--batch_size=8", "--steps=2", "--warmup=1"]
+# In-process runs start after JAX did: they keep the tests' XLA_FLAGS.
+TINY = ["--tiny", "--batch_size=8", "--steps=2", "--warmup=1",
+        "--xla_cpu_flags="]
 POSITIVE = ("compile_s", "step_s", "images_per_s", "student_macs",
             "flops_per_step", "tflops_per_s", "peak_memory_mb")
 
@@ -81,7 +85,8 @@ def test_imagenet_recipe_with_teacher(capsys):
                            "--batch_size=8", "--steps=1", "--warmup=0",
                            "--set=model_kwargs.num_blocks=(1,0,0,0)",
                            "--set", "teacher_kwargs.num_blocks=[1, 0, 0, 0]",
-                           "--skip_pipeline", "--skip_inference"])
+                           "--skip_pipeline", "--skip_inference",
+                           "--xla_cpu_flags="])
   (row,) = result["rows"]
   assert (row["stage"], row["image_size"]) == (2, 32)
   assert row["teacher_macs"] > 0
@@ -91,3 +96,27 @@ def test_imagenet_recipe_with_teacher(capsys):
   table = capsys.readouterr().out
   assert "compile s" in table and "MFU %" in table
   assert any(line.startswith("ir2net_a_stage2") for line in table.splitlines())
+
+
+def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
+  """``python -m ir2net_jax.benchmark`` as users run it: recipes whose 'auto'
+  flags differ run in their own processes, and each row says which."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=root,
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  run = subprocess.run(
+      [sys.executable, "-m", "ir2net_jax.benchmark",
+       "--recipes=cifar_resnet20,ir2net_a_stage2", "--tiny", "--batch_size=4",
+       "--steps=1", "--warmup=0", "--json", "--skip_pipeline",
+       "--skip_inference"],
+      env=env, capture_output=True, text=True, timeout=900, check=True)
+  out = json.loads(run.stdout)
+  cifar, imagenet = out["rows"]
+  assert (cifar["recipe"], imagenet["recipe"]) == ("cifar_resnet20",
+                                                   "ir2net_a_stage2")
+  assert xla_cpu.TUNED_FLAGS in cifar["xla_flags"].split()
+  assert xla_cpu.TUNED_FLAGS not in imagenet["xla_flags"].split()
+  for row in out["rows"]:
+    assert row["devices"] == 2 and row["images_per_s"] > 0
+  table = benchmark.format_table(out["environment"], out["rows"], [])
+  assert "XLA_FLAGS for ir2net_a_stage2: " in table

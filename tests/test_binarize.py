@@ -102,3 +102,15 @@ def test_checkpoint_and_shard_map():
 def test_unknown_estimator_is_a_clear_error():
   with pytest.raises(ValueError, match="unknown sign estimator"):
     binarize.get_estimator("nope")
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_sign_equals_jnp_sign_on_special_values(dtype):
+  x = jnp.asarray([-np.inf, -3.0, -1e-30, -0.0, 0.0, 1e-30, 2.5, np.inf,
+                   np.nan], dtype)
+  got, want = binarize.sign(x), jnp.sign(x)
+  assert got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+  np.testing.assert_array_equal(np.signbit(np.asarray(got, np.float32)),
+                                np.signbit(np.asarray(want, np.float32)))

@@ -1,0 +1,97 @@
+"""XLA:CPU compiler flags that make the binary networks train faster.
+
+XLA reads ``XLA_FLAGS`` once, when JAX starts its backends, so these flags
+are applied by the entry points (``launch.py``, ``python -m
+ir2net_jax.benchmark``, the tests) before any JAX computation, from the
+``xla_cpu_flags`` config field. They change how XLA:CPU runs operations, not
+what they compute, and are ignored by the GPU and TPU backends.
+
+``TUNED_FLAGS`` keeps convolutions out of XLA:CPU's YNNPACK fusions (matrix
+products stay in them), so they run on XLA's Eigen convolutions. For these
+networks' float32 convolutions (3x3, 16 to 512 channels, their input and
+weight gradients) that made the CIFAR ResNet-20 training step about 1.3x
+faster on the project's 2-core x86 CPU (VGG-Small and ResNet-18: 1.2-1.3x).
+The ImageNet models' training steps, though, were 1.1-1.2x faster with
+XLA's defaults (YNNPACK convolutions), and Eigen's int8 convolutions are
+10-40x slower than YNNPACK's. ``'auto'`` (the config default) picks by model
+and ``binary_compute_dtype``; the README's performance section has the
+measurements.
+"""
+
+import os
+import shlex
+from typing import List, Sequence
+
+__all__ = ["AUTO", "TUNED_FLAGS", "resolve", "apply_flags"]
+
+TUNED_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type="
+               "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT")
+
+
+AUTO = "auto"
+
+
+def resolve(flags: str, model: str, binary_compute_dtype=None) -> str:
+  """The flags ``'auto'`` stands for; any other value is returned as is.
+
+  Args:
+    flags: ``config.xla_cpu_flags``.
+    model: ``config.model``.
+    binary_compute_dtype: ``config.binary_compute_dtype``.
+
+  Returns:
+    ``TUNED_FLAGS`` for the CIFAR models in float32 (Eigen's convolutions
+    were faster for their 32x32, batch-128 shapes), '' (XLA's defaults:
+    YNNPACK convolutions, faster for the ImageNet models' shapes and for
+    int8) otherwise.
+  """
+  if flags != AUTO:
+    return flags
+  if model.startswith("cifar_") and binary_compute_dtype != "int8":
+    return TUNED_FLAGS
+  return ""
+
+
+def _flag_name(flag: str) -> str:
+  return flag.split("=", 1)[0]
+
+
+def _backends_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return bool(started and started())
+
+
+def apply_flags(flags: str, environ=os.environ) -> List[str]:
+  """Adds ``flags`` to ``XLA_FLAGS`` unless the user set those flags already.
+
+  Args:
+    flags: space-separated XLA flags, e.g. ``TUNED_FLAGS``; '' does nothing.
+    environ: the environment to change (the process's by default).
+
+  Returns:
+    The flags that were added; a flag already named in ``XLA_FLAGS`` keeps
+    the user's value and is not added.
+
+  Raises:
+    ValueError: a flag does not start with ``--``.
+    RuntimeError: JAX's backends already started in this process (they would
+      not see the flags); call this before any JAX computation.
+  """
+  wanted: Sequence[str] = shlex.split(flags or "")
+  for flag in wanted:
+    if not flag.startswith("--"):
+      raise ValueError(f"xla_cpu_flags: {flag!r} is not an XLA flag "
+                       "(--name=value); use '' for none")
+  present = {_flag_name(f) for f in shlex.split(environ.get("XLA_FLAGS", ""))}
+  added = [f for f in wanted if _flag_name(f) not in present]
+  if not added:
+    return []
+  if environ is os.environ and _backends_started():
+    raise RuntimeError(
+        f"xla_cpu_flags {added} must be set before JAX starts its backends, "
+        "and this process has already run JAX code; set them in XLA_FLAGS "
+        "before starting Python, or pass --config.xla_cpu_flags=''")
+  environ["XLA_FLAGS"] = " ".join(
+      [environ.get("XLA_FLAGS", "")] + added).strip()
+  return added

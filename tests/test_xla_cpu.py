@@ -1,0 +1,90 @@
+"""The XLA:CPU flags the entry points apply before JAX starts."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ir2net_jax import xla_cpu
+
+
+def test_adds_flags_and_keeps_the_users_value():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
+                      "--xla_cpu_experimental_ynn_fusion_type=X"}
+  added = xla_cpu.apply_flags(
+      xla_cpu.TUNED_FLAGS + " --xla_cpu_enable_fast_min_max=false", env)
+  assert added == ["--xla_cpu_enable_fast_min_max=false"]
+  assert env["XLA_FLAGS"].split() == [
+      "--xla_force_host_platform_device_count=2",
+      "--xla_cpu_experimental_ynn_fusion_type=X",
+      "--xla_cpu_enable_fast_min_max=false"]
+
+
+def test_empty_flags_change_nothing():
+  env = {}
+  assert xla_cpu.apply_flags("", env) == []
+  assert env == {}
+  assert xla_cpu.apply_flags(xla_cpu.TUNED_FLAGS, env) == [
+      xla_cpu.TUNED_FLAGS]
+  assert env["XLA_FLAGS"] == xla_cpu.TUNED_FLAGS
+
+
+def test_rejects_a_word_that_is_not_a_flag():
+  with pytest.raises(ValueError, match="not an XLA flag"):
+    xla_cpu.apply_flags("xla_cpu_enable_fast_min_max=false", {})
+
+
+def test_refuses_once_jax_has_started_and_leaves_xla_flags_alone():
+  jax.devices()
+  before = os.environ.get("XLA_FLAGS")
+  with pytest.raises(RuntimeError, match="before JAX starts"):
+    xla_cpu.apply_flags("--xla_cpu_enable_fast_min_max=false")
+  assert os.environ.get("XLA_FLAGS") == before
+
+
+def test_auto_picks_by_model_and_binary_compute_dtype():
+  assert xla_cpu.resolve("auto", "cifar_resnet20") == xla_cpu.TUNED_FLAGS
+  assert xla_cpu.resolve("auto", "cifar_vgg_small",
+                         "bfloat16") == xla_cpu.TUNED_FLAGS
+  assert xla_cpu.resolve("auto", "cifar_resnet18", "int8") == ""
+  assert xla_cpu.resolve("auto", "ir2net_a") == ""
+  assert xla_cpu.resolve("--xla_foo=1", "ir2net_a", "int8") == "--xla_foo=1"
+
+
+_GRADIENTS = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from ir2net_jax import losses, models, objective
+model = models.create_model("cifar_resnet20", num_blocks=(1, 1, 1))
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.normal(size=(8, 32, 32, 3)), jnp.float32)
+y = jnp.asarray(rng.integers(0, 10, 8))
+v = model.init(jax.random.key(0), x, train=False)
+grads, aux = jax.jit(jax.grad(
+    lambda p: objective.two_pass_objective(
+        p, v["batch_stats"], model, x, y, losses.cross_entropy),
+    has_aux=True))(v["params"])
+flat = jax.tree.leaves(grads) + [aux.logits_erased, aux.mask]
+np.savez(sys.argv[1], *[np.asarray(a) for a in flat])
+"""
+
+
+def test_tuned_flags_change_speed_not_results(tmp_path):
+  """A two-pass ResNet-20 step's gradients under XLA's defaults and under
+  TUNED_FLAGS (fresh processes, so XLA reads each)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  outs = []
+  for i, flags in enumerate(("", xla_cpu.TUNED_FLAGS)):
+    out = str(tmp_path / f"g{i}.npz")
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=root)
+    subprocess.run([sys.executable, "-c", _GRADIENTS, out], env=env,
+                   check=True, timeout=600)
+    outs.append(np.load(out))
+  a, b = outs
+  assert len(a.files) > 20
+  for key in a.files:
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5,
+                               err_msg=key)
