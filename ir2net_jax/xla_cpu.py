@@ -11,8 +11,8 @@ products stay in them), so they run on XLA's Eigen convolutions. For these
 networks' float32 convolutions (3x3, 16 to 512 channels, their input and
 weight gradients) that made the CIFAR ResNet-20 training step about 1.3x
 faster on the project's 2-core x86 CPU (VGG-Small and ResNet-18: 1.2-1.3x).
-The ImageNet models' training steps, though, were 1.1-1.2x faster with
-XLA's defaults (YNNPACK convolutions), and Eigen's int8 convolutions are
+The ImageNet models' training steps, though, were as fast or up to 1.2x
+faster with XLA's defaults (YNNPACK convolutions), and Eigen's int8 convolutions are
 10-40x slower than YNNPACK's. ``'auto'`` (the config default) picks by model
 and ``binary_compute_dtype``; the README's performance section has the
 measurements.
