@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import flax  # noqa: E402
 import jax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 import numpy as np  # noqa: E402
 
 import train_utils  # noqa: E402
@@ -47,6 +48,10 @@ def run(out, process_id, num_processes, port):
     np.savez(out, **{k: np.asarray(v.addressable_data(0))
                      for k, v in flat.items()})
   if num_processes > 1:
+    # Both processes finish their work (and process 0 its file) before the
+    # coordinator's service goes down.
+    multihost_utils.sync_global_devices("worker done")
+    print("WORKER DONE", flush=True)
     jax.distributed.shutdown()
 
 

@@ -92,8 +92,13 @@ def test_two_processes_train_like_one(tmp_path):
                           text=True, timeout=300)
   assert single.returncode == 0, single.stdout + single.stderr
   for p in procs:
-    out, _ = p.communicate(timeout=300)
-    assert p.returncode == 0, out.decode()[-3000:]
+    out = p.communicate(timeout=300)[0].decode()
+    # jaxlib's coordinator can abort while tearing its gRPC server down
+    # (DistributedRuntimeService::Shutdown, a known teardown race); that is
+    # after every process passed the final barrier, so the run itself is done.
+    teardown_abort = (p.returncode == -6 and "WORKER DONE" in out
+                      and "DistributedRuntimeService::Shutdown" in out)
+    assert p.returncode == 0 or teardown_abort, out[-3000:]
   multi, one = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
   assert multi.files == one.files
   for k in one.files:
