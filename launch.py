@@ -21,9 +21,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("config:\n%s", FLAGS.config)
-  added = xla_cpu.apply_flags(xla_cpu.resolve(
-      FLAGS.config.xla_cpu_flags, FLAGS.config.model,
-      FLAGS.config.binary_compute_dtype))
+  added = xla_cpu.apply_flags(xla_cpu.resolve(FLAGS.config))
   if added:
     logging.info("XLA_FLAGS += %s", " ".join(added))
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.erase_lambda = 0.15
   c.zero_to_one = False        # binarise 0 to +1 (larq) instead of 0
   c.sync_batch_stats = True    # BatchNorm over the global batch
-  c.binary_compute_dtype = config_dict.placeholder(str)  # e.g. 'bfloat16'
+  # Operand dtype of the binary convolutions, exact for binary weights:
+  # 'auto' (train.binary_compute_dtype), '' (the inputs'), 'int8', 'bfloat16'.
+  c.binary_compute_dtype = "auto"
   # Added to XLA_FLAGS by launch.py before JAX starts; CPU only, changes
   # speed, not results. 'auto': ir2net_jax.xla_cpu.resolve; '': XLA's own.
   c.xla_cpu_flags = "auto"

@@ -18,7 +18,8 @@ Recipes (``--recipes``, comma-separated; default all): ``cifar_resnet20``,
 ``cifar_vgg_small``, ``cifar_resnet18`` (``configs/cifar10_*.py``, batch
 128) and ``ir2net_{a,d}_stage{1,2}`` (``configs/imagenet.py:a,stage=1`` etc.,
 batch 16, 224x224, with the teacher). ``--batch_size`` and ``--image_size``
-replace those for every recipe; ``--binary_compute_dtype=bfloat16``,
+replace those for every recipe; ``--binary_compute_dtype=bfloat16`` (``''``
+for float32; the default ``auto`` is int8 for ImageNet stage 2 on CPU),
 ``--dtype=bfloat16`` and ``--set=field=value`` (repeatable, dotted names
 reach ``model_kwargs`` / ``teacher_kwargs``) change config fields of every
 recipe, so speed options can be compared. ``--xla_cpu_flags`` is
@@ -434,7 +435,7 @@ def _row(name, config, devices, compile_s, step_s, infer_s, flops,
       "image_size": config.image_size,
       "devices": devices,
       "dtype": config.dtype,
-      "binary_compute_dtype": config.binary_compute_dtype,
+      "binary_compute_dtype": train.binary_compute_dtype(config),
       "compile_s": compile_s,
       "step_s": step_s,
       "images_per_s": config.batch_size / step_s,
@@ -645,13 +646,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                       help="input size for every recipe and the ImageNet "
                            "pipeline")
   parser.add_argument("--binary_compute_dtype", default=None,
-                      help="config.binary_compute_dtype, e.g. bfloat16")
+                      help="config.binary_compute_dtype: 'auto' (the "
+                           "default), '' (float32), int8, bfloat16")
   parser.add_argument("--dtype", default=None,
                       help="config.dtype (input images), e.g. bfloat16")
   parser.add_argument("--xla_cpu_flags", default=xla_cpu.AUTO,
                       help="added to XLA_FLAGS before JAX starts, as "
-                           "config.xla_cpu_flags: 'auto' (the tuned flags, "
-                           "none with int8), '' for XLA's defaults, or flags")
+                           "config.xla_cpu_flags: 'auto' (per recipe, see "
+                           "ir2net_jax.xla_cpu), '' for XLA's defaults, or "
+                           "flags")
   parser.add_argument("--set", action="append", default=[],
                       metavar="FIELD=VALUE", dest="overrides",
                       help="any config field (repeatable), e.g. "
@@ -679,7 +682,7 @@ def _overrides(args) -> List[str]:
   """``--dtype`` and ``--binary_compute_dtype`` as ``--set`` strings, first."""
   out = [f"{field}={getattr(args, field)}"
          for field in ("binary_compute_dtype", "dtype")
-         if getattr(args, field)]
+         if getattr(args, field) is not None]
   return out + list(args.overrides)
 
 
@@ -712,9 +715,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   configs = {name: recipe_config(name, args.batch_size, args.image_size,
                                  args.tiny, _overrides(args))
              for name in args.recipes}
-  flags = {name: xla_cpu.resolve(args.xla_cpu_flags, c.model,
-                                 c.binary_compute_dtype)
-           for name, c in configs.items()}
+  for config in configs.values():
+    config.xla_cpu_flags = args.xla_cpu_flags
+  flags = {name: xla_cpu.resolve(c) for name, c in configs.items()}
   if len(set(flags.values())) > 1:
     rows = _rows_in_subprocesses(args, flags)
   else:

@@ -102,8 +102,8 @@ def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
   """``python -m ir2net_jax.benchmark`` as users run it: recipes whose 'auto'
   flags differ run in their own processes, and each row says which."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root,
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)
   run = subprocess.run(
       [sys.executable, "-m", "ir2net_jax.benchmark",
        "--recipes=cifar_resnet20,ir2net_a_stage2", "--tiny", "--batch_size=4",
@@ -114,9 +114,13 @@ def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
   cifar, imagenet = out["rows"]
   assert (cifar["recipe"], imagenet["recipe"]) == ("cifar_resnet20",
                                                    "ir2net_a_stage2")
-  assert xla_cpu.TUNED_FLAGS in cifar["xla_flags"].split()
-  assert xla_cpu.TUNED_FLAGS not in imagenet["xla_flags"].split()
+  assert cifar["xla_flags"].split() == [xla_cpu.TUNED_FLAGS]
+  assert cifar["devices"] == 1
+  two_cores = len(os.sched_getaffinity(0)) >= 2
+  assert (xla_cpu.DATA_PARALLEL_FLAGS in imagenet["xla_flags"].split()
+          ) == two_cores
+  assert imagenet["devices"] == (2 if two_cores else 1)
   for row in out["rows"]:
-    assert row["devices"] == 2 and row["images_per_s"] > 0
+    assert row["images_per_s"] > 0
   table = benchmark.format_table(out["environment"], out["rows"], [])
   assert "XLA_FLAGS for ir2net_a_stage2: " in table

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import default
 from ir2net_jax import xla_cpu
 
 
@@ -45,13 +46,32 @@ def test_refuses_once_jax_has_started_and_leaves_xla_flags_alone():
   assert os.environ.get("XLA_FLAGS") == before
 
 
-def test_auto_picks_by_model_and_binary_compute_dtype():
-  assert xla_cpu.resolve("auto", "cifar_resnet20") == xla_cpu.TUNED_FLAGS
-  assert xla_cpu.resolve("auto", "cifar_vgg_small",
-                         "bfloat16") == xla_cpu.TUNED_FLAGS
-  assert xla_cpu.resolve("auto", "cifar_resnet18", "int8") == ""
-  assert xla_cpu.resolve("auto", "ir2net_a") == ""
-  assert xla_cpu.resolve("--xla_foo=1", "ir2net_a", "int8") == "--xla_foo=1"
+def _config(model, **fields):
+  c = default.get_config()
+  c.model = model
+  for k, v in fields.items():
+    c[k] = v
+  return c
+
+
+def test_auto_picks_by_model_dtype_batch_and_cores():
+  resolve = lambda model, cores=2, **f: xla_cpu.resolve(_config(model, **f),
+                                                        cpu_count=cores)
+  assert resolve("cifar_resnet20") == xla_cpu.TUNED_FLAGS
+  assert resolve("cifar_vgg_small",
+                 binary_compute_dtype="bfloat16") == xla_cpu.TUNED_FLAGS
+  assert resolve("cifar_resnet18", binary_compute_dtype="int8") == ""
+  assert resolve("ir2net_a", batch_size=16) == xla_cpu.DATA_PARALLEL_FLAGS
+  assert resolve("ir2net_d_resnet34", binary_compute_dtype="int8",
+                 batch_size=16) == xla_cpu.DATA_PARALLEL_FLAGS
+  # Only where two devices compute what one would, and have a core each.
+  assert resolve("ir2net_a", cores=1) == ""
+  assert resolve("ir2net_a", batch_size=15) == ""
+  assert resolve("ir2net_a", batch_size=16, eval_batch_size=25) == ""
+  assert resolve("ir2net_a", sync_batch_stats=False) == ""
+  assert resolve("teacher_resnet34") == ""
+  assert resolve("ir2net_a", xla_cpu_flags="--xla_foo=1") == "--xla_foo=1"
+  assert resolve("cifar_resnet20", xla_cpu_flags="") == ""
 
 
 _GRADIENTS = """
