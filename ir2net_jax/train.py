@@ -107,7 +107,7 @@ def binary_compute_dtype(config, backend: Optional[str] = None
 
   Every choice is exact for binary weights (see ``layers.BinaryConv``), so
   ``'auto'`` picks by speed: int8 on CPU for the IR2Net models' stage 2,
-  whose training step it made 1.05-1.15x faster (the CIFAR models' 16-64
+  whose training step it made about 1.15x faster (the CIFAR models' 16-64
   channel layers were slower in int8); the inputs' dtype otherwise.
 
   Args:

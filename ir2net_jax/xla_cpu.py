@@ -60,7 +60,11 @@ def resolve(config, cpu_count: Optional[int] = None) -> str:
   if config.xla_cpu_flags != AUTO:
     return config.xla_cpu_flags
   if config.model.startswith("cifar_"):
-    return TUNED_FLAGS if config.binary_compute_dtype != "int8" else ""
+    # The dtype these flags will run with on CPU, 'auto' resolved; the import
+    # starts no JAX backend.
+    from ir2net_jax import train  # pylint: disable=g-import-not-at-top
+    int8 = train.binary_compute_dtype(config, backend="cpu") == "int8"
+    return "" if int8 else TUNED_FLAGS
   batches = (config.batch_size, config.get("eval_batch_size", -1))
   if (config.model.startswith("ir2net_") and config.sync_batch_stats
       and all(b % 2 == 0 for b in batches if b > 0)
