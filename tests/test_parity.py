@@ -6,6 +6,11 @@ tolerances of the fixtures' README: in float32 against the float32 arrays,
 and in float64 (``jax.enable_x64``) against the ``f64/`` arrays. Nothing
 about a particular fixture set is hard-coded.
 
+Float32 results downstream of binary activations are compared only where the
+fixture's recorded sign margins clear float32 rounding (``sign_margins.py``):
+otherwise a sign near-tie decides the result, and that depends on the CPU's
+kernels. Float64 checks are never skipped.
+
 Set IR2NET_PARITY_REPORT=path to write the largest error of each check.
 """
 
@@ -21,6 +26,7 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
+import sign_margins
 from ir2net_jax import convert, losses, objective, restriction
 
 PATHS = rf.fixture_paths()
@@ -46,14 +52,35 @@ def _ref(fx, name, prec):
   return fx.data[name if prec == "f32" else "f64/" + name]
 
 
-def _f32_train_checkable(fx):
-  """Whether float32 can match the recorded float32 training step at all.
+@functools.lru_cache(maxsize=None)
+def _activation_layers(path):
+  """Per pass (eval, train pass 1, train pass 2): every binary activation
+  input's fan-in and largest magnitude, from the port's float64 run."""
+  fx = rf.load(path)
+  mask = _run(path, "f64")["erase_mask"]
+  with jax.enable_x64(True):
+    model, variables = fx.model(), fx.variables(np.float64)
+    x = jnp.asarray(fx.nhwc("input").astype(np.float64))
+    erased = x * jnp.asarray(mask, x.dtype)[..., None]
+    return (sign_margins.activation_inputs(model, variables, x, train=False),
+            sign_margins.activation_inputs(model, variables, x, train=True),
+            sign_margins.activation_inputs(model, variables, erased,
+                                           train=True))
 
-  Where the reference's own float32 and float64 training passes disagree
-  beyond the tolerance (a binary-activation input within rounding of 0 flips
-  sign), only the float64 comparison is meaningful.
+
+def _require_f32_checkable(path, passes, test_name, what):
+  """Skips the rest of a float32 test unless every pass in ``passes`` (indices
+  into ``sign_margins.PASSES``) has a recorded margin above float32 rounding.
   """
-  return rf.rel(fx.data["train_logits1"], fx.data["f64/train_logits1"]) <= 1e-4
+  fx = rf.load(path)
+  for i in passes:
+    ok, why = sign_margins.gate(float(fx.data["sign_margin"][i]),
+                                _activation_layers(path)[i])
+    if not ok:
+      pytest.skip(f"float32 {what} of {fx.name} not compared: "
+                  f"{sign_margins.PASSES[i]}: {why}, so a sign near-tie "
+                  f"decides it; {test_name}[{fx.name}-f64] checks it in "
+                  "float64")
 
 
 def _tolerances(fx, prec):
@@ -160,29 +187,33 @@ def test_eval_pass(path, prec):
   fx = rf.load(path)
   tol = _tolerances(fx, prec)["value"]
   out = _run(path, prec, train=not fx.is_teacher)
+  if "teacher_logits" in fx.data:  # a float network: no binary activation
+    _check_value(fx, prec, "teacher_logits", out["teacher_logits"], tol)
+  if prec == "f32" and not fx.is_teacher:
+    _require_f32_checkable(path, [0], "test_eval_pass", "eval outputs")
   _check_value(fx, prec, "eval_logits", out["eval_logits"], tol)
   if prec == "f32" and "eval_feature" in fx.data:
     _check_value(fx, prec, "eval_feature", out["eval_feature"], tol,
                  transpose=True)
-  if "teacher_logits" in fx.data:
-    _check_value(fx, prec, "teacher_logits", out["teacher_logits"], tol)
 
 
-def _train_out(path, prec):
-  fx = rf.load(path)
-  if prec == "f32" and not _f32_train_checkable(fx):
-    pytest.skip("the reference's own float32 and float64 training steps "
-                "disagree (a sign flips); checked in float64 instead")
-  return fx, _run(path, prec)
+def _train_out(path, prec, test_name, what):
+  if prec == "f32":
+    _require_f32_checkable(path, [1, 2], test_name, what)
+  return rf.load(path), _run(path, prec)
 
 
 @pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
 def test_training_forward_and_loss(path, prec):
-  fx, out = _train_out(path, prec)
+  """The clean pass (and what it decides: attention, erase mask), then the
+  erased pass and the loss; in float32 each is gated on its own pass."""
+  fx, out = rf.load(path), _run(path, prec)
   tol = _tolerances(fx, prec)
-  for name in ("train_logits1", "train_logits2", "loss", "loss_terms"):
-    _check_value(fx, prec, name, out[name], tol["value"])
+  if prec == "f32":
+    _require_f32_checkable(path, [1], "test_training_forward_and_loss",
+                           "training pass 1")
+  _check_value(fx, prec, "train_logits1", out["train_logits1"], tol["value"])
   if prec == "f32":
     _check_value(fx, prec, "train_feature1", out["train_feature1"],
                  tol["value"], transpose=True)
@@ -194,12 +225,17 @@ def test_training_forward_and_loss(path, prec):
   bad = _mask_mismatches(out["erase_mask"], _ref(fx, "erase_mask", prec))
   _record(fx, prec, "erase_mask_mismatches", bad.max())
   assert np.all(bad <= allowed), (bad, allowed)
+  if prec == "f32":
+    _require_f32_checkable(path, [2], "test_training_forward_and_loss",
+                           "training pass 2 and loss")
+  for name in ("train_logits2", "loss", "loss_terms"):
+    _check_value(fx, prec, name, out[name], tol["value"])
 
 
 @pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
 def test_gradients(path, prec):
-  fx, out = _train_out(path, prec)
+  fx, out = _train_out(path, prec, "test_gradients", "gradients")
   tol = _tolerances(fx, prec)
   keys = [k[len("grad_l2/"):] for k in fx.data if k.startswith("grad_l2/")]
   assert set(keys) == set(out["grads"]), "parameter sets differ"
@@ -225,7 +261,9 @@ def test_gradients(path, prec):
 @pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
 def test_batchnorm_statistics_after_both_passes(path, prec):
-  fx, out = _train_out(path, prec)
+  fx, out = _train_out(path, prec,
+                       "test_batchnorm_statistics_after_both_passes",
+                       "BatchNorm statistics")
   keys = [k[len("bn_after/"):] for k in fx.data if k.startswith("bn_after/")]
   assert set(keys) == set(out["bn_after"])
   for key in keys:
@@ -314,18 +352,21 @@ def _speed_option_cases():
     "path,option", _speed_option_cases(),
     ids=[f"{rf.load(p).name}-{o}" for p, o in _speed_option_cases()])
 def test_speed_options_keep_parity(path, option):
-  """Low-precision binary convolutions stay within the float32 tolerances."""
+  """Low-precision binary convolutions change no number.
+
+  Run in float64, where no sign near-tie can decide the outcome: the
+  ``option`` path must match the reference's float64 numbers and give the
+  plain path's gradients (forward sums of +-1 are exact in int8 / bfloat16
+  with int32 / float32 accumulation; the backward stays in the inputs'
+  dtype).
+  """
   fx = rf.load(path)
-  out = _run(path, "f32", compute_dtype=option)
-  tol = _tolerances(fx, "f32")
+  out = _run(path, "f64", compute_dtype=option)
+  tol = _tolerances(fx, "f64")
   for name in ("eval_logits", "train_logits1", "train_logits2", "loss"):
-    _check_value(fx, "f32", name, out[name], tol["value"])
-  plain = _run(path, "f32")
+    _check_value(fx, "f64", name, out[name], tol["value"])
+  plain = _run(path, "f64")
   for key, g in out["grads"].items():
-    ref_l2 = float(fx.data[f"grad_l2/{key}"])
-    err = abs(np.linalg.norm(g.astype(np.float64)) - ref_l2) / ref_l2
-    assert err <= tol["grad_l2"], (key, err)
-    # Forward sums of +-1 are exact and the backward stays in float32, so
-    # the gradients are those of the plain float32 path.
-    np.testing.assert_allclose(g, plain["grads"][key], rtol=1e-5,
-                               atol=1e-6 * np.abs(plain["grads"][key]).max())
+    np.testing.assert_allclose(g, plain["grads"][key], rtol=1e-10,
+                               atol=1e-12 * np.abs(plain["grads"][key]).max(),
+                               err_msg=key)

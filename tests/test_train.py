@@ -32,19 +32,29 @@ def digits_dir(tmp_path_factory):
 
 
 def _run_steps(devices, steps=3, global_batch=16):
-  config = train_utils.tiny_digits_config(None)
-  model = train.build_model(config, 10, parallel.AXIS)
-  variables = train.init_variables(model, 32, 0)
-  tx = optim.create_optimizer(config, variables["params"], model, 10)
-  mesh = parallel.data_mesh(devices)
-  state = parallel.replicate(train.create_train_state(variables, tx), mesh)
-  step = train.sharded_train_step(model, tx, config, mesh)
-  for i in range(steps):
-    batch = jax.device_put(train_utils.random_batch(i, global_batch),
-                           parallel.batch_sharding(mesh))
-    state, metrics = step(state, batch, {})
-  return jax.device_get({"params": state.params,
-                         "batch_stats": state.batch_stats}), metrics
+  """A few float64 train steps of the tiny digits model on ``devices``.
+
+  Float64: with other devices the BatchNorm and gradient sums round in
+  another order, and in float32 a binary activation near zero could flip
+  (see sign_margins.py); in float64 rounding is far below every margin.
+  """
+  with jax.enable_x64(True):
+    config = train_utils.tiny_digits_config(None)
+    model = train.build_model(config, 10, parallel.AXIS)
+    variables = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                             train.init_variables(model, 32, 0))
+    tx = optim.create_optimizer(config, variables["params"], model, 10)
+    mesh = parallel.data_mesh(devices)
+    state = parallel.replicate(train.create_train_state(variables, tx), mesh)
+    step = train.sharded_train_step(model, tx, config, mesh)
+    for i in range(steps):
+      batch = train_utils.random_batch(i, global_batch)
+      batch["image"] = batch["image"].astype(np.float64)
+      state, metrics = step(
+          state, jax.device_put(batch, parallel.batch_sharding(mesh)), {})
+    assert jax.tree.leaves(state.params)[0].dtype == np.float64
+    return jax.device_get({"params": state.params,
+                           "batch_stats": state.batch_stats}), metrics
 
 
 def _assert_trees_close(a, b, tol):
@@ -59,8 +69,8 @@ def test_eight_devices_train_like_one():
   assert jax.device_count() >= 8, "conftest sets 8 fake CPU devices"
   one, m1 = _run_steps(jax.devices()[:1])
   eight, m8 = _run_steps(jax.devices()[:8])
-  _assert_trees_close(eight, one, 1e-5)
-  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+  _assert_trees_close(eight, one, 1e-10)
+  np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-10)
   # And the parameters did move (the comparison is not vacuous).
   init = train.init_variables(
       train.build_model(train_utils.tiny_digits_config(None), 10), 32, 0)
