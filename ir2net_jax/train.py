@@ -4,9 +4,10 @@ Data flows one way: config -> (data, model, teacher, optimizer) -> a
 ``shard_map``-ed train step over a ``('data',)`` mesh -> orbax checkpoints,
 clu metrics (TensorBoard files in the workdir) and ``summary.json``.
 
-Everything that can be wrong with a run (an unknown model, missing data, a
-missing stage-1 checkpoint or teacher) is checked before the workdir is
-touched and before anything is compiled.
+Everything that can be wrong with a run (a config value that cannot work,
+missing data, a missing stage-1 checkpoint or teacher, a workdir that holds a
+run of another config: see ``config_checks``) is checked before the workdir
+is touched and before anything is compiled.
 """
 
 import functools
@@ -29,7 +30,10 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from ir2net_jax import checkpoints as ckpt_lib
+from ir2net_jax import config_checks
 from ir2net_jax import convert, data, losses, models, objective, optim, parallel
+from ir2net_jax.config_checks import ConfigError, validate_config
+from ir2net_jax.config_checks import eval_batch_size as _eval_batch_size
 
 __all__ = ["TrainState", "ConfigError", "validate_config", "build_model",
            "binary_compute_dtype",
@@ -43,61 +47,6 @@ class TrainState:
   params: Any
   batch_stats: Any
   opt_state: Any
-
-
-class ConfigError(ValueError):
-  """A config value that cannot work, with what to do instead."""
-
-
-_CHOICES = {
-    "optimizer": ("sgd", "adam"),
-    "loss": ("cross_entropy", "distillation"),
-    "weight_decay_rule": ("all", "conv_or_4d"),
-    "schedule_unit": ("epoch", "step"),
-    "dtype": ("float32", "bfloat16"),
-}
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError for values that cannot work (cheap, no JAX work)."""
-  if config.model not in models.MODELS:
-    raise ConfigError(f"config.model={config.model!r} is not a model; choose "
-                      f"one of {sorted(models.MODELS)}")
-  for field, choices in _CHOICES.items():
-    if config[field] not in choices:
-      raise ConfigError(f"config.{field}={config[field]!r}; choose one of "
-                        f"{list(choices)}")
-  _check_binary_compute_dtype(config)
-  if config.model.startswith("ir2net") and config.stage not in (1, 2):
-    raise ConfigError(f"config.stage={config.stage!r}; IR2Net has stages 1 "
-                      "and 2")
-  for field in ("batch_size", "num_epochs", "learning_rate"):
-    if not config[field] > 0:
-      raise ConfigError(f"config.{field}={config[field]!r} must be positive")
-  if config.weight_decay < 0:
-    raise ConfigError("config.weight_decay must be >= 0")
-  if config.loss == "distillation":
-    if config.teacher_model not in models.MODELS:
-      raise ConfigError(f"config.teacher_model={config.teacher_model!r} is "
-                        f"not a model; choose one of {sorted(models.MODELS)}")
-    if not config.teacher_checkpoint:
-      raise ConfigError(
-          "config.loss='distillation' needs a teacher: convert torchvision's "
-          "ResNet-34 once with `python -m ir2net_jax.convert "
-          "--model=teacher_resnet34 --input=resnet34.pth --output=DIR` and "
-          "pass --config.teacher_checkpoint=DIR")
-    if not os.path.isdir(config.teacher_checkpoint):
-      raise ConfigError(f"no teacher checkpoint at config.teacher_checkpoint="
-                        f"{config.teacher_checkpoint!r}")
-  if config.init_from and not os.path.isdir(config.init_from):
-    raise ConfigError(f"config.init_from={config.init_from!r} does not exist")
-  n = jax.device_count()
-  eval_bs = _eval_batch_size(config)
-  for name, bs in (("batch_size", config.batch_size),
-                   ("eval_batch_size", eval_bs)):
-    if bs % n:
-      raise ConfigError(f"config.{name}={bs} is not divisible by the {n} "
-                        "devices; choose a multiple")
 
 
 def binary_compute_dtype(config, backend: Optional[str] = None
@@ -122,22 +71,6 @@ def binary_compute_dtype(config, backend: Optional[str] = None
       and config.stage == 2):
     return "int8"
   return None
-
-
-def _check_binary_compute_dtype(config) -> None:
-  value = config.binary_compute_dtype
-  if value in ("auto", "", None):
-    return
-  try:
-    jnp.dtype(value)
-  except TypeError:
-    raise ConfigError(
-        f"config.binary_compute_dtype={value!r} is not a dtype; choose "
-        "'auto', '' (the inputs' dtype), 'int8' or 'bfloat16'") from None
-
-
-def _eval_batch_size(config) -> int:
-  return config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
 
 
 def build_model(config, num_classes: int, axis_name: Optional[str] = None,
@@ -284,20 +217,6 @@ def _evaluate(eval_step, variables, config, mesh) -> Dict[str, float]:
           "eval_top5": totals["top5"] / count, "eval_count": totals["count"]}
 
 
-def _check_resume(workdir: str, config) -> None:
-  """Refuses to resume a workdir that holds a run of another model."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    old = json.load(f)
-  for field in ("model", "stage", "dataset"):
-    if old.get(field) != config[field]:
-      raise ConfigError(
-          f"the workdir {workdir} holds a run with {field}={old.get(field)!r}, "
-          f"not {config[field]!r}; use a new --workdir")
-
-
 class _DropLibraryInfo(pylogging.Filter):
   """Keeps INFO lines of orbax / tfds (several per checkpoint) out of the log."""
   _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
@@ -317,21 +236,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Dict[str, Any]:
   """Trains and evaluates one stage as the config says; returns the summary.
 
-  Resumes from the latest checkpoint in ``workdir`` if there is one. Stage 2
-  of an IR2Net model starts from the last stage-1 checkpoint.
+  Resumes from the latest checkpoint in ``workdir`` if there is one (see
+  ``config_checks.check_resume`` for what may change); a finished run started
+  again only reports its result and writes nothing. Stage 2 of an IR2Net
+  model starts from the last stage-1 checkpoint.
   """
   start_time = time.time()
   _quiet_library_logs()
   parallel.init_distributed(config)
   validate_config(config)
   info = data.dataset_info(config)            # DataError if missing
+  config_checks.check_num_classes(config, info)
   num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
   stage2 = config.model.startswith("ir2net") and config.stage == 2
   stage1_dir = ckpt_lib.stage1_directory(config, workdir) if stage2 else None
   if stage2:
     ckpt_lib.check_stage1(config, stage1_dir)
   workdir = os.path.abspath(workdir)
-  _check_resume(workdir, config)
+  config_checks.check_resume(workdir, config)
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch < 1:
     raise ConfigError(f"config.batch_size={config.batch_size} is larger than "
@@ -358,9 +280,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # From here on the workdir is written to.
   is_host0 = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
-  if is_host0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config.to_dict(), f, indent=1, default=str)
   checkpoints = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints)
   best = {"eval_top1": -1.0, "eval_top5": -1.0}
   if checkpoints.latest_step() is not None:
@@ -368,6 +287,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     best = meta.get("best", best)
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)
+  finished = start_step >= num_steps  # started again: only report its result
+  if is_host0 and not finished:
+    config_checks.record_config(workdir, config)
   state = parallel.replicate(state, mesh)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 
@@ -377,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                   out_specs=P())
 
   writer = metric_writers.create_default_writer(
-      workdir, just_logging=not is_host0, asynchronous=True)
+      workdir, just_logging=not is_host0 or finished, asynchronous=True)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
   report = periodic_actions.ReportProgress(
@@ -388,7 +310,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                 if config.checkpoint_every_steps > 0 else steps_per_epoch)
   train_iter = data.prefetch_to_device(
       data.train_iterator(config, global_batch_size=config.batch_size,
-                          seed=config.seed, start_step=start_step),
+                          seed=config.seed, start_step=start_step,
+                          num_classes=num_classes),
       config.prefetch, parallel.batch_sharding(mesh))
   logging.info("training %s for %d steps (%d per epoch) on %d devices",
                config.name, num_steps, steps_per_epoch, jax.device_count())
@@ -434,14 +357,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   checkpoints.close()
   summary = {
       "name": config.name, "model": config.model, "stage": config.stage,
-      "dataset": config.dataset, "steps": num_steps,
+      "dataset": config.dataset, "steps": max(num_steps, start_step),
       "final_eval_top1": last_eval.get("eval_top1"),
       "final_eval_top5": last_eval.get("eval_top5"),
       "best_eval_top1": best["eval_top1"], "best_eval_top5": best["eval_top5"],
       "wall_time_s": time.time() - start_time,
       "devices": jax.device_count(), "processes": jax.process_count(),
   }
-  if is_host0:
+  if is_host0 and not finished:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
   logging.info("done: %s", json.dumps(summary))

@@ -266,22 +266,6 @@ def no_compile(monkeypatch):
   monkeypatch.setattr(jax, "jit", boom)
 
 
-@pytest.mark.parametrize("override,message", [
-    ({"optimizer": "rmsprop"}, "config.optimizer='rmsprop'"),
-    ({"model": "resnet9000"}, "config.model='resnet9000' is not a model"),
-    ({"batch_size": 12}, "not divisible by the 8 devices"),
-    ({"loss": "distillation", "teacher_checkpoint": ""}, "needs a teacher"),
-    ({"binary_compute_dtype": "int9"}, "config.binary_compute_dtype='int9' "
-                                       "is not a dtype"),
-])
-def test_bad_values_fail_early_and_leave_workdir(override, message, workdir,
-                                                 digits_dir, no_compile):
-  c = train_utils.tiny_digits_config(digits_dir, **override)
-  with pytest.raises(train.ConfigError, match=message.replace("(", r"\(")):
-    train.train_and_evaluate(c, str(workdir))
-  assert _workdir_listing(workdir) == ["notes.txt"]
-
-
 def test_missing_data_fails_early(tmp_path, workdir, no_compile):
   c = train_utils.tiny_digits_config(str(tmp_path / "empty"), dataset="cifar10")
   with pytest.raises(data.DataError, match="tfds build cifar10"):

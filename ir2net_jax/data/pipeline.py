@@ -127,7 +127,8 @@ def _shuffle_and_augment_keys(seed: int, process_index: int) -> Tuple[int, int]:
 
 def train_iterator(config, *, global_batch_size: int, seed: int,
                    start_step: int = 0, process_index: Optional[int] = None,
-                   process_count: Optional[int] = None) -> Iterator[Batch]:
+                   process_count: Optional[int] = None,
+                   num_classes: Optional[int] = None) -> Iterator[Batch]:
   """Infinite training batches of this host, from ``start_step`` on.
 
   Args:
@@ -138,6 +139,8 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
       exactly what a fresh iterator yields from its k-th batch on.
     process_index: this host, default ``jax.process_index()``.
     process_count: number of hosts, default ``jax.process_count()``.
+    num_classes: if given, every batch's labels are checked (numpy, on the
+      host) to lie in [0, num_classes), the model's outputs.
 
   Returns:
     An iterator of dicts of host-local numpy arrays, with
@@ -147,7 +150,7 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
 
   Raises:
     DataError: bad config, missing data, or fewer examples per host than a
-      batch.
+      batch; while iterating, a label outside [0, num_classes).
   """
   if start_step < 0:
     raise DataError(f"start_step must be >= 0; got {start_step}.")
@@ -164,7 +167,25 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
         f"{settings.train_split!r}, fewer than its batch of {local_batch}.")
   ds = _train_dataset(source, settings, local_batch, steps_per_epoch, seed,
                       start_step)
-  return ds.as_numpy_iterator()
+  if num_classes is None:
+    return ds.as_numpy_iterator()
+  return _checked_labels(ds.as_numpy_iterator(), num_classes, settings)
+
+
+def _checked_labels(batches: Iterator[Batch], num_classes: int,
+                    settings: sources.Settings) -> Iterator[Batch]:
+  """Passes ``batches`` on; raises DataError at a label outside [0,
+  num_classes), which would otherwise train silently on a zero target."""
+  for batch in batches:
+    labels = batch["label"]
+    if labels.min() < 0 or labels.max() >= num_classes:
+      bad = labels[(labels < 0) | (labels >= num_classes)]
+      raise DataError(
+          f"{settings.dataset} {settings.train_split!r} has label "
+          f"{int(bad[0])}, outside the model's {num_classes} classes "
+          f"0..{num_classes - 1}; check the data set in data_dir="
+          f"{settings.data_dir!r} and config.num_classes.")
+    yield batch
 
 
 def _train_dataset(source: sources.HostSplit, settings: sources.Settings,

@@ -1,0 +1,378 @@
+"""Checks of a run's config, made before anything is compiled or written.
+
+``train.train_and_evaluate`` calls them in this order::
+
+  validate_config(config)              # every field's value; compiles nothing
+  info = data.dataset_info(config)
+  check_num_classes(config, info)      # the model's classes cover the labels
+  check_resume(workdir, config)        # an earlier run in the workdir
+  ...                                  # compile, restore, then
+  record_config(workdir, config)       # config.json, never overwritten
+
+Each failure is a :class:`ConfigError` that names the field and what to set
+instead. ``_FIELDS`` holds one rule for every field of ``configs/default.py``;
+``RESUMABLE_FIELDS`` holds the fields that may change when a run resumes.
+"""
+
+import dataclasses
+import datetime
+import glob
+import json
+import math
+import numbers
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from flax import traverse_util
+
+from ir2net_jax import models
+
+__all__ = ["ConfigError", "validate_config", "check_num_classes",
+           "check_resume", "record_config", "eval_batch_size",
+           "RESUMABLE_FIELDS"]
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with what to do instead."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Number:
+  """An int (``kind=int``) or a finite number in [low, high] (or [low, high)
+  with ``high_open``), or one of ``special`` (value -> meaning)."""
+  kind: type
+  low: Optional[float] = None
+  high: Optional[float] = None
+  high_open: bool = False
+  low_open: bool = False
+  special: Tuple[Tuple[Any, str], ...] = ()
+  optional: bool = False   # None means "the default" (placeholder fields)
+
+  def accepts(self, value) -> bool:
+    if value is None:
+      return self.optional
+    if isinstance(value, bool) or not isinstance(
+        value, numbers.Integral if self.kind is int else numbers.Real):
+      return False
+    if any(value == v for v, _ in self.special):
+      return True
+    if not math.isfinite(value):
+      return False
+    if self.low is not None and (value < self.low
+                                 or (self.low_open and value == self.low)):
+      return False
+    return self.high is None or not (
+        value > self.high or (self.high_open and value == self.high))
+
+  def describe(self) -> str:
+    what = "an integer" if self.kind is int else "a number"
+    if self.low is not None and self.high is not None:
+      what += (f" in {'(' if self.low_open else '['}{self.low}, "
+               f"{self.high}{')' if self.high_open else ']'}")
+    elif self.low is not None:
+      what += f" {'>' if self.low_open else '>='} {self.low}"
+    extras = [f"{v!r} ({meaning})" for v, meaning in self.special]
+    if self.optional:
+      extras.append("None (the default)")
+    return what + "".join(f" or {e}" for e in extras)
+
+
+@dataclasses.dataclass(frozen=True)
+class _OneOf:
+  """One of ``choices``."""
+  choices: Tuple[Any, ...]
+
+  def accepts(self, value) -> bool:
+    return any(type(value) is type(c) and value == c for c in self.choices)
+
+  def describe(self) -> str:
+    return "one of " + ", ".join(repr(c) for c in self.choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Text:
+  """A string (paths, names, split expressions, flags); checked where used."""
+  optional: bool = False   # None allowed (placeholder fields)
+
+  def accepts(self, value) -> bool:
+    return isinstance(value, str) or (self.optional and value is None)
+
+  def describe(self) -> str:
+    return "a string" + (" or None" if self.optional else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mapping:
+  """Keyword arguments (a ConfigDict); the model checks their names."""
+
+  def accepts(self, value) -> bool:
+    return hasattr(value, "keys") and all(isinstance(k, str) for k in value)
+
+  def describe(self) -> str:
+    return "a ConfigDict of keyword arguments"
+
+
+_BOOL = _OneOf((True, False))
+_POSITIVE_INT = _Number(int, 1)
+_RATE = _Number(float, 0, low_open=True)
+
+# One rule for every field of configs/default.py, with why where the rule is
+# not obvious. Choices that depend on other fields (model names, dtypes, the
+# devices) are checked in validate_config after this table.
+_FIELDS: Dict[str, Tuple[Any, str]] = {
+    "name": (_Text(), ""),
+    "model": (_Text(), ""),
+    "model_kwargs": (_Mapping(), ""),
+    "stage": (_OneOf((1, 2)), "IR2Net has stages 1 and 2 (other models "
+              "ignore it)"),
+    "num_classes": (_Number(int, 1, special=((-1, "from the data set"),)),
+                    ""),
+    "information_recovery": (_BOOL, ""),
+    "information_restriction": (_BOOL, ""),
+    # SPEC §3: pixels whose attention is not above erase_lambda x its mean
+    # are erased. Below 0 nothing is ever erased; above 1 the erased copy
+    # keeps less than the above-average regions the method means to keep.
+    "erase_lambda": (_Number(float, 0, 1), "the erase threshold is "
+                     "erase_lambda x the mean attention (paper: 0.15)"),
+    "zero_to_one": (_BOOL, ""),
+    "sync_batch_stats": (_BOOL, ""),
+    "binary_compute_dtype": (_Text(optional=True), ""),
+    "xla_cpu_flags": (_Text(), ""),
+    "dataset": (_Text(), ""),
+    "data_dir": (_Text(optional=True), ""),
+    "manual_dir": (_Text(optional=True), ""),
+    "image_size": (_POSITIVE_INT, ""),
+    "train_split": (_Text(), ""),
+    "eval_split": (_Text(), ""),
+    "shuffle_buffer": (_Number(int, 1, optional=True), ""),
+    "dtype": (_OneOf(("float32", "bfloat16")), ""),
+    "prefetch": (_Number(int, 0), "batches placed on the devices ahead of "
+                 "the step; 0 places each when it is needed"),
+    "loss": (_OneOf(("cross_entropy", "distillation")), ""),
+    "teacher_model": (_Text(), ""),
+    "teacher_kwargs": (_Mapping(), ""),
+    "teacher_checkpoint": (_Text(), ""),
+    "optimizer": (_OneOf(("sgd", "adam")), ""),
+    "learning_rate": (_RATE, ""),
+    "momentum": (_Number(float, 0, 1, high_open=True), "SGD's momentum "
+                 "decay; at 1 or above past gradients never fade"),
+    "weight_decay": (_Number(float, 0), ""),
+    "weight_decay_rule": (_OneOf(("all", "conv_or_4d")), ""),
+    "schedule_unit": (_OneOf(("epoch", "step")), ""),
+    "warmup_epochs": (_Number(float, 0), ""),
+    "batch_size": (_POSITIVE_INT, ""),
+    "num_epochs": (_POSITIVE_INT, "the cosine schedule's length"),
+    "num_train_steps": (_Number(int, 1, special=((-1, "num_epochs of the "
+                                                  "training split"),)), ""),
+    # numpy's SeedSequence takes no negative seed, jax.random.key no seed
+    # beyond int64.
+    "seed": (_Number(int, 0, 2**63 - 1), ""),
+    "stage1_checkpoint": (_Text(), ""),
+    "init_from": (_Text(), ""),
+    "eval_every_epochs": (_POSITIVE_INT, "evaluate every N epochs"),
+    "eval_batch_size": (_Number(int, 1, special=((-1, "batch_size"),)), ""),
+    "log_every_steps": (_POSITIVE_INT, "write training metrics every N "
+                        "steps"),
+    "checkpoint_every_steps": (_Number(int, 1, special=((-1, "once an "
+                                                         "epoch"),)), ""),
+    "keep_checkpoints": (_POSITIVE_INT, "how many of the latest checkpoints "
+                         "to keep; resuming needs at least one"),
+    "coordinator_address": (_Text(), ""),
+    "num_processes": (_POSITIVE_INT, ""),
+    "process_id": (_Number(int, 0), ""),
+}
+
+# The fields that change no result, so they may differ when a workdir's run
+# resumes: where the data lie, logging, evaluation and checkpoint cadence,
+# speed options (binary_compute_dtype and xla_cpu_flags are exact), the
+# process layout, and the run's length. num_epochs and num_train_steps
+# extend (or shorten) a run; the cosine schedule then follows the new
+# length from the resumed step on. Every other field must equal the one in
+# the workdir's config.json, paths that decide results included
+# (teacher_checkpoint, init_from, stage1_checkpoint).
+RESUMABLE_FIELDS = frozenset({
+    "name", "data_dir", "manual_dir", "prefetch", "xla_cpu_flags",
+    "binary_compute_dtype", "log_every_steps", "eval_every_epochs",
+    "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+    "num_epochs", "num_train_steps", "coordinator_address", "num_processes",
+    "process_id",
+})
+
+_MODEL_NAMES = f"choose one of {sorted(models.MODELS)}"
+
+
+def _fail(field: str, value: Any, problem: str, fix: str) -> ConfigError:
+  return ConfigError(f"config.{field}={value!r} {problem}; {fix}")
+
+
+def _check_fields(config) -> None:
+  for field, (rule, why) in _FIELDS.items():
+    if field not in config:
+      continue  # a config built without configs/default.py
+    value = config[field]
+    if not rule.accepts(value):
+      raise _fail(field, value, f"is not {rule.describe()}" +
+                  (f" ({why})" if why else ""),
+                  f"pass --config.{field}=<{rule.describe()}>")
+
+
+def eval_batch_size(config) -> int:
+  """``config.eval_batch_size``, or ``batch_size`` where it is -1."""
+  return (config.eval_batch_size if config.eval_batch_size > 0
+          else config.batch_size)
+
+
+def _check_binary_compute_dtype(config) -> None:
+  value = config.binary_compute_dtype
+  if value in ("auto", "", None):
+    return
+  try:
+    jnp.dtype(value)
+  except TypeError:
+    raise ConfigError(
+        f"config.binary_compute_dtype={value!r} is not a dtype; choose "
+        "'auto', '' (the inputs' dtype), 'int8' or 'bfloat16'") from None
+
+
+def validate_config(config) -> None:
+  """Raises ConfigError for values that cannot work.
+
+  Cheap: reads the config, the file system and ``jax.device_count()``;
+  compiles nothing.
+  """
+  _check_fields(config)
+  if config.model not in models.MODELS:
+    raise ConfigError(f"config.model={config.model!r} is not a model; "
+                      f"{_MODEL_NAMES}")
+  _check_binary_compute_dtype(config)
+  if config.loss == "distillation":
+    if config.teacher_model not in models.MODELS:
+      raise ConfigError(f"config.teacher_model={config.teacher_model!r} is "
+                        f"not a model; {_MODEL_NAMES}")
+    if not config.teacher_checkpoint:
+      raise ConfigError(
+          "config.loss='distillation' needs a teacher: convert torchvision's "
+          "ResNet-34 once with `python -m ir2net_jax.convert "
+          "--model=teacher_resnet34 --input=resnet34.pth --output=DIR` and "
+          "pass --config.teacher_checkpoint=DIR")
+    if not os.path.isdir(config.teacher_checkpoint):
+      raise ConfigError(f"no teacher checkpoint at config.teacher_checkpoint="
+                        f"{config.teacher_checkpoint!r}")
+  if config.init_from and not os.path.isdir(config.init_from):
+    raise ConfigError(f"config.init_from={config.init_from!r} does not exist")
+  if config.process_id >= config.num_processes:
+    raise _fail("process_id", config.process_id,
+                f"is not below config.num_processes={config.num_processes}",
+                "number the processes 0 .. num_processes - 1")
+  n = jax.device_count()
+  for name, bs in (("batch_size", config.batch_size),
+                   ("eval_batch_size", eval_batch_size(config))):
+    if bs % n:
+      raise ConfigError(f"config.{name}={bs} is not divisible by the {n} "
+                        "devices; choose a multiple")
+
+
+def check_num_classes(config, info) -> None:
+  """Refuses a model with fewer classes than the data set has labels.
+
+  Args:
+    config: the run's config.
+    info: ``data.DatasetInfo`` of the configured data set.
+  """
+  if 0 < config.num_classes < info.num_classes:
+    raise _fail("num_classes", config.num_classes,
+                f"is smaller than the {info.num_classes} classes of "
+                f"{config.dataset} (labels 0..{info.num_classes - 1})",
+                f"pass --config.num_classes=-1 (from the data set) or a "
+                f"number >= {info.num_classes}")
+
+
+class _Unset:
+  def __repr__(self):
+    return "(unset)"
+
+
+_UNSET = _Unset()
+
+
+def _as_recorded(config) -> Dict[str, Any]:
+  """The config as config.json holds it (tuples as lists, None as null)."""
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
+def _differences(old: Dict[str, Any], new: Dict[str, Any]
+                 ) -> List[Tuple[str, Any, Any]]:
+  """(field, old, new) of every differing field, nested ones dotted
+  (``model_kwargs.num_blocks``); a field one side lacks is ``_UNSET``."""
+  old = traverse_util.flatten_dict(old, sep=".")
+  new = traverse_util.flatten_dict(new, sep=".")
+  return [(k, old.get(k, _UNSET), new.get(k, _UNSET))
+          for k in sorted(old.keys() | new.keys())
+          if old.get(k, _UNSET) != new.get(k, _UNSET)]
+
+
+def check_resume(workdir: str, config) -> None:
+  """Refuses to resume a run whose results this config would change.
+
+  The workdir's ``config.json`` (written when its run started) must match
+  ``config`` in every field but ``RESUMABLE_FIELDS``. A top-level field only
+  one side has (added to or removed from the project since that run
+  started) is logged, not refused.
+
+  Raises:
+    ConfigError: listing each differing field as ``old -> new``.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f)
+  changed, unrecorded = [], []
+  for field, before, after in _differences(old, _as_recorded(config)):
+    if field.split(".")[0] in RESUMABLE_FIELDS:
+      continue
+    if "." not in field and _UNSET in (before, after):
+      unrecorded.append(field)
+    else:
+      changed.append(f"{field}: {before!r} -> {after!r}")
+  if unrecorded:
+    logging.warning("%s and this config do not both have %s; resuming anyway",
+                    path, ", ".join(unrecorded))
+  if changed:
+    raise ConfigError(
+        f"the workdir {workdir} holds a run with another config; these "
+        f"fields would change its results: {'; '.join(changed)}. Pass the "
+        f"values it was trained with, or use a new --workdir (only "
+        f"{', '.join(sorted(RESUMABLE_FIELDS))} may change on resume)")
+
+
+def _history(workdir: str) -> Sequence[str]:
+  """config.json, then config.<UTC time>.json oldest first."""
+  return [os.path.join(workdir, "config.json")] + sorted(
+      glob.glob(os.path.join(workdir, "config.*.json")))
+
+
+def record_config(workdir: str, config) -> None:
+  """Writes the config into the workdir without overwriting any record.
+
+  ``config.json`` is the config the run started with and is never
+  rewritten. A resume that changes fields of ``RESUMABLE_FIELDS`` writes
+  its config beside it as ``config.<UTC time>.json``; one that changes
+  nothing writes nothing.
+  """
+  history = [p for p in _history(workdir) if os.path.exists(p)]
+  new = _as_recorded(config)
+  if history:
+    with open(history[-1]) as f:
+      if json.load(f) == new:
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y%m%dT%H%M%S.%fZ")
+    path = os.path.join(workdir, f"config.{stamp}.json")
+  else:
+    path = os.path.join(workdir, "config.json")
+  with open(path, "x") as f:
+    json.dump(new, f, indent=1)
