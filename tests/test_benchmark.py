@@ -1,49 +1,115 @@
 """The benchmark runs the real train step of tiny recipes and reports sanely.
 
-No timing assertions: only that every column is there and positive. Runs on
-the eight fake CPU devices of conftest.py, so batches are multiples of 8.
+No timing assertions: only that every column is there, positive and
+consistent. Runs on the eight fake CPU devices of conftest.py, so global
+batches are multiples of 8.
 """
 
 import json
 import os
 import subprocess
 import sys
+import textwrap
 
+import jax
+import jax.numpy as jnp
 import pytest
 
-from ir2net_jax import benchmark, models, train, xla_cpu
+from ir2net_jax import benchmark, costs, models, train, xla_cpu
+from ir2net_jax.benchmark import hardware
+from configs import default
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In-process runs start after JAX did: they keep the tests' XLA_FLAGS.
-TINY = ["--tiny", "--batch_size=8", "--steps=2", "--warmup=1",
-        "--xla_cpu_flags="]
+TINY = ["--tiny", "--steps=1", "--warmup=0", "--xla_cpu_flags="]
+# Smaller still than --tiny (compiling dominates): stages 2-4 empty.
+ONE_BLOCK = ["--config.model_kwargs.num_blocks=(1,0,0,0)",
+             "--config.teacher_kwargs.num_blocks", "(1,0,0,0)"]
 POSITIVE = ("compile_s", "step_s", "images_per_s", "student_macs",
-            "flops_per_step", "tflops_per_s", "peak_memory_mb")
+            "flops_per_step", "tflops_per_s", "peak_memory_mb",
+            "xla_memory_mb")
 
 
 def test_recipe_config_overrides():
   c = benchmark.recipe_config(
       "ir2net_d_stage2", tiny=True,
-      overrides=["binary_compute_dtype=bfloat16", "erase_lambda=1",
-                 "information_recovery=false",
-                 "model_kwargs.num_blocks=[2, 1, 1, 1]"])
-  assert (c.batch_size, c.image_size, c.stage) == (16, 32, 2)
+      overrides=["--config.binary_compute_dtype=bfloat16",
+                 "--config.erase_lambda=1", "--noconfig.information_recovery",
+                 "--config.model_kwargs.num_blocks", "(2, 1, 1, 1)"])
+  assert (c.batch_size, c.image_size, c.stage, c.num_classes) == (
+      16, 32, 2, 1000)
   assert c.teacher_kwargs.num_blocks == (1, 1, 1, 1)
   assert c.model_kwargs.num_blocks == (2, 1, 1, 1)
   assert c.binary_compute_dtype == "bfloat16"
   assert c.erase_lambda == 1.0 and isinstance(c.erase_lambda, float)
   assert c.information_recovery is False
   assert benchmark.recipe_config("cifar_vgg_small", 64).batch_size == 64
-  with pytest.raises(ValueError, match="no field"):
-    benchmark.recipe_config("cifar_resnet20", overrides=["eras_lambda=0.1"])
-  with pytest.raises(ValueError, match="unknown recipe"):
+  base = benchmark.recipe_config(benchmark.BASELINE)
+  assert (base.model, base.loss, base.information_restriction) == (
+      "float_resnet18", "cross_entropy", False)
+  with pytest.raises(benchmark.UsageError, match="no field 'eras_lambda'"):
+    benchmark.recipe_config("cifar_resnet20",
+                            overrides=["--config.eras_lambda=0.1"])
+  with pytest.raises(benchmark.UsageError, match="erase_lambda=abc"):
+    benchmark.recipe_config("cifar_resnet20",
+                            overrides=["--config.erase_lambda=abc"])
+  with pytest.raises(benchmark.UsageError, match="unknown recipe"):
     benchmark.recipe_config("resnet50")
 
 
-def test_peak_flops_and_step_flops():
-  assert benchmark.peak_flops("NVIDIA H100 80GB HBM3") == (989e12, 67e12)
-  assert benchmark.peak_flops("NVIDIA H100 PCIe")[0] == 756e12
-  assert benchmark.peak_flops("TPU v5 lite")[0] == 197e12
-  assert benchmark.peak_flops("cpu") is None
+def test_command_line_errors_before_compiling():
+  for argv, match in (
+      (["--per_device_batch=2", "--batch_size=16"], "both set"),
+      (["--stesp=3"], "unknown flag"),
+      (["stray"], "unknown flag or argument 'stray'"),
+      (["--recipes=resnet50"], "unknown recipes"),
+      (["--steps=0"], "steps"),
+      (["--recipes=cifar_resnet20", "--batch_size=12", "--skip_pipeline",
+        "--xla_cpu_flags="], "not divisible by the 8 devices"),
+  ):
+    with pytest.raises(benchmark.UsageError, match=match):
+      benchmark.main(argv)
+
+
+def test_float_resnet_is_torchvision_resnet18():
+  model = models.create_model("float_resnet18", num_classes=1000,
+                              information_recovery=True, zero_to_one=False)
+  assert tuple(model.num_blocks) == (2, 2, 2, 2)
+  # 1.82 GMAC (torchvision's resnet18 at 224px), all real-valued.
+  summary = costs.summarize(model, (1, 224, 224, 3))
+  assert summary.bops == 0 and abs(summary.flops / 1.8e9 - 1) < 0.02
+
+
+def test_peaks_and_mfu():
+  h100 = "NVIDIA H100 80GB HBM3"
+  assert hardware.peak_flops(h100, "bfloat16") == 989.4e12
+  assert hardware.peak_flops(h100, "float32") == 494.7e12   # TF32
+  assert hardware.peak(h100).f32_full == 66.9e12
+  assert hardware.peak_flops("NVIDIA H200", "bfloat16") == 989.4e12
+  assert hardware.peak_flops("NVIDIA GH200 480GB", "bfloat16") == 989.4e12
+  assert hardware.peak_flops("NVIDIA H100 PCIe", "bfloat16") == 756e12
+  assert hardware.peak_flops("TPU v5 lite", "bfloat16") == 197e12
+  assert hardware.peak_flops("TPU v5", "bfloat16") == 459e12       # v5p
+  assert hardware.peak_flops("TPU v4", "float32") == 275e12
+  assert hardware.peak_flops("cpu", "bfloat16") is None
+  assert hardware.mfu(989.4e12, 2.0, h100, "bfloat16", 1) == 0.5
+  assert hardware.mfu(494.7e12, 1.0, h100, "float32", 2) == 0.5
+  assert hardware.mfu(1e12, 1.0, "cpu", "float32", 1) is None
+
+
+def test_xla_memory_figure():
+  x = jnp.ones((1000,), jnp.float32)                     # 4000 bytes
+  donated = jax.jit(lambda x: x * 2, donate_argnums=0).lower(x).compile()
+  m = hardware.xla_memory_mb(donated)
+  assert (m["xla_argument_mb"], m["xla_output_mb"], m["xla_alias_mb"]) == (
+      0.004, 0.004, 0.004)
+  assert m["xla_memory_mb"] == pytest.approx(0.004 + m["xla_temp_mb"])
+  kept = hardware.xla_memory_mb(jax.jit(lambda x: x * 2).lower(x).compile())
+  assert kept["xla_alias_mb"] == 0 and kept["xla_memory_mb"] == (
+      pytest.approx(0.008 + kept["xla_temp_mb"]))
+
+
+def test_step_flops():
   c = benchmark.recipe_config("ir2net_a_stage1", batch_size=8, tiny=True)
   student = train.build_model(c, 1000)
   teacher = models.create_model("teacher_resnet34", num_classes=1000,
@@ -57,10 +123,87 @@ def test_peak_flops_and_step_flops():
       8 * 6 * f["student_macs"])
 
 
-def test_cifar_json(capsys):
+@pytest.fixture(scope="module")
+def imagenet_run(tmp_path_factory):
+  """IR2Net-A stage 2 (teacher included) and the float ResNet-18 baseline,
+  one block each, per-device batch 1 on the 8 devices, profiled."""
+  profile = tmp_path_factory.mktemp("profile")
+  result = benchmark.main(
+      [f"--recipes=ir2net_a_stage2,{benchmark.BASELINE}", *TINY,
+       *ONE_BLOCK, "--per_device_batch=1", f"--profile={profile}",
+       "--profile_steps=1", "--skip_pipeline", "--skip_inference", "--json"])
+  return result["rows"], profile
+
+
+def test_imagenet_rows_ratio_and_memory(imagenet_run):
+  (row, base), _ = imagenet_run
+  assert (row["recipe"], row["stage"], row["image_size"]) == (
+      "ir2net_a_stage2", 2, 32)
+  for r in (row, base):
+    assert (r["batch"], r["per_device_batch"], r["devices"]) == (8, 1, 8)
+    for key in POSITIVE:
+      assert r[key] > 0, key
+    assert r["xla_memory_mb"] == pytest.approx(
+        r["xla_argument_mb"] + r["xla_output_mb"] + r["xla_temp_mb"]
+        - r["xla_alias_mb"])
+    assert r["inference_images_per_s"] is None and r["mfu"] is None
+  assert row["teacher_macs"] > 0 and base["teacher_macs"] == 0
+  # One pass and no teacher: 6 forward MACs' worth of FLOPs per image.
+  assert base["flops_per_step"] == 8 * 6 * base["student_macs"]
+  assert base["vs_float_resnet18"] == 1.0
+  assert row["vs_float_resnet18"] == pytest.approx(
+      row["images_per_s"] / base["images_per_s"])
+  table = benchmark.format_table(benchmark.report.environment(), [row, base])
+  assert "/R18" in table.splitlines()[4] and "MFU %" in table
+
+
+def test_profile_is_a_tensorboard_trace(imagenet_run):
+  _, profile = imagenet_run
+  for recipe in ("ir2net_a_stage2", benchmark.BASELINE):
+    traces = [f for _, _, files in os.walk(profile / recipe) for f in files
+              if f.endswith(".xplane.pb")]
+    assert traces, recipe
+
+
+def test_from_json_merges_runs_and_recomputes_ratio(imagenet_run, tmp_path,
+                                                    capsys):
+  (row, base), _ = imagenet_run
+  env = {"device_kind": "cpu", "platform": "cpu", "local_devices": 8,
+         "jax_version": jax.__version__, "xla_flags": "", "host_cpus": 2,
+         "peak_memory_source": "process peak RSS"}
+  paths = []
+  for i, r in enumerate((dict(row, vs_float_resnet18=None),
+                         dict(base, images_per_s=2 * row["images_per_s"]))):
+    paths.append(tmp_path / f"{i}.json")
+    paths[-1].write_text(json.dumps(
+        {"environment": env, "rows": [r], "pipelines": []}))
+  result = benchmark.main([f"--from_json={paths[0]},{paths[1]}"])
+  assert [r["vs_float_resnet18"] for r in result["rows"]] == [0.5, 1.0]
+  assert "0.50" in capsys.readouterr().out
+
+
+def test_remat_lowers_the_xla_memory_figure():
+  if "remat" not in default.get_config():
+    with pytest.raises(benchmark.UsageError, match="no field 'remat'"):
+      benchmark.main(["--recipes=ir2net_a_stage1", *TINY, "--remat",
+                      "--skip_pipeline"])
+    return
+  memory = {}
+  for remat in (False, True):
+    (row,) = benchmark.main(
+        ["--recipes=ir2net_a_stage1", *TINY, "--batch_size=16",
+         f"--remat={str(remat).lower()}", "--skip_pipeline",
+         "--skip_inference", "--json"])["rows"]
+    assert row["remat"] is remat
+    memory[remat] = row["xla_temp_mb"]
+  assert memory[True] < memory[False]
+
+
+def test_cifar_with_input_pipelines(capsys):
   torch_before = "torch" in sys.modules
-  result = benchmark.main(["--recipes=cifar_resnet20", *TINY, "--json",
-                           "--set=erase_lambda=0.2", "--image_size=32",
+  result = benchmark.main(["--recipes=cifar_resnet20", *TINY,
+                           "--batch_size=8", "--json",
+                           "--config.erase_lambda=0.2", "--image_size=32",
                            "--pipeline_examples=32"])
   out = json.loads(capsys.readouterr().out)   # stdout is only the JSON
   assert out == json.loads(json.dumps(result))
@@ -68,10 +211,9 @@ def test_cifar_json(capsys):
   (row,) = out["rows"]
   assert (row["recipe"], row["batch"], row["devices"]) == (
       "cifar_resnet20", 8, 8)
-  for key in POSITIVE + ("inference_images_per_s", "xla_memory_mb"):
+  for key in POSITIVE + ("inference_images_per_s",):
     assert row[key] > 0, key
-  assert row["teacher_macs"] == 0
-  assert row["mfu"] is None          # CPU: no known peak
+  assert row["teacher_macs"] == 0 and row["vs_float_resnet18"] is None
   assert [p["pipeline"] for p in out["pipelines"]] == [
       "imagenet_train", "digits_train"]
   assert all(p["images_per_s"] > 0 for p in out["pipelines"])
@@ -79,30 +221,42 @@ def test_cifar_json(capsys):
     assert "torch" not in sys.modules
 
 
-def test_imagenet_recipe_with_teacher(capsys):
-  # Smaller still than --tiny (compiling dominates): stages 2-4 empty.
-  result = benchmark.main(["--recipes=ir2net_a_stage2", "--tiny",
-                           "--batch_size=8", "--steps=1", "--warmup=0",
-                           "--set=model_kwargs.num_blocks=(1,0,0,0)",
-                           "--set", "teacher_kwargs.num_blocks=[1, 0, 0, 0]",
-                           "--skip_pipeline", "--skip_inference",
-                           "--xla_cpu_flags="])
-  (row,) = result["rows"]
-  assert (row["stage"], row["image_size"]) == (2, 32)
-  assert row["teacher_macs"] > 0
-  for key in POSITIVE:
-    assert row[key] > 0, key
-  assert row["inference_images_per_s"] is None
-  table = capsys.readouterr().out
-  assert "compile s" in table and "MFU %" in table
-  assert any(line.startswith("ir2net_a_stage2") for line in table.splitlines())
+# Importing tensorflow (or tfds) fails in this process, as on a GPU image or
+# a Colab TPU runtime without TensorFlow.
+_NO_TENSORFLOW = textwrap.dedent("""\
+    import runpy, sys
+    class NoTensorFlow:
+      def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("tensorflow", "tensorflow_datasets"):
+          raise ImportError(f"{name} is not installed here")
+    sys.meta_path.insert(0, NoTensorFlow())
+    sys.argv = ["benchmark"] + sys.argv[1:]
+    runpy.run_module("ir2net_jax.benchmark", run_name="__main__")
+    assert not any(m.startswith("tensorflow") for m in sys.modules)
+    """)
+
+
+def test_train_step_benchmark_runs_without_tensorflow():
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
+  cmd = [sys.executable, "-c", _NO_TENSORFLOW,
+         f"--recipes={benchmark.BASELINE}", *TINY, *ONE_BLOCK,
+         "--batch_size=2", "--skip_inference", "--json"]
+  refused = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                           timeout=300)
+  assert refused.returncode != 0
+  assert "needs TensorFlow" in refused.stderr and "--skip_pipeline" in (
+      refused.stderr)
+  run = subprocess.run(cmd + ["--skip_pipeline"], env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  (row,) = json.loads(run.stdout)["rows"]
+  assert row["recipe"] == benchmark.BASELINE and row["images_per_s"] > 0
 
 
 def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
   """``python -m ir2net_jax.benchmark`` as users run it: recipes whose 'auto'
   flags differ run in their own processes, and each row says which."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, PYTHONPATH=root)
+  env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   run = subprocess.run(
       [sys.executable, "-m", "ir2net_jax.benchmark",

@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict
 import flax.linen as nn
 
 from ir2net_jax.models.cifar import ResNet18, ResNet20, VGGSmall
+from ir2net_jax.models.float_resnet import float_resnet
 from ir2net_jax.models.imagenet import IR2Net
 from ir2net_jax.models.teacher import ResNet34
 
@@ -30,6 +31,9 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     **{f"ir2net_{v}": _ir2net(v) for v in "abcd"},
     **{f"ir2net_{v}_resnet34": _ir2net(v, 34) for v in "abcd"},
     "teacher_resnet34": ResNet34,
+    # Real-valued students: the benchmark's float baselines.
+    "float_resnet18": float_resnet(18),
+    "float_resnet34": float_resnet(34),
 }
 
 
