@@ -3,7 +3,13 @@
 Kept short on purpose: it parses flags, applies ``config.xla_cpu_flags``
 (before JAX starts) and calls ``ir2net_jax.train.train_and_evaluate``. Override any field with
 ``--config.field=value``; unknown fields are an error.
+
+A run stopped by SIGTERM or SIGINT saves a checkpoint and exits with status
+128 + the signal's number (143, 130), as if the signal had ended it; the same
+command resumes it. A diverged run exits with status 1.
 """
+
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,7 +30,11 @@ def main(argv):
   added = xla_cpu.apply_flags(xla_cpu.resolve(FLAGS.config))
   if added:
     logging.info("XLA_FLAGS += %s", " ".join(added))
-  train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.Preempted as e:
+    logging.warning("%s", e)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

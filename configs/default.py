@@ -58,6 +58,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.num_epochs = 10
   c.num_train_steps = -1       # -1: num_epochs of the training split
   c.seed = 0
+  # A step whose loss, gradient or new state is not finite stops the run
+  # (train.DivergenceError). True: keep the state from before such a step
+  # (params, BatchNorm statistics and optimizer state, so the schedule too)
+  # and count it in train_skipped_steps / summary.json instead.
+  c.skip_nonfinite_updates = False
 
   # Initialisation.
   c.stage1_checkpoint = ""     # stage 2: stage-1 workdir (default ../stage1)

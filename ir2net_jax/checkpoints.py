@@ -5,15 +5,22 @@ Layout::
   workdir/checkpoints/<step>/{state,meta}   latest ones (auto-resume)
   workdir/best/<step>/{state,meta}          the best eval top-1 so far
 
+  workdir/corrupt_checkpoints/<step>-<time>/  latest ones that could not be
+                                            read, set aside on resume
+
 ``state`` is the whole ``TrainState``; ``meta`` is JSON (model, stage,
 config name, eval metrics). The teacher is never saved with the student.
 """
 
 import os
-from typing import Any, Dict, Optional, Tuple
+import time
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 __all__ = ["CheckpointError", "Checkpoints", "stage1_directory",
            "check_stage1", "restore_stage1_variables"]
@@ -41,6 +48,7 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, keep: int = 2):
+    self.workdir = workdir
     self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
     # Saved synchronously, after the latest one has finished: two async
     # managers writing the same arrays at once race in orbax.
@@ -59,13 +67,61 @@ class Checkpoints:
   def latest_step(self) -> Optional[int]:
     return self.latest.latest_step()
 
+  def step_path(self, step: int) -> str:
+    """The directory of the latest-checkpoint at ``step``."""
+    return str(ocp.step.standard_name_format().find_step(
+        self.latest.directory, step).path)
+
   def restore(self, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
-    """Restores the latest checkpoint into the structure of ``abstract_state``."""
-    step = self.latest.latest_step()
-    restored = self.latest.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
-    return restored.state, restored.meta
+    """Restores the newest *readable* checkpoint into ``abstract_state``'s
+    structure.
+
+    A checkpoint that cannot be read (truncated or missing files, or values
+    that are not finite, which a run never saves) is reported with its path
+    and moved aside to ``workdir/corrupt_checkpoints/<step>-<time>``, so that
+    the run can save that step again; the next older one is tried.
+
+    Raises:
+      CheckpointError: when no checkpoint can be read (they are left where
+        they are, for a look).
+    """
+    corrupt = []
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        restored = self.latest.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore()))
+        _check_finite(restored.state)
+      except Exception as e:  # orbax, tensorstore and json raise many types
+        logging.warning("cannot read the checkpoint %s (%s: %s); trying the "
+                        "one before it", self.step_path(step),
+                        type(e).__name__, _first_line(e))
+        corrupt.append(step)
+        continue
+      if corrupt:
+        self._set_aside(corrupt)
+        logging.warning("resuming from the checkpoint at step %d, the newest "
+                        "readable one", step)
+      return restored.state, restored.meta
+    raise CheckpointError(
+        f"none of the checkpoints in {self.latest.directory} (steps "
+        f"{sorted(corrupt)}) can be read; see the warnings above. Move them "
+        f"out of the way to train from the start, or use a new --workdir.")
+
+  def _set_aside(self, steps: List[int]) -> None:
+    """Moves unreadable checkpoints out of ``checkpoints/`` (host 0 moves)."""
+    aside = os.path.join(self.workdir, "corrupt_checkpoints")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if jax.process_index() == 0:
+      os.makedirs(aside, exist_ok=True)
+      for step in steps:
+        target = os.path.join(aside, f"{step}-{stamp}")
+        os.replace(self.step_path(step), target)
+        logging.warning("moved the unreadable checkpoint of step %d to %s",
+                        step, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("checkpoints set aside")
+    self.latest.reload()
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
@@ -74,6 +130,18 @@ class Checkpoints:
   def close(self) -> None:
     self.latest.close()
     self.best.close()
+
+
+def _check_finite(state: Any) -> None:
+  for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+    x = np.asarray(x)
+    if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
+      raise ValueError(f"{jax.tree_util.keystr(path)} is not finite")
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ""
 
 
 def stage1_directory(config, workdir: str) -> str:

@@ -178,6 +178,8 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
                         "steps"),
     "checkpoint_every_steps": (_Number(int, 1, special=((-1, "once an "
                                                          "epoch"),)), ""),
+    "skip_nonfinite_updates": (_BOOL, "skip a step whose loss or gradient "
+                               "is not finite instead of stopping"),
     "keep_checkpoints": (_POSITIVE_INT, "how many of the latest checkpoints "
                          "to keep; resuming needs at least one"),
     "coordinator_address": (_Text(), ""),

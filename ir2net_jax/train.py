@@ -30,12 +30,15 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from ir2net_jax import checkpoints as ckpt_lib
-from ir2net_jax import config_checks
-from ir2net_jax import convert, data, losses, models, objective, optim, parallel
+from ir2net_jax import (config_checks, convert, data, divergence, losses,
+                        models, objective, optim, parallel, preemption)
 from ir2net_jax.config_checks import ConfigError, validate_config
 from ir2net_jax.config_checks import eval_batch_size as _eval_batch_size
+from ir2net_jax.divergence import DivergenceError
+from ir2net_jax.preemption import Preempted
 
-__all__ = ["TrainState", "ConfigError", "validate_config", "build_model",
+__all__ = ["TrainState", "ConfigError", "DivergenceError", "Preempted",
+           "validate_config", "build_model",
            "binary_compute_dtype",
            "make_train_step", "make_eval_step", "train_and_evaluate"]
 
@@ -101,6 +104,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   The loss is ``pmean``-ed over devices *inside* the differentiated function,
   so the gradient is already the global batch's (no second pmean).
+
+  ``metrics['finite']`` says whether the loss, gradient and new state are
+  finite (``divergence.finite_flags``; the host checks them). With
+  ``config.skip_nonfinite_updates`` a non-finite step returns the old
+  parameters, BatchNorm statistics and optimizer state (only ``step``
+  advances) and ``metrics['skipped_steps']`` is 1.
   """
   loss_fn = _loss_fn(config)
 
@@ -133,7 +142,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         "loss_erased": lax.pmean(aux.loss_terms[1], parallel.AXIS),
         "top1": lax.pmean(top1, parallel.AXIS),
         "kept_pixels": lax.pmean(jnp.mean(aux.mask), parallel.AXIS),
+        "grad_norm": optax.tree.norm(grads),
     }
+    updated = (params, batch_stats, opt_state)
+    metrics["finite"] = divergence.finite_flags(loss, grads, updated)
+    if config.get("skip_nonfinite_updates", False):
+      updated, metrics["skipped_steps"] = divergence.keep_if_finite(
+          metrics["finite"], updated,
+          (state.params, state.batch_stats, state.opt_state))
+    params, batch_stats, opt_state = updated
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
@@ -236,10 +253,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Dict[str, Any]:
   """Trains and evaluates one stage as the config says; returns the summary.
 
-  Resumes from the latest checkpoint in ``workdir`` if there is one (see
-  ``config_checks.check_resume`` for what may change); a finished run started
-  again only reports its result and writes nothing. Stage 2 of an IR2Net
-  model starts from the last stage-1 checkpoint.
+  Resumes from the latest readable checkpoint in ``workdir`` if there is one
+  (``Checkpoints.restore``: unreadable newer ones are reported and set aside;
+  ``config_checks.check_resume`` says what may change); a finished run
+  started again only reports its result and writes nothing. Stage 2 of an
+  IR2Net model starts from the last stage-1 checkpoint.
+
+  Raises:
+    DivergenceError: a step's loss, gradient or new state was not finite
+      (unless ``config.skip_nonfinite_updates``); nothing from that step on
+      was evaluated or saved.
+    Preempted: SIGTERM or SIGINT arrived; a checkpoint of the step in flight
+      was saved (and waited for) first. No ``summary.json`` is written.
   """
   start_time = time.time()
   _quiet_library_logs()
@@ -282,9 +307,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   os.makedirs(workdir, exist_ok=True)
   checkpoints = ckpt_lib.Checkpoints(workdir, config.keep_checkpoints)
   best = {"eval_top1": -1.0, "eval_top5": -1.0}
+  skipped = 0   # steps that skip_nonfinite_updates skipped, over the run
   if checkpoints.latest_step() is not None:
-    state, meta = checkpoints.restore(state)
+    state, meta = checkpoints.restore(state)   # newest readable one
     best = meta.get("best", best)
+    skipped = meta.get("skipped_steps", 0)
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)
   finished = start_step >= num_steps  # started again: only report its result
@@ -316,51 +343,71 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   logging.info("training %s for %d steps (%d per epoch) on %d devices",
                config.name, num_steps, steps_per_epoch, jax.device_count())
 
+  # pending: (step, metrics) since the last logging step, not yet written;
+  # every one of them is checked for divergence before anything is
+  # evaluated or saved.
   pending, last_eval = [], {}
   meta = lambda: {"model": config.model, "stage": config.stage,
-                  "name": config.name, "best": best, **last_eval}
-  for step in range(start_step + 1, num_steps + 1):
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
-      state, metrics = train_step(state, next(train_iter), teacher_vars)
-    pending.append(metrics)
-    report(step)
-    if step % config.log_every_steps == 0 or step == num_steps:
-      summary = {k: float(np.mean([jax.device_get(m[k]) for m in pending]))
-                 for k in pending[0]}
-      summary["learning_rate"] = float(schedule(step - 1))
-      writer.write_scalars(step, {f"train_{k}": v for k, v in summary.items()})
-      pending = []
-    end_of_epoch = step % steps_per_epoch == 0
-    epoch = step // steps_per_epoch
-    is_best = False
-    if step == num_steps or (end_of_epoch and
-                             epoch % config.eval_every_epochs == 0):
+                  "name": config.name, "best": best, **last_eval,
+                  "skipped_steps": skipped + divergence.count_skipped(pending)}
+  try:
+    with preemption.StopSignals() as stop_signals:
+      for step in range(start_step + 1, num_steps + 1):
+        with jax.profiler.StepTraceAnnotation("train", step_num=step):
+          state, metrics = train_step(state, next(train_iter), teacher_vars)
+        pending.append((step, metrics))
+        report(step)
+        stop = stop_signals.stop_requested(step)
+        log_now = step % config.log_every_steps == 0 or step == num_steps
+        end_of_epoch = step % steps_per_epoch == 0
+        eval_now = not stop and (step == num_steps or (
+            end_of_epoch and
+            (step // steps_per_epoch) % config.eval_every_epochs == 0))
+        if log_now or eval_now or stop or step % ckpt_every == 0:
+          divergence.check(pending, config, checkpoints.latest_step())
+        if log_now:
+          summary = _train_metrics(pending)
+          skipped += int(summary.get("skipped_steps", 0))
+          summary["learning_rate"] = float(schedule(step - 1))
+          writer.write_scalars(step, {f"train_{k}": v
+                                      for k, v in summary.items()})
+          pending = []
+        is_best = False
+        if eval_now:
+          last_eval = _evaluate(eval_step, {"params": state.params,
+                                            "batch_stats": state.batch_stats},
+                                config, mesh)
+          writer.write_scalars(step, last_eval)
+          logging.info("step %d (epoch %.2f): eval top-1 %.4f top-5 %.4f",
+                       step, step / steps_per_epoch, last_eval["eval_top1"],
+                       last_eval["eval_top5"])
+          if last_eval["eval_top1"] > best["eval_top1"]:
+            best = {"eval_top1": last_eval["eval_top1"],
+                    "eval_top5": last_eval["eval_top5"], "step": step}
+            is_best = True
+        if step % ckpt_every == 0 or step == num_steps or is_best or stop:
+          checkpoints.save(step, state, meta(), best=is_best)
+        if stop:
+          checkpoints.wait()
+          raise Preempted(step, stop_signals.signum,
+                          checkpoints.step_path(step))
+    if not last_eval:  # a finished run started again: report its result
       last_eval = _evaluate(eval_step, {"params": state.params,
                                         "batch_stats": state.batch_stats},
                             config, mesh)
-      writer.write_scalars(step, last_eval)
-      logging.info("step %d (epoch %.2f): eval top-1 %.4f top-5 %.4f", step,
-                   step / steps_per_epoch, last_eval["eval_top1"],
-                   last_eval["eval_top5"])
-      if last_eval["eval_top1"] > best["eval_top1"]:
-        best = {"eval_top1": last_eval["eval_top1"],
-                "eval_top5": last_eval["eval_top5"], "step": step}
-        is_best = True
-    if step % ckpt_every == 0 or step == num_steps or is_best:
-      checkpoints.save(step, state, meta(), best=is_best)
-  if not last_eval:  # a finished run started again: report its result
-    last_eval = _evaluate(eval_step, {"params": state.params,
-                                      "batch_stats": state.batch_stats},
-                          config, mesh)
-  writer.flush()
-  checkpoints.wait()
-  checkpoints.close()
+  finally:
+    # Whatever stops the loop, a save in flight (of a checked, finite state)
+    # is finished, and the metrics written so far reach the disk.
+    writer.close()
+    checkpoints.wait()
+    checkpoints.close()
   summary = {
       "name": config.name, "model": config.model, "stage": config.stage,
       "dataset": config.dataset, "steps": max(num_steps, start_step),
       "final_eval_top1": last_eval.get("eval_top1"),
       "final_eval_top5": last_eval.get("eval_top5"),
       "best_eval_top1": best["eval_top1"], "best_eval_top5": best["eval_top5"],
+      "skipped_steps": skipped,
       "wall_time_s": time.time() - start_time,
       "devices": jax.device_count(), "processes": jax.process_count(),
   }
@@ -368,8 +415,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with open(os.path.join(workdir, "summary.json"), "w") as f:
       json.dump(summary, f, indent=1)
   logging.info("done: %s", json.dumps(summary))
-  writer.close()
   return summary
+
+
+def _train_metrics(pending) -> Dict[str, float]:
+  """Means of the train metrics of ``pending`` steps (skips: their count)."""
+  values = jax.device_get([m for _, m in pending])
+  out = {}
+  for k in values[0]:
+    if k != "finite":
+      reduce = np.sum if k == "skipped_steps" else np.mean
+      out[k] = float(reduce([v[k] for v in values]))
+  return out
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

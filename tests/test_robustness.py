@@ -1,0 +1,189 @@
+"""Runs that survive divergence, preemption and a corrupt latest checkpoint."""
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import train_utils
+from ir2net_jax import checkpoints, preemption, train
+from test_train import _final_state, _free_port, _launch
+from test_train import digits_dir  # noqa: F401  (a module-scoped fixture)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _checkpoint_states(directory):
+  """``{step: {leaf path: array}}`` of every checkpoint in ``directory``."""
+  out = {}
+  with ocp.CheckpointManager(str(directory)) as m:
+    for step in m.all_steps():
+      state = m.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore())).state
+      leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+      out[step] = {jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves}
+  return out
+
+
+def _assert_finite(leaves, what):
+  for k, v in leaves.items():
+    assert np.all(np.isfinite(v)), f"{what}: {k} is not finite"
+
+
+# Divergence ----------------------------------------------------------------
+
+def test_divergence_stops_before_anything_nonfinite_is_saved(tmp_path,
+                                                             digits_dir):
+  # A checkpoint every step: without the check, the diverged states are saved.
+  c = train_utils.tiny_digits_config(digits_dir, learning_rate=1e30,
+                                     checkpoint_every_steps=1,
+                                     log_every_steps=100)
+  with pytest.raises(train.DivergenceError,
+                     match=r"diverged at step \d+: .*not finite.*"
+                           r"config\.learning_rate") as e:
+    train.train_and_evaluate(c, str(tmp_path))
+  diverged_at = int(re.search(r"step (\d+)", str(e.value)).group(1))
+  saved = _checkpoint_states(tmp_path / "checkpoints")
+  assert saved, "the steps before the divergence should have been saved"
+  assert max(saved) == diverged_at - 1   # the last finite one stays the latest
+  for step, leaves in saved.items():
+    _assert_finite(leaves, f"checkpoint {step}")
+  assert not (tmp_path / "summary.json").exists()
+
+
+def test_skip_nonfinite_updates_finishes_with_finite_state(tmp_path,
+                                                           digits_dir):
+  c = train_utils.tiny_digits_config(digits_dir, learning_rate=1e30,
+                                     skip_nonfinite_updates=True)
+  summary = train.train_and_evaluate(c, str(tmp_path))
+  assert 0 < summary["skipped_steps"] <= c.num_train_steps
+  step, leaves = _final_state(tmp_path)
+  assert step == c.num_train_steps
+  _assert_finite(leaves, "final state")
+
+
+# Preemption ----------------------------------------------------------------
+
+def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path,
+                                                         digits_dir):
+  steps = 100   # enough that the signal lands mid-run
+  args = (f"--config.data_dir={digits_dir}", f"--config.num_train_steps={steps}",
+          "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000")
+  ref = _launch(tmp_path / "ref", *args, text=True)   # uninterrupted
+  ref_out = []
+  reader = threading.Thread(target=lambda: ref_out.extend(ref.communicate()))
+  reader.start()
+  proc = _launch(tmp_path / "run", *args, text=True)
+  for line in proc.stdout:
+    if re.search(r"\[1\] .*train_loss=", line):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+  stopped = int(re.search(r"preempted at step (\d+) by SIGTERM", out).group(1))
+  assert 1 <= stopped < steps
+  assert not (tmp_path / "run" / "summary.json").exists()
+  assert _final_state(tmp_path / "run")[0] == stopped
+
+  resumed = _launch(tmp_path / "run", *args, text=True)
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out[-3000:]
+  assert f"resumed from step {stopped}" in out
+  reader.join(timeout=300)
+  assert ref.returncode == 0, ref_out[0][-3000:]
+  step_a, a = _final_state(tmp_path / "ref")
+  step_b, b = _final_state(tmp_path / "run")
+  assert step_a == step_b == steps
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_stop_signals_restore_handlers_and_a_second_signal_stops_at_once():
+  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  with preemption.StopSignals() as stop_signals:
+    assert not stop_signals.stop_requested(1)
+    signal.raise_signal(signal.SIGINT)
+    assert stop_signals.stop_requested(2)
+    assert stop_signals.signum == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):   # Ctrl-C twice: at once
+      signal.raise_signal(signal.SIGINT)
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("signalled,signum", [(1, signal.SIGTERM),
+                                              (0, signal.SIGINT)])
+def test_processes_agree_on_the_step_to_stop_at(signalled, signum):
+  worker = os.path.join(ROOT, "tests", "preemption_worker.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, text=True) for i in range(2)]
+  try:
+    for p in procs:   # both are stepping
+      for line in p.stdout:
+        if "READY" in line:
+          break
+    procs[signalled].send_signal(signum)
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  stops = [re.findall(r"^STOP (\d+) (\d+)$", out, re.M) for out in outs]
+  assert all(len(s) == 1 for s in stops), outs
+  assert stops[0][0][0] == stops[1][0][0]         # the same step
+  assert int(stops[signalled][0][1]) == signum
+
+
+# A corrupt latest checkpoint -----------------------------------------------
+
+def _truncate_files(directory):
+  for d, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(d, f)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
+                                                           digits_dir, caplog):
+  c = train_utils.tiny_digits_config(digits_dir)   # saves at steps 2, 4, 6
+  train.train_and_evaluate(c, str(tmp_path))
+  steps = c.num_train_steps
+  _, good = _final_state(tmp_path)
+  latest = tmp_path / "checkpoints" / str(steps)
+  _truncate_files(latest)
+  os.remove(tmp_path / "summary.json")
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(c, str(tmp_path))
+  log = caplog.text
+  assert f"cannot read the checkpoint {latest}" in log
+  assert f"resumed from step {steps - c.checkpoint_every_steps}" in log
+  # Set aside, not deleted; then trained again to the same state.
+  aside = os.listdir(tmp_path / "corrupt_checkpoints")
+  assert [d.split("-")[0] for d in aside] == [str(steps)]
+  step, again = _final_state(tmp_path)
+  assert step == steps and again.keys() == good.keys()
+  for k in good:
+    np.testing.assert_array_equal(again[k], good[k], err_msg=k)
+
+  # With none readable, a clear error, and they are left for a look.
+  ckpt_dir = tmp_path / "checkpoints"
+  _truncate_files(ckpt_dir)
+  os.remove(tmp_path / "summary.json")
+  before = sorted(os.listdir(ckpt_dir))
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=f"none of the checkpoints in {ckpt_dir}"):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert sorted(os.listdir(ckpt_dir)) == before
