@@ -1,14 +1,15 @@
 """Trains IR2Net: ``python launch.py --config=configs/X.py --workdir=DIR``.
 
 Kept short on purpose: it parses flags, applies ``config.xla_cpu_flags``
-(before JAX starts) and calls ``ir2net_jax.train.train_and_evaluate``. Override any field with
+(before JAX starts), calls ``ir2net_jax.train.train_and_evaluate`` and, in a
+multi-host run, leaves it cleanly. Override any field with
 ``--config.field=value``; unknown fields are an error.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ir2net_jax import train, xla_cpu
+from ir2net_jax import parallel, train, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
@@ -25,6 +26,7 @@ def main(argv):
   if added:
     logging.info("XLA_FLAGS += %s", " ".join(added))
   train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  parallel.shutdown_distributed()
 
 
 if __name__ == "__main__":
