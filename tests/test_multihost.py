@@ -69,10 +69,11 @@ def test_two_processes_run_launch_like_one(tmp_path):
   step_s, state_s = train_utils.final_state(single)
   assert step_m == step_s == STEPS
   assert state_m.keys() == state_s.keys()
-  # Same data, same steps; only the order of the cross-device sums differs
-  # (a global batch in another order moves parameters by ~1e-2).
+  # Same data, same steps; only the order of the cross-device sums differs,
+  # which the momentum (a sum of gradients) shows at ~1e-4; two steps move
+  # the parameters by more than 1e-2 (checked below).
   for k in state_s:
-    np.testing.assert_allclose(state_m[k], state_s[k], rtol=1e-4, atol=1e-5,
+    np.testing.assert_allclose(state_m[k], state_s[k], rtol=1e-3, atol=1e-3,
                                err_msg=k)
   sm, ss = _summary(multi), _summary(single)
   assert (sm["processes"], sm["devices"]) == (2, 4)
@@ -82,4 +83,4 @@ def test_two_processes_run_launch_like_one(tmp_path):
     assert sm[k] == ss[k], k
   # Not vacuous: the resumed steps moved the parameters.
   assert max(float(np.max(np.abs(state_s[k] - state_first[k])))
-             for k in state_s if k.startswith("['params']")) > 1e-4
+             for k in state_s if k.startswith("['params']")) > 1e-2
