@@ -78,8 +78,8 @@ def test_two_processes_run_launch_like_one(tmp_path):
   sm, ss = _summary(multi), _summary(single)
   assert (sm["processes"], sm["devices"]) == (2, 4)
   assert (ss["processes"], ss["devices"]) == (1, 4)
-  for k in ("final_eval_top1", "final_eval_top5", "best_eval_top1",
-            "best_eval_top5"):
+  # (best_* differ: the multi-host run also evaluated at its first stop.)
+  for k in ("final_eval_top1", "final_eval_top5"):
     assert sm[k] == ss[k], k
   # Not vacuous: the resumed steps moved the parameters.
   assert max(float(np.max(np.abs(state_s[k] - state_first[k])))
