@@ -1,7 +1,8 @@
 """Trains IR2Net: ``python launch.py --config=configs/X.py --workdir=DIR``.
 
 Kept short on purpose: it parses flags, applies ``config.xla_cpu_flags``
-(before JAX starts) and calls ``ir2net_jax.train.train_and_evaluate``. Override any field with
+(before JAX starts), calls ``ir2net_jax.train.train_and_evaluate`` and, in a
+multi-host run, leaves it cleanly. Override any field with
 ``--config.field=value``; unknown fields are an error.
 
 A run stopped by SIGTERM or SIGINT saves a checkpoint and exits with status
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ir2net_jax import train, xla_cpu
+from ir2net_jax import parallel, train, xla_cpu
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py).",
@@ -35,6 +36,7 @@ def main(argv):
   except train.Preempted as e:
     logging.warning("%s", e)
     sys.exit(128 + e.signum)
+  parallel.shutdown_distributed()
 
 
 if __name__ == "__main__":

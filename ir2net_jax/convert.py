@@ -26,13 +26,17 @@ Command::
   python -m ir2net_jax.convert --model=ir2net_a --stage=2 \
       --input=checkpoint.pth.tar --output=/path/to/ir2net_a_stage2
 
-``--input`` may be a ``.pth``/``.pth.tar`` (needs torch, used only here) or a
-``.npz`` of arrays keyed by the PyTorch names.
+``--input`` may be a ``.pth``/``.pth.tar`` or a ``.npz`` of arrays keyed by
+the PyTorch names. A ``.pth`` is read with torch when it is installed, and
+otherwise by ``read_torch_zip`` (torch's zip format, no torch needed).
 """
 
 import argparse
+import collections
 import os
+import pickle
 import re
+import zipfile
 from typing import Any, Dict, Mapping, Tuple
 
 import flax
@@ -44,7 +48,8 @@ import numpy as np
 from ir2net_jax import models as models_lib
 
 __all__ = ["torch_key", "torch_to_flax", "flax_to_torch", "load_state_dict",
-           "save_variables", "load_variables", "ConversionError"]
+           "read_torch_zip", "save_variables", "load_variables",
+           "ConversionError"]
 
 Variables = Dict[str, Any]
 
@@ -196,7 +201,8 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a state_dict from a ``.npz`` or a torch ``.pth``/``.pth.tar``.
 
   A torch checkpoint that wraps the weights in ``{'state_dict': ...}`` (as
-  the reference's trainers save them) is unwrapped.
+  the reference's trainers save them) is unwrapped. Without torch installed,
+  a ``.pth`` is read by ``read_torch_zip``.
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such checkpoint file: {path}")
@@ -206,14 +212,100 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError(
-        "reading a .pth file needs PyTorch (pip install torch); it is used "
-        "only by this conversion command") from None
-  obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_torch_zip(path)
+  else:
+    obj = torch.load(path, map_location="cpu", weights_only=True)
   if isinstance(obj, dict) and "state_dict" in obj:
     obj = obj["state_dict"]
-  return {k: v.detach().cpu().numpy() for k, v in obj.items()
-          if hasattr(v, "detach")}
+  return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+          for k, v in obj.items()
+          if hasattr(v, "detach") or isinstance(v, np.ndarray)}
+
+
+# torch's storage classes -> numpy dtypes (torch.save names a tensor's storage
+# by its class, e.g. torch.FloatStorage).
+_TORCH_STORAGES = {
+    "DoubleStorage": np.float64, "FloatStorage": np.float32,
+    "HalfStorage": np.float16, "BFloat16Storage": jnp.bfloat16,
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+def _rebuild_tensor(storage, offset, shape, stride, *unused):
+  """``torch._utils._rebuild_tensor_v2``: a strided view of a storage."""
+  del unused  # requires_grad, backward hooks, metadata
+  item = storage.dtype.itemsize
+  return np.lib.stride_tricks.as_strided(
+      storage[offset:], shape=tuple(shape),
+      strides=tuple(s * item for s in stride)).copy()
+
+
+def _rebuild_parameter(data, *unused):
+  """``torch._utils._rebuild_parameter``: a Parameter is its data."""
+  del unused
+  return data
+
+
+class _TorchUnpickler(pickle.Unpickler):
+  """Unpickles ``data.pkl`` of a torch zip; only tensors, dicts and plain
+  values: any other class is refused, so no code from the file runs."""
+
+  _CLASSES = {
+      ("collections", "OrderedDict"): collections.OrderedDict,
+      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+  }
+
+  def __init__(self, file, read_record):
+    super().__init__(file)
+    self._read_record = read_record
+
+  def find_class(self, module, name):
+    if (module, name) in self._CLASSES:
+      return self._CLASSES[(module, name)]
+    if module == "torch" and name in _TORCH_STORAGES:
+      return np.dtype(_TORCH_STORAGES[name])
+    raise pickle.UnpicklingError(
+        f"{module}.{name} is not allowed in a state_dict read without torch; "
+        "install torch to read this file, or save its state_dict as .npz")
+
+  def persistent_load(self, pid):
+    kind, dtype, key, _, numel = pid  # ('storage', type, key, device, numel)
+    if kind != "storage":
+      raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+    return np.frombuffer(self._read_record(key), dtype, count=numel)
+
+
+def read_torch_zip(path: str) -> Any:
+  """Reads what ``torch.save`` wrote (its zip format), without torch.
+
+  Tensors become numpy arrays; dicts (and ``OrderedDict``) and plain values
+  stay as they are.
+
+  Raises:
+    ValueError: the file is not a torch zip (e.g. the legacy format of
+      torch < 1.6), or holds objects other than tensors and plain values.
+  """
+  if not zipfile.is_zipfile(path):
+    raise ValueError(
+        f"{path} is not in torch's zip format (torch >= 1.6); install torch "
+        "to read it, or re-save it with a current torch")
+  with zipfile.ZipFile(path) as z:
+    names = z.namelist()
+    pkl = next((n for n in names if n.endswith("/data.pkl")), None)
+    if pkl is None:
+      raise ValueError(f"{path} holds no data.pkl: not a torch checkpoint")
+    root = pkl[:-len("data.pkl")]
+    byteorder = root + "byteorder"
+    if byteorder in names and z.read(byteorder) != b"little":
+      raise ValueError(f"{path} was saved on a big-endian machine")
+    read_record = lambda key: z.read(f"{root}data/{key}")
+    with z.open(pkl) as f:
+      try:
+        return _TorchUnpickler(f, read_record).load()
+      except pickle.UnpicklingError as e:
+        raise ValueError(f"cannot read {path} without torch: {e}") from None
 
 
 def save_variables(directory: str, variables: Variables) -> None:
@@ -250,12 +342,17 @@ def main(argv=None) -> None:
   parser.add_argument("--stage", type=int, default=None,
                       help="IR2Net stage (1 or 2); ImageNet models only")
   parser.add_argument("--input", required=True,
-                      help=".pth / .pth.tar (needs torch) or .npz")
+                      help=".pth / .pth.tar or .npz")
   parser.add_argument("--output", required=True,
                       help="directory for the orbax checkpoint (must not exist)")
   parser.add_argument("--image_size", type=int, default=None)
+  parser.add_argument("--num_blocks", default=None,
+                      help="blocks per stage, e.g. 1,1,1 (default: the "
+                           "model's)")
   args = parser.parse_args(argv)
   kwargs = {"stage": args.stage} if args.stage is not None else {}
+  if args.num_blocks:
+    kwargs["num_blocks"] = tuple(int(n) for n in args.num_blocks.split(","))
   model = models_lib.create_model(args.model, **kwargs)
   image_size = args.image_size or (32 if args.model.startswith("cifar")
                                    else 224)

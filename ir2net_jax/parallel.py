@@ -11,9 +11,10 @@ from typing import Any, Callable, Optional, Sequence
 
 import jax
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-__all__ = ["AXIS", "init_distributed", "data_mesh", "replicated",
+__all__ = ["AXIS", "init_distributed", "shutdown_distributed", "data_mesh", "replicated",
            "batch_sharding", "replicate", "shard_step"]
 
 AXIS = "data"
@@ -42,6 +43,17 @@ def init_distributed(config) -> None:
                jax.local_device_count(), jax.device_count())
 
 
+def shutdown_distributed() -> None:
+  """Leaves multi-host JAX once every process got here (one process: nothing).
+
+  The barrier first: process 0 hosts the coordinator, which must not go away
+  while another process still uses it.
+  """
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("ir2net_jax: done")
+    jax.distributed.shutdown()
+
+
 def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
   """A 1-D ``('data',)`` mesh over ``devices`` (default: all, all hosts)."""
   devices = jax.devices() if devices is None else list(devices)
@@ -57,8 +69,13 @@ def batch_sharding(mesh) -> NamedSharding:
 
 
 def replicate(tree: Any, mesh) -> Any:
-  """Places a host-side tree on every device of ``mesh``."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a tree, the same on every process, on every device of ``mesh``.
+
+  Arrays already on one device (e.g. restored from a checkpoint) are fetched
+  to the host first: a mesh that spans processes is fed host data, as
+  ``device_put`` cannot copy from one device to another process's devices.
+  """
+  return jax.device_put(jax.device_get(tree), replicated(mesh))
 
 
 def shard_step(fn: Callable, mesh, in_specs, out_specs,

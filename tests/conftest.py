@@ -7,3 +7,16 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
                              " --xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory):
+  """A data_dir holding the prepared digits data set (the smoke config's)."""
+  import train_utils  # Imports TensorFlow: only for the tests that need it.
+  from ir2net_jax import data
+  path = str(tmp_path_factory.mktemp("tfds_digits"))
+  data.dataset_info(train_utils.tiny_digits_config(path))
+  return path

@@ -6,6 +6,7 @@ metadata written to a temporary data_dir so that they count as prepared.
 """
 
 import collections
+import dataclasses
 import hashlib
 import os
 import subprocess
@@ -20,7 +21,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ir2net_jax import data
-from ir2net_jax.data import augment, digits, recipes
+from ir2net_jax.data import augment, digits, recipes, sources
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,21 +208,44 @@ def test_cifar10_batches(mock_dir):
   assert evals[0]["image"].shape == (8, 32, 32, 3)
 
 
-def test_cifar10_host_slices_and_epochs(mock_dir):
-  """Labels are example indices: check who gets what, epoch by epoch."""
+def _indexed_cifar10_labels(mock_dir, num_examples, global_batch,
+                            process_count, steps):
+  """Labels (example indices) of ``steps`` batches of each host."""
   config = make_config(dataset="cifar10", data_dir=mock_dir)
-  num_examples, local_batch, steps_per_epoch = 42, 4, 5  # 21 per host.
-  seen = {}
   with tfds.testing.mock_data(as_dataset_fn=indexed_cifar10(num_examples),
                               data_dir=mock_dir):
-    for host in range(2):
-      it = data.train_iterator(config, global_batch_size=2 * local_batch,
-                               seed=0, process_index=host, process_count=2)
-      batches = take(it, 2 * steps_per_epoch)
-      labels = np.concatenate([b["label"] for b in batches])
-      seen[host] = labels.reshape(2, steps_per_epoch * local_batch)
+    return [np.stack([b["label"] for b in take(data.train_iterator(
+        config, global_batch_size=global_batch, seed=0, process_index=host,
+        process_count=process_count), steps)]) for host in range(process_count)]
+
+
+def test_cached_data_global_batch_is_the_same_on_any_number_of_hosts(
+    mock_dir):
+  """Small data sets: hosts split one global stream, so two hosts together
+  train on exactly one host's batches; epochs are permutations."""
+  num_examples, global_batch, steps_per_epoch = 42, 8, 5  # 42 // 8
+  one, = _indexed_cifar10_labels(mock_dir, num_examples, global_batch, 1,
+                                 2 * steps_per_epoch)
+  two = _indexed_cifar10_labels(mock_dir, num_examples, global_batch, 2,
+                                2 * steps_per_epoch)
+  assert two[0].shape == (2 * steps_per_epoch, global_batch // 2)
+  np.testing.assert_array_equal(np.concatenate(two, axis=1), one)
+  epochs = one.reshape(2, steps_per_epoch * global_batch)
+  for epoch in epochs:
+    assert len(set(epoch)) == len(epoch) == 40  # No repeats in an epoch.
+  assert not np.array_equal(epochs[0], epochs[1])  # Reshuffled.
+
+
+def test_uncached_data_hosts_read_their_own_slices(mock_dir, monkeypatch):
+  """Large data sets (ImageNet): each host reads and shuffles only its slice."""
+  monkeypatch.setitem(sources.DATASETS, "cifar10", dataclasses.replace(
+      sources.DATASETS["cifar10"], cache=False))
+  num_examples, local_batch, steps_per_epoch = 42, 4, 5  # 21 per host.
+  seen = _indexed_cifar10_labels(mock_dir, num_examples, 2 * local_batch, 2,
+                                 2 * steps_per_epoch)
   host_examples = {h: set(range(h, num_examples, 2)) for h in range(2)}
-  for host, epochs in seen.items():
+  for host, labels in enumerate(seen):
+    epochs = labels.reshape(2, steps_per_epoch * local_batch)
     for epoch in epochs:
       assert len(set(epoch)) == len(epoch) == 20  # No repeats in an epoch.
       assert set(epoch) <= host_examples[host]

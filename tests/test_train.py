@@ -2,9 +2,6 @@
 
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 
 import flax
@@ -20,7 +17,6 @@ from configs import cifar10_resnet20
 from configs import imagenet as imagenet_config
 from ir2net_jax import checkpoints, convert, data, models, optim, parallel, train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_IR2NET = (1, 1, 1, 1)
 
 
@@ -79,61 +75,8 @@ def test_eight_devices_train_like_one():
   assert max(jax.tree.leaves(moved)) > 1e-3
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_train_like_one(tmp_path):
-  worker = os.path.join(ROOT, "tests", "multihost_worker.py")
-
-  def env(devices):
-    e = dict(os.environ, JAX_PLATFORMS="cpu")
-    e["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return e
-
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, worker, str(tmp_path / "multi.npz"),
-                             str(i), "2", str(port)], env=env(2),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  single = subprocess.run([sys.executable, worker, str(tmp_path / "single.npz"),
-                           "0", "1", "0"], env=env(4), capture_output=True,
-                          text=True, timeout=300)
-  assert single.returncode == 0, single.stdout + single.stderr
-  for p in procs:
-    out = p.communicate(timeout=300)[0].decode()
-    # jaxlib's coordinator can abort while tearing its gRPC server down
-    # (DistributedRuntimeService::Shutdown, a known teardown race); that is
-    # after every process passed the final barrier, so the run itself is done.
-    teardown_abort = (p.returncode == -6 and "WORKER DONE" in out
-                      and "DistributedRuntimeService::Shutdown" in out)
-    assert p.returncode == 0 or teardown_abort, out[-3000:]
-  multi, one = np.load(tmp_path / "multi.npz"), np.load(tmp_path / "single.npz")
-  assert multi.files == one.files
-  for k in one.files:
-    np.testing.assert_allclose(multi[k], one[k], rtol=1e-5, atol=1e-6,
-                               err_msg=k)
-
-
-def _launch(workdir, *overrides, config="configs/digits.py:smoke", **kw):
-  return subprocess.Popen(
-      [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}",
-       *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      env=dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=1"), **kw)
-
-
-def _final_state(workdir):
-  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
-    step = m.latest_step()
-    state = m.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore())).state
-  leaves = jax.tree_util.tree_flatten_with_path(
-      {"params": state["params"], "batch_stats": state["batch_stats"],
-       "opt_state": state["opt_state"]})[0]
-  return step, {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
+_launch = train_utils.launch
+_final_state = train_utils.final_state
 
 
 def test_sigkill_and_resume_is_bit_identical(tmp_path, digits_dir):

@@ -1,10 +1,18 @@
-"""Small models, configs and data for the training-system tests."""
+"""Small models, configs, data and launcher runs for the training tests."""
 
+import os
+import subprocess
+import sys
+
+import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
 from configs import digits as digits_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_digits_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
@@ -28,3 +36,34 @@ def random_batch(seed: int, batch: int, size: int = 32, classes: int = 10):
   rng = np.random.default_rng(seed)
   return {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32),
           "label": rng.integers(0, classes, batch).astype(np.int32)}
+
+
+def launch(workdir, *overrides, devices: int = 1,
+           config: str = "configs/digits.py:smoke", **popen_kwargs):
+  """Starts ``launch.py`` on ``devices`` fake CPU devices, output piped."""
+  return subprocess.Popen(
+      [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}",
+       *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      env=dict(
+          os.environ, JAX_PLATFORMS="cpu",
+          XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"),
+      **popen_kwargs)
+
+
+def final_state(workdir):
+  """``(step, {path: array})`` of the latest checkpoint's params, BatchNorm
+  statistics and optimizer state in ``workdir``, restored on this process's
+  first device whatever devices and processes saved it."""
+  with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as m:
+    step = m.latest_step()
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.metadata(path).item_metadata.tree
+    state = ckptr.restore(path, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        saved))
+  leaves = jax.tree_util.tree_flatten_with_path(
+      {"params": state["params"], "batch_stats": state["batch_stats"],
+       "opt_state": state["opt_state"]})[0]
+  return step, {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}

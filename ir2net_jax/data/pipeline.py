@@ -1,15 +1,23 @@
 """tf.data pipelines: infinite resumable training batches, padded eval batches.
 
-Training determinism. For a given ``(seed, process_index)`` the batch at step
-``s`` depends on nothing but ``s``:
+Training determinism. For a given ``seed`` the batch at step ``s`` depends on
+nothing but ``s``. The examples are read as a *stream* of batches:
 
-* each host reads its own slice of the split in a fixed order (files are not
-  shuffled; tfds shuffled the examples when it wrote them);
-* epoch ``e`` is a shuffle of that slice seeded by ``(seed, process, e)``
-  (``reshuffle_each_iteration=False``), truncated to ``steps_per_epoch *
-  local_batch`` examples, so that batches never straddle epochs;
+* data sets small enough to cache (digits, CIFAR-10): every host reads the
+  whole split and the stream is the global one, of ``global_batch_size``
+  examples a step; each host keeps its own rows of every global batch
+  (host ``h`` of ``n`` keeps rows ``h * B .. (h + 1) * B - 1``). The global
+  batch is thus the same whatever the number of hosts: a run on two hosts
+  trains exactly like a run on one with the same global batch;
+* ImageNet: each host reads only its own slice of the split (files are not
+  shuffled; tfds shuffled the examples when it wrote them) and the stream is
+  that host's, of ``B`` examples a step; the global batch depends on the
+  number of hosts;
+* epoch ``e`` of a stream is a shuffle seeded by ``(seed, stream, e)``
+  (``reshuffle_each_iteration=False``), truncated to ``steps_per_epoch``
+  batches, so that batches never straddle epochs;
 * example ``i`` of epoch ``e`` is augmented with stateless ops seeded by
-  ``(seed, process, e * examples_per_epoch + i)``.
+  ``(seed, stream, e * examples_per_epoch + i)``.
 
 Starting at ``start_step`` therefore means starting at epoch
 ``start_step // steps_per_epoch`` and skipping ``start_step % steps_per_epoch``
@@ -26,6 +34,7 @@ from typing import Dict, Iterator, Optional, Tuple
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
@@ -91,24 +100,34 @@ def _options() -> tf.data.Options:
   return options
 
 
-def _open(config, global_batch_size, process_index, process_count):
+def _open(config, global_batch_size, process_index, process_count,
+          prepare_once: bool = False):
   """Checks everything cheap first, then opens the builder."""
   settings = sources.read_settings(config)
   index, count = _process_layout(process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, count)
   _hide_accelerators_from_tf()
+  if prepare_once and jax.process_count() > 1:
+    # Process 0 prepares a missing data set alone; the others wait, then find
+    # it prepared (a shared data_dir) or prepare their own (a local one).
+    if jax.process_index() == 0:
+      sources.open_builder(settings)
+    multihost_utils.sync_global_devices("ir2net_jax.data: prepared")
   return settings, sources.open_builder(settings), index, count, local_batch
 
 
 def dataset_info(config) -> DatasetInfo:
   """Split sizes, classes and image size of the data set ``config`` names.
 
-  Prepares digits (and ImageNet from ``manual_dir``) if needed.
+  Prepares digits (and ImageNet from ``manual_dir``) if needed. In a
+  multi-host run every process must call it (before reading any data):
+  process 0 prepares, the others wait for it, so a shared ``data_dir`` is
+  prepared once.
 
   Raises:
     DataError: see ``sources.read_settings`` and ``sources.open_builder``.
   """
-  settings, builder, _, _, _ = _open(config, 1, 0, 1)
+  settings, builder, _, _, _ = _open(config, 1, 0, 1, prepare_once=True)
   spec = settings.spec
   num_train, num_eval = (
       sources.read_split(builder, split, spec, 0, 1).num_examples
@@ -156,17 +175,24 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
     raise DataError(f"start_step must be >= 0; got {start_step}.")
   settings, builder, index, count, local_batch = _open(
       config, global_batch_size, process_index, process_count)
-  source = sources.read_split(builder, settings.train_split, settings.spec,
-                              index, count)
+  if settings.spec.cache:  # The global stream; this host keeps its rows.
+    source = sources.read_split(builder, settings.train_split, settings.spec,
+                                0, 1)
+    stream_batch, rows = global_batch_size, index * local_batch
+  else:  # This host's stream, all of it.
+    source = sources.read_split(builder, settings.train_split, settings.spec,
+                                index, count)
+    stream_batch, rows = local_batch, 0
   # The same on every host (host slices differ by at most one example), and
   # equal to num_train // global_batch_size.
-  steps_per_epoch = min(source.host_counts) // local_batch
+  steps_per_epoch = min(source.host_counts) // stream_batch
   if steps_per_epoch == 0:
     raise DataError(
-        f"A host has {min(source.host_counts)} examples of "
-        f"{settings.train_split!r}, fewer than its batch of {local_batch}.")
-  ds = _train_dataset(source, settings, local_batch, steps_per_epoch, seed,
-                      start_step)
+        f"{settings.train_split!r} has {min(source.host_counts)} examples"
+        f"{' on a host' if source.host_counts[1:] else ''}, fewer than its "
+        f"batch of {stream_batch}.")
+  ds = _train_dataset(source, settings, stream_batch, rows, local_batch,
+                      steps_per_epoch, seed, start_step)
   if num_classes is None:
     return ds.as_numpy_iterator()
   return _checked_labels(ds.as_numpy_iterator(), num_classes, settings)
@@ -189,10 +215,23 @@ def _checked_labels(batches: Iterator[Batch], num_classes: int,
 
 
 def _train_dataset(source: sources.HostSplit, settings: sources.Settings,
-                   local_batch: int, steps_per_epoch: int, seed: int,
+                   stream_batch: int, rows: int, local_batch: int,
+                   steps_per_epoch: int, seed: int,
                    start_step: int) -> tf.data.Dataset:
-  """The batched training dataset; see the module docstring."""
-  per_epoch = steps_per_epoch * local_batch
+  """The batched training dataset; see the module docstring.
+
+  Args:
+    source: the examples of the stream.
+    settings: the data settings.
+    stream_batch: examples per step in the stream.
+    rows: the first of the ``local_batch`` rows of each stream batch that
+      this host keeps.
+    local_batch: this host's batch size.
+    steps_per_epoch: batches per epoch.
+    seed: the data seed.
+    start_step: the first batch to yield.
+  """
+  per_epoch = steps_per_epoch * stream_batch
   start_epoch, start_batch = divmod(start_step, steps_per_epoch)
   shuffle_key, augment_key = _shuffle_and_augment_keys(
       seed, source.process_index)
@@ -204,10 +243,13 @@ def _train_dataset(source: sources.HostSplit, settings: sources.Settings,
         minval=0, maxval=2**62, dtype=tf.int64)
     ds = examples.shuffle(settings.shuffle_buffer, seed=shuffle_seed,
                           reshuffle_each_iteration=False)
-    skip = tf.where(epoch == start_epoch, start_batch * local_batch, 0)
+    skip = tf.where(epoch == start_epoch, start_batch * stream_batch, 0)
     # filter rather than take: the cache is kept only if read to the end.
     ds = ds.enumerate().skip(tf.cast(skip, tf.int64))
     ds = ds.filter(lambda i, _: i < per_epoch)
+    if local_batch < stream_batch:  # Before augmenting: only this host's rows.
+      ds = ds.filter(lambda i, _: tf.logical_and(
+          i % stream_batch >= rows, i % stream_batch < rows + local_batch))
     return ds.map(lambda i, ex: (epoch * per_epoch + i, ex))
 
   def preprocess(example_index, example):

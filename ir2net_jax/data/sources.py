@@ -8,6 +8,7 @@ import dataclasses
 import os
 from typing import Any, Callable, Dict, Optional, Tuple
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -141,6 +142,7 @@ def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
   if settings.dataset == "digits":
     builder = digits.Ir2netDigits(data_dir=data_dir)
     if not builder.is_prepared():
+      logging.info("preparing %s in %s", builder.name, builder.data_dir)
       builder.download_and_prepare()
     return builder
 
