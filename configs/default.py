@@ -22,9 +22,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.erase_lambda = 0.15
   c.zero_to_one = False        # binarise 0 to +1 (larq) instead of 0
   c.sync_batch_stats = True    # BatchNorm over the global batch
+  # Compute dtype of every conv and dense layer, student and teacher:
+  # 'float32' or 'bfloat16' (mixed precision: float32 parameters, optimizer
+  # state, BatchNorm, losses and attention map). Also the images' dtype.
+  c.dtype = "float32"
   # Operand dtype of the binary convolutions, exact for binary weights:
-  # 'auto' (train.binary_compute_dtype), '' (the inputs'), 'int8', 'bfloat16'.
+  # 'auto' (policy.binary_compute_dtype), '' (the layers'), 'int8',
+  # 'bfloat16'.
   c.binary_compute_dtype = "auto"
+  # Recompute each residual block in the backward pass: less memory, the
+  # same numbers, about one more forward pass of compute.
+  c.remat = False
   # Added to XLA_FLAGS by launch.py before JAX starts; CPU only, changes
   # speed, not results. 'auto': ir2net_jax.xla_cpu.resolve; '': XLA's own.
   c.xla_cpu_flags = "auto"
@@ -37,7 +45,6 @@ def get_config() -> ml_collections.ConfigDict:
   c.train_split = "train"
   c.eval_split = "test"
   c.shuffle_buffer = config_dict.placeholder(int)  # None: per data set
-  c.dtype = "float32"          # image dtype fed to the model
   c.prefetch = 2
 
   # Loss: 'cross_entropy' (labels) or 'distillation' (frozen teacher).

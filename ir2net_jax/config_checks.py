@@ -148,7 +148,9 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
     "train_split": (_Text(), ""),
     "eval_split": (_Text(), ""),
     "shuffle_buffer": (_Number(int, 1, optional=True), ""),
-    "dtype": (_OneOf(("float32", "bfloat16")), ""),
+    "dtype": (_OneOf(("float32", "bfloat16")), "the conv / dense compute "
+              "dtype (mixed precision: parameters stay float32)"),
+    "remat": (_BOOL, "recompute each residual block in the backward pass"),
     "prefetch": (_Number(int, 0), "batches placed on the devices ahead of "
                  "the step; 0 places each when it is needed"),
     "loss": (_OneOf(("cross_entropy", "distillation")), ""),
@@ -189,7 +191,7 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
 
 # The fields that change no result, so they may differ when a workdir's run
 # resumes: where the data lie, logging, evaluation and checkpoint cadence,
-# speed options (binary_compute_dtype and xla_cpu_flags are exact), the
+# speed options (binary_compute_dtype, remat and xla_cpu_flags are exact), the
 # process layout, and the run's length. num_epochs and num_train_steps
 # extend (or shorten) a run; the cosine schedule then follows the new
 # length from the resumed step on. Every other field must equal the one in
@@ -197,7 +199,7 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
 # (teacher_checkpoint, init_from, stage1_checkpoint).
 RESUMABLE_FIELDS = frozenset({
     "name", "data_dir", "manual_dir", "prefetch", "xla_cpu_flags",
-    "binary_compute_dtype", "log_every_steps", "eval_every_epochs",
+    "binary_compute_dtype", "remat", "log_every_steps", "eval_every_epochs",
     "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
     "num_epochs", "num_train_steps", "coordinator_address", "num_processes",
     "process_id",

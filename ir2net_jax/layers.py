@@ -3,23 +3,28 @@
 All layers are NHWC. Convolutions take explicit symmetric padding, because the
 reference pads ``p`` pixels on every side (also at stride 2, where XLA's
 ``'SAME'`` pads asymmetrically).
+
+Mixed precision follows the Flax convention: a layer's ``dtype`` is the dtype
+it computes in (None: its inputs' and parameters' dtype), its parameters stay
+float32. BatchNorm computes its statistics and normalises in float32 whatever
+its ``dtype``; binary convolutions sum in float32 (``kernels``).
 """
 
-import functools
 import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import dtypes
 from jax import lax
 
-from ir2net_jax import binarize
+from ir2net_jax import binarize, kernels, policy
 
 __all__ = [
     "BatchNorm", "PReLU", "hardtanh", "conv", "BinaryConv", "CIRec",
     "adaptive_avg_pool", "max_pool", "avg_pool", "kaiming_normal",
-    "torch_default_conv_init", "ACTIVATIONS", "grouped_conv",
+    "torch_default_conv_init", "ACTIVATIONS", "remat_block",
 ]
 
 Dtype = Any
@@ -75,16 +80,21 @@ class BatchNorm(nn.Module):
   (PyTorch's momentum convention). Flax's ``nn.BatchNorm`` keeps the biased
   variance, which the reference's running statistics would not match.
 
+  Statistics and normalisation are computed in float32 (or wider) whatever
+  the input's dtype; only the output is cast to ``dtype``.
+
   Attributes:
     use_running_average: normalise with the running statistics (eval mode).
     momentum: PyTorch-style momentum (weight of the new batch statistic).
     epsilon: added to the variance.
     axis_name: mapped axis to average the statistics over (global batch).
+    dtype: output dtype; None keeps the input's.
   """
   use_running_average: Optional[bool] = None
   momentum: float = 0.1
   epsilon: float = 1e-5
   axis_name: Optional[str] = None
+  dtype: Optional[Dtype] = None
 
   @nn.compact
   def __call__(self, x: jax.Array,
@@ -100,11 +110,10 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
 
+    xs = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if use_ra:
       mean, var = ra_mean.value, ra_var.value
     else:
-      stat_dtype = jnp.promote_types(x.dtype, jnp.float32)
-      xs = x.astype(stat_dtype)
       axes = tuple(range(x.ndim - 1))
       n = math.prod(x.shape[:-1])
       mean = jnp.mean(xs, axes)
@@ -121,111 +130,40 @@ class BatchNorm(nn.Module):
             ra_mean.value.dtype)
         ra_var.value = ((1 - m) * ra_var.value + m * unbiased).astype(
             ra_var.value.dtype)
-    dtype = x.dtype
+    dtype = xs.dtype
     inv = lax.rsqrt(var + self.epsilon)
-    return ((x - mean.astype(dtype)) * (inv * scale).astype(dtype)
-            + bias.astype(dtype))
+    y = ((xs - mean.astype(dtype)) * (inv * scale).astype(dtype)
+         + bias.astype(dtype))
+    return y.astype(self.dtype or x.dtype)
 
 
 def conv(features: int, kernel: int, stride: int = 1,
          padding: Optional[int] = None, groups: int = 1,
          kernel_init: Callable = torch_default_conv_init,
-         name: Optional[str] = None, dtype: Optional[Dtype] = None) -> nn.Conv:
+         name: Optional[str] = None, dtype: Optional[Dtype] = None,
+         grouped_conv_by_taps: Optional[bool] = None) -> nn.Conv:
   """A real-valued bias-free conv with PyTorch's symmetric padding.
 
-  ``padding`` defaults to ``kernel // 2`` on every side.
+  Args:
+    features, kernel, stride, groups: as ``torch.nn.Conv2d``.
+    padding: pixels on every side; default ``kernel // 2``.
+    kernel_init: weight initialiser (HWIO).
+    name: module name.
+    dtype: computation dtype (parameters stay float32); None: the inputs'.
+    grouped_conv_by_taps: weight gradient of a grouped conv tap by tap
+      (``kernels.grouped_conv``); None: on the CPU backend only
+      (``policy.grouped_conv_by_taps``).
   """
   p = kernel // 2 if padding is None else padding
+  if grouped_conv_by_taps is None:
+    grouped_conv_by_taps = policy.grouped_conv_by_taps()
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((p, p), (p, p)), feature_group_count=groups,
                  use_bias=False, kernel_init=kernel_init, name=name,
-                 dtype=dtype, conv_general_dilated=_flax_conv)
-
-
-def _flax_conv(lhs, rhs, window_strides, padding, lhs_dilation=None,
-               rhs_dilation=None, dimension_numbers=None,
-               feature_group_count=1, precision=None):
-  """``lax.conv_general_dilated`` for ``nn.Conv``, grouped convs by taps."""
-  plain = (feature_group_count == 1 or precision is not None
-           or any(d != 1 for d in (lhs_dilation or ()) + (rhs_dilation or ()))
-           or lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                         dimension_numbers)
-           != lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                         ("NHWC", "HWIO", "NHWC")))
-  if plain:
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-        feature_group_count=feature_group_count, precision=precision)
-  return grouped_conv(lhs, rhs, tuple(window_strides),
-                      tuple(tuple(p) for p in padding), feature_group_count)
-
-
-def _grouped(x, kernel, strides, padding, groups):
-  return lax.conv_general_dilated(
-      x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=groups)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def grouped_conv(x: jax.Array, kernel: jax.Array, strides: tuple,
-                 padding: tuple, groups: int) -> jax.Array:
-  """Grouped NHWC x HWIO convolution whose weight gradient is a sum of taps.
-
-  The forward and the input gradient are XLA's. XLA:CPU lowers the *weight*
-  gradient of a grouped (e.g. depthwise) convolution to a dilated 3-D
-  convolution that is orders of magnitude slower than its FLOPs (270 ms for
-  CIRec's depthwise 3x3 on a (128, 8, 8, 24) input); here it is one small
-  contraction per kernel tap, with the same value.
-
-  Args:
-    x: (B, H, W, Cin).
-    kernel: (kh, kw, Cin / groups, Cout).
-    strides: (sh, sw).
-    padding: ((top, bottom), (left, right)).
-    groups: feature groups; Cin and Cout divide by it.
-
-  Returns:
-    (B, H', W', Cout).
-  """
-  return _grouped(x, kernel, strides, padding, groups)
-
-
-def _grouped_fwd(x, kernel, strides, padding, groups):
-  return _grouped(x, kernel, strides, padding, groups), (x, kernel)
-
-
-def _grouped_bwd(strides, padding, groups, residuals, g):
-  x, kernel = residuals
-  _, vjp_x = jax.vjp(lambda a: _grouped(a, kernel, strides, padding, groups),
-                     x)
-  # The transpose of the conv written tap by tap: JAX derives the per-tap
-  # contractions and, inside shard_map, the sum over devices.
-  _, vjp_k = jax.vjp(lambda k: _grouped_by_taps(x, k, strides, padding,
-                                                groups), kernel)
-  return vjp_x(g)[0], vjp_k(g)[0]
-
-
-def _grouped_by_taps(x, kernel, strides, padding, groups):
-  """The grouped conv as a sum over kernel taps of per-group matmuls."""
-  kh, kw, cin_g, cout = kernel.shape
-  b, h, w, _ = x.shape
-  (sh, sw), ((pt, pb), (pl, pr)) = strides, padding
-  ho, wo = (h + pt + pb - kh) // sh + 1, (w + pl + pr - kw) // sw + 1
-  xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  k = kernel.reshape(kh, kw, cin_g, groups, cout // groups)
-  y = 0
-  for i in range(kh):
-    for j in range(kw):
-      xt = lax.slice(xp, (0, i, j, 0),
-                     (b, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1,
-                      xp.shape[-1]), (1, sh, sw, 1))
-      y = y + jnp.einsum("nhwgi,igo->nhwgo",
-                         xt.reshape(b, ho, wo, groups, cin_g), k[i, j])
-  return y.reshape(b, ho, wo, cout)
-
-
-grouped_conv.defvjp(_grouped_fwd, _grouped_bwd)
+                 dtype=dtype,
+                 conv_general_dilated=(kernels.conv_general_dilated_by_taps
+                                       if groups > 1 and grouped_conv_by_taps
+                                       else None))
 
 
 def _uniform_0_to(limit: float):
@@ -250,12 +188,17 @@ class BinaryConv(nn.Module):
     activation_estimator, weight_estimator: names in ``binarize``.
     zero_to_one: map sign(0) to +1 instead of 0.
     kernel_init: weight initialiser (HWIO).
-    compute_dtype: dtype of the convolution operands; None keeps the
-      input's. ±1 operands are exact in bfloat16 and int8, so with binary
-      weights either changes nothing (float32 / int32 accumulation). 'int8'
-      applies only with binary weights and at least ``int8_min_channels``
-      input channels (XLA's CPU int8 convolution is slower than float32 at
-      16 channels); 'bfloat16' (GPU / TPU) also rounds stage-1 real weights.
+    dtype: computation dtype of the activations (parameters stay float32);
+      None: the input's and parameters' dtype.
+    compute_dtype: dtype of the convolution operands; None is the
+      computation dtype. Operands narrower than 32 bits (bfloat16, int8) are
+      summed in float32 / int32 and the layer returns those float32 sums:
+      ±1 operands make them exact, so with binary weights a narrow dtype
+      changes no value, and the BatchNorm after the layer normalises the
+      exact sums. 'int8' applies only with binary weights and at least
+      ``int8_min_channels`` input channels (XLA's CPU int8 convolution is
+      slower than float32 at 16 channels); 'bfloat16' also rounds stage-1
+      real weights.
     int8_min_channels: see ``compute_dtype``.
   """
   features: int
@@ -266,72 +209,34 @@ class BinaryConv(nn.Module):
   weight_estimator: str = "clipped_ste"
   zero_to_one: bool = False
   kernel_init: Callable = kaiming_normal
+  dtype: Optional[Dtype] = None
   compute_dtype: Optional[Dtype] = None
   int8_min_channels: int = 32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    """(B, H, W, Cin) -> (B, H', W', features)."""
+    """(B, H, W, Cin) -> (B, H', W', features), float32 from narrow operands,
+    else the computation dtype."""
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
-    kernel = kernel.astype(x.dtype)
-    bx = binarize.get_estimator(self.activation_estimator)(x, self.zero_to_one)
     if self.binary_weights:
+      # In the parameters' dtype: the clipped-STE window |w| <= 1 is tested
+      # before any rounding to the computation dtype.
       kernel = binarize.get_estimator(self.weight_estimator)(kernel,
                                                             self.zero_to_one)
+    x, kernel = dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    bx = binarize.get_estimator(self.activation_estimator)(x, self.zero_to_one)
     p = k // 2
-    compute = (jnp.dtype(self.compute_dtype) if self.compute_dtype is not None
-               else None)
-    if compute is None:
-      return _conv(bx, kernel, self.strides, p)
-    if self.binary_weights:
-      if compute == jnp.int8 and x.shape[-1] < self.int8_min_channels:
-        return _conv(bx, kernel, self.strides, p)
-      return _low_precision_binary_conv(bx, kernel, self.strides, p,
-                                        compute.name)
-    if compute == jnp.int8:  # real (stage-1) weights have no int8 form
-      return _conv(bx, kernel, self.strides, p)
-    y = _conv(bx.astype(compute), kernel.astype(compute), self.strides, p,
-              preferred=jnp.float32)
-    return y.astype(x.dtype)
-
-
-def _conv(x, kernel, stride, pad, preferred=None):
-  """NHWC x HWIO convolution with symmetric padding ``pad``."""
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      preferred_element_type=preferred)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _low_precision_binary_conv(bx, bw, stride, pad, dtype):
-  """Convolution of two {-1, 0, +1} tensors with ``dtype`` operands.
-
-  With int32 (int8) or float32 (bfloat16, fp8) accumulation the sums are
-  exact, so the result equals the float convolution bit for bit (fan-ins stay
-  far below 2^24). The backward pass multiplies real cotangents, so it runs
-  the float convolution's transposes in the input's dtype.
-  """
-  acc = jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
-  y = _conv(bx.astype(dtype), bw.astype(dtype), stride, pad, preferred=acc)
-  return y.astype(bx.dtype)
-
-
-def _low_precision_fwd(bx, bw, stride, pad, dtype):
-  return _low_precision_binary_conv(bx, bw, stride, pad, dtype), (bx, bw)
-
-
-def _low_precision_bwd(stride, pad, dtype, residuals, g):
-  del dtype
-  bx, bw = residuals
-  _, vjp = jax.vjp(lambda a, b: _conv(a, b, stride, pad), bx, bw)
-  return vjp(g)
-
-
-_low_precision_binary_conv.defvjp(_low_precision_fwd, _low_precision_bwd)
+    operand = jnp.dtype(self.compute_dtype or x.dtype)
+    if operand == jnp.int8 and (not self.binary_weights
+                                or x.shape[-1] < self.int8_min_channels):
+      operand = x.dtype  # real (stage-1) weights have no int8 form
+    if operand.itemsize >= 4:
+      return kernels.conv_nhwc(bx.astype(operand), kernel.astype(operand),
+                               self.strides, p)
+    return kernels.low_precision_conv(bx, kernel, self.strides, p,
+                                      operand.name)
 
 
 def binary_conv_init(stage_one_uniform: bool) -> Callable:
@@ -347,13 +252,16 @@ class _ConvBNAct(nn.Module):
   activation: str
   axis_name: Optional[str]
   kernel_init: Callable
+  dtype: Optional[Dtype]
+  grouped_conv_by_taps: Optional[bool]
 
   @nn.compact
   def __call__(self, x, train: bool):
     x = conv(self.features, self.kernel, groups=self.groups,
-             kernel_init=self.kernel_init, name="conv")(x)
+             kernel_init=self.kernel_init, name="conv", dtype=self.dtype,
+             grouped_conv_by_taps=self.grouped_conv_by_taps)(x)
     x = BatchNorm(use_running_average=not train, axis_name=self.axis_name,
-                  name="bn")(x)
+                  dtype=self.dtype, name="bn")(x)
     return ACTIVATIONS[self.activation](name="act")(x)
 
 
@@ -372,6 +280,8 @@ class CIRec(nn.Module):
     activation: ``'hardtanh'`` (CIFAR) or ``'prelu'`` (ImageNet).
     axis_name: BatchNorm synchronisation axis.
     kernel_init: conv weight initialiser.
+    dtype: computation dtype (see ``conv``).
+    grouped_conv_by_taps: see ``conv``.
   """
   features: int
   ratio: int = 2
@@ -379,6 +289,8 @@ class CIRec(nn.Module):
   activation: str = "prelu"
   axis_name: Optional[str] = None
   kernel_init: Callable = torch_default_conv_init
+  dtype: Optional[Dtype] = None
+  grouped_conv_by_taps: Optional[bool] = None
 
   @property
   def init_channels(self) -> int:
@@ -390,11 +302,19 @@ class CIRec(nn.Module):
     m = self.init_channels
     groups = m if self.groups_divisor is None else m // self.groups_divisor
     common = dict(activation=self.activation, axis_name=self.axis_name,
-                  kernel_init=self.kernel_init)
+                  kernel_init=self.kernel_init, dtype=self.dtype,
+                  grouped_conv_by_taps=self.grouped_conv_by_taps)
     x1 = _ConvBNAct(m, 1, 1, name="primary_conv", **common)(x, train)
     x2 = _ConvBNAct(m * (self.ratio - 1), 3, groups, name="cheap_operation",
                     **common)(x1, train)
     return jnp.concatenate([x1, x2], axis=-1)[..., :self.features]
+
+
+def remat_block(block: type, remat: bool) -> type:
+  """``block`` (a module called as ``block(x, train)``), rematerialised if
+  ``remat``: its activations are recomputed in the backward pass instead of
+  kept, the same values for less memory. ``train`` stays a Python bool."""
+  return nn.remat(block, static_argnums=(2,)) if remat else block
 
 
 def adaptive_avg_pool(x: jax.Array, output_size: int) -> jax.Array:

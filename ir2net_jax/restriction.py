@@ -3,6 +3,16 @@
 Shapes: the feature map ``F`` is (B, h, w, C) (NHWC), images are (B, H, W, 3).
 Everything is vectorised over the batch and jittable; no gradient flows through
 the mask.
+
+The attention map, its upsampling and the threshold are computed in float32
+even when the network runs in bfloat16. The mask is a discrete choice: a
+pixel whose attention lies near ``lam`` times the mean is kept or erased
+whole, and the second forward pass sees a different image. bfloat16 keeps 8
+bits of mantissa, so a mean over hundreds of channels and a per-column norm
+rounded to it would move the attention by up to ~0.4 % and flip such pixels
+on rounding noise alone: the restriction would then depend on the number
+format, not on what the network attends to, and a bfloat16 run's mask would
+drift from the float32 run's by more than its features do.
 """
 
 from typing import Tuple
@@ -80,7 +90,8 @@ def information_restriction(feature: jax.Array, images: jax.Array,
   """Erases the regions of ``images`` that ``feature`` does not attend to.
 
   Args:
-    feature: (B, h, w, C) last feature map of the clean forward pass.
+    feature: (B, h, w, C) last feature map of the clean forward pass, any
+      float dtype (the attention is computed in float32 or wider).
     images: (B, H, W, 3) the (normalised) clean batch.
     lam: threshold factor lambda (0.15 in the paper).
 
@@ -89,6 +100,8 @@ def information_restriction(feature: jax.Array, images: jax.Array,
     the (B, H, W) mask in the images' dtype. Neither carries a gradient.
   """
   feature = jax.lax.stop_gradient(feature)
+  # float32 (float64 under x64): see the module docstring.
+  feature = feature.astype(jnp.promote_types(feature.dtype, jnp.float32))
   mask = erase_mask(attention_map(feature), images.shape[1:3], lam)
   mask = mask.astype(images.dtype)
   return images * mask[..., None], mask

@@ -8,6 +8,11 @@ Everything that can be wrong with a run (a config value that cannot work,
 missing data, a missing stage-1 checkpoint or teacher, a workdir that holds a
 run of another config: see ``config_checks``) is checked before the workdir
 is touched and before anything is compiled.
+
+The compute path (``build_model``, ``create_train_state``,
+``make_train_step``, ``sharded_train_step``) needs no TensorFlow: only
+``train_and_evaluate`` imports the input pipeline (``ir2net_jax.data``) and
+clu's metric writers, which do.
 """
 
 import functools
@@ -25,22 +30,21 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from ir2net_jax import checkpoints as ckpt_lib
-from ir2net_jax import (config_checks, convert, data, divergence, losses,
-                        models, objective, optim, parallel, preemption)
+from ir2net_jax import (config_checks, convert, divergence, losses, models,
+                        objective, optim, parallel, policy, preemption)
 from ir2net_jax.config_checks import ConfigError, validate_config
 from ir2net_jax.config_checks import eval_batch_size as _eval_batch_size
 from ir2net_jax.divergence import DivergenceError
 from ir2net_jax.preemption import Preempted
 
 __all__ = ["TrainState", "ConfigError", "DivergenceError", "Preempted",
-           "validate_config", "build_model",
-           "binary_compute_dtype",
-           "make_train_step", "make_eval_step", "train_and_evaluate"]
+           "validate_config", "build_model", "build_teacher",
+           "create_train_state", "binary_compute_dtype", "make_train_step",
+           "sharded_train_step", "make_eval_step", "train_and_evaluate"]
 
 
 @flax.struct.dataclass
@@ -52,44 +56,41 @@ class TrainState:
   opt_state: Any
 
 
-def binary_compute_dtype(config, backend: Optional[str] = None
-                         ) -> Optional[str]:
-  """The binary convolutions' operand dtype ``config.binary_compute_dtype``
-  stands for (None: the inputs' dtype).
-
-  Every choice is exact for binary weights (see ``layers.BinaryConv``), so
-  ``'auto'`` picks by speed: int8 on CPU for the IR2Net models' stage 2,
-  whose training step it made about 1.15x faster (the CIFAR models' 16-64
-  channel layers were slower in int8); the inputs' dtype otherwise.
-
-  Args:
-    config: the run's config.
-    backend: JAX backend (default: ``jax.default_backend()``).
-  """
-  value = config.binary_compute_dtype
-  if value != "auto":
-    return value or None
-  backend = backend or jax.default_backend()
-  if (backend == "cpu" and config.model.startswith("ir2net")
-      and config.stage == 2):
-    return "int8"
-  return None
+# Kept here for callers that read the choice from the trainer.
+binary_compute_dtype = policy.binary_compute_dtype
 
 
 def build_model(config, num_classes: int, axis_name: Optional[str] = None,
-                ) -> nn.Module:
-  """The student model the config names (BatchNorm synced over axis_name)."""
+                backend: Optional[str] = None) -> nn.Module:
+  """The student model the config names.
+
+  Args:
+    config: the run's config.
+    num_classes: classifier outputs.
+    axis_name: BatchNorm synchronisation axis (with
+      ``config.sync_batch_stats``).
+    backend: where it will run, ``'cpu'``, ``'gpu'``, ``'tpu'`` or a
+      jax.export platform (default: JAX's default backend): its dtypes and
+      kernels are ``policy.resolve(config, backend)``'s.
+
+  Raises:
+    ConfigError: ``config.remat`` for a model without residual blocks.
+  """
   kwargs = dict(config.model_kwargs)
   kwargs.update(num_classes=num_classes,
                 information_recovery=config.information_recovery,
                 zero_to_one=config.zero_to_one,
-                axis_name=axis_name if config.sync_batch_stats else None)
-  compute_dtype = binary_compute_dtype(config)
-  if compute_dtype:
-    kwargs["compute_dtype"] = compute_dtype
+                axis_name=axis_name if config.sync_batch_stats else None,
+                **policy.resolve(config, backend).model_kwargs())
   if config.model.startswith("ir2net"):
     kwargs["stage"] = config.stage
-  return models.create_model(config.model, **kwargs)
+  model = models.create_model(config.model, **kwargs)
+  if config.remat:
+    if not hasattr(model, "remat"):
+      raise ConfigError(f"config.remat=True, but {config.model} has no "
+                        "residual blocks to rematerialise; set remat=False")
+    model = model.clone(remat=True)
+  return model
 
 
 def _loss_fn(config) -> Callable:
@@ -177,10 +178,16 @@ def create_train_state(variables: Dict[str, Any],
                     opt_state=tx.init(variables["params"]))
 
 
-def build_teacher(config, num_classes: int) -> nn.Module:
-  """The frozen teacher the config names (eval mode only, never trained)."""
-  return models.create_model(config.teacher_model, num_classes=num_classes,
-                             **dict(config.teacher_kwargs))
+def build_teacher(config, num_classes: int,
+                  backend: Optional[str] = None) -> nn.Module:
+  """The frozen teacher the config names (eval mode only, never trained),
+  in the dtype ``policy.resolve(config, backend)`` picks. ``config.remat``
+  does not apply: a network that is not differentiated keeps no
+  activations for a backward pass."""
+  return models.create_model(
+      config.teacher_model, num_classes=num_classes,
+      **{**policy.resolve(config, backend).teacher_kwargs(),
+         **dict(config.teacher_kwargs)})
 
 
 def make_eval_step(model: nn.Module) -> Callable:
@@ -222,6 +229,7 @@ def _load_teacher(config, num_classes):
 
 
 def _evaluate(eval_step, variables, config, mesh) -> Dict[str, float]:
+  from ir2net_jax import data  # pylint: disable=g-import-not-at-top
   totals = {"count": 0.0, "top1": 0.0, "top5": 0.0}
   it = data.eval_iterator(config, global_batch_size=_eval_batch_size(config))
   for batch in data.prefetch_to_device(it, config.prefetch,
@@ -266,6 +274,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     Preempted: SIGTERM or SIGINT arrived; a checkpoint of the step in flight
       was saved (and waited for) first. No ``summary.json`` is written.
   """
+  # The input pipeline and clu's writers import TensorFlow; the step does not.
+  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  from ir2net_jax import data  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   _quiet_library_logs()
   parallel.init_distributed(config)

@@ -24,7 +24,8 @@ ImageNet models' training steps (batch 16, 224x224, teacher included) were
 float32 summation order (the tests compare the two).
 
 ``'auto'`` (the config default) picks by model, ``binary_compute_dtype`` and
-the number of cores; the README's performance section has the measurements.
+the number of cores (``ir2net_jax.policy.xla_cpu_flags``); the README's
+performance section has the measurements.
 """
 
 import os
@@ -43,41 +44,10 @@ AUTO = "auto"
 
 
 def resolve(config, cpu_count: Optional[int] = None) -> str:
-  """The flags ``config.xla_cpu_flags`` stands for.
-
-  Args:
-    config: the run's config; ``xla_cpu_flags`` other than ``'auto'`` is
-      returned as is.
-    cpu_count: cores this process may use (default: its CPU affinity).
-
-  Returns:
-    For ``'auto'``: ``TUNED_FLAGS`` for the CIFAR models in float32
-    (Eigen's convolutions were faster for their 32x32, batch-128 shapes);
-    ``DATA_PARALLEL_FLAGS`` for the ImageNet models on two or more cores when
-    BatchNorm is synchronised and the batches split evenly (so the two
-    devices compute what one would); '' (XLA's defaults) otherwise.
-  """
-  if config.xla_cpu_flags != AUTO:
-    return config.xla_cpu_flags
-  if config.model.startswith("cifar_"):
-    # The dtype these flags will run with on CPU, 'auto' resolved; the import
-    # starts no JAX backend.
-    from ir2net_jax import train  # pylint: disable=g-import-not-at-top
-    int8 = train.binary_compute_dtype(config, backend="cpu") == "int8"
-    return "" if int8 else TUNED_FLAGS
-  batches = (config.batch_size, config.get("eval_batch_size", -1))
-  if (config.model.startswith("ir2net_") and config.sync_batch_stats
-      and all(b % 2 == 0 for b in batches if b > 0)
-      and (cpu_count or _cpu_count()) >= 2):
-    return DATA_PARALLEL_FLAGS
-  return ""
-
-
-def _cpu_count() -> int:
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # macOS has no affinity call.
-    return os.cpu_count() or 1
+  """The flags ``config.xla_cpu_flags`` stands for: ``policy.xla_cpu_flags``,
+  where ``'auto'`` is decided with the run's other backend choices."""
+  from ir2net_jax import policy  # pylint: disable=g-import-not-at-top
+  return policy.xla_cpu_flags(config, cpu_count)
 
 
 def _flag_name(flag: str) -> str:

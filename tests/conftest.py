@@ -20,3 +20,25 @@ def digits_dir(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("tfds_digits"))
   data.dataset_info(train_utils.tiny_digits_config(path))
   return path
+
+
+@pytest.fixture
+def workdir(tmp_path):
+  """A workdir that already holds a file, which no refused run may touch."""
+  path = tmp_path / "work"
+  path.mkdir()
+  (path / "notes.txt").write_text("keep me")
+  return path
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+  """Makes any compilation fail, so errors must come before it."""
+  import jax  # pylint: disable=g-import-not-at-top
+  # train_and_evaluate imports these lazily (they need TensorFlow); clu
+  # decorates functions with jax.jit at import, which compiles nothing.
+  import clu.periodic_actions  # pylint: disable=g-import-not-at-top,unused-import
+
+  def boom(*a, **k):
+    raise AssertionError("compiled before reporting the error")
+  monkeypatch.setattr(jax, "jit", boom)

@@ -15,7 +15,6 @@ from configs import default, digits
 from configs import imagenet as imagenet_config
 from ir2net_jax import config_checks, data, train
 # pylint: disable=unused-import
-from test_train import digits_dir, no_compile, workdir  # fixtures
 
 
 def _hashes(path):

@@ -1,6 +1,5 @@
 """Layers against PyTorch's semantics, computed here by hand in numpy."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,6 +28,22 @@ def test_batchnorm_train_normalises_biased_and_tracks_unbiased():
   np.testing.assert_allclose(
       y_eval, (x - state["batch_stats"]["mean"]) /
       np.sqrt(state["batch_stats"]["var"] + 1e-5), rtol=1e-5)
+
+
+def test_batchnorm_normalises_in_float32_and_casts_to_its_dtype():
+  x = jnp.asarray(np.random.default_rng(5).normal(3.0, 2.0, (4, 3, 3, 8)),
+                  jnp.bfloat16)
+  bn = layers.BatchNorm(dtype=jnp.bfloat16)
+  v = bn.init(jax.random.key(0), x, use_running_average=False)
+  y, state = bn.apply(v, x, use_running_average=False,
+                      mutable=["batch_stats"])
+  y32, state32 = layers.BatchNorm().apply(
+      v, x.astype(jnp.float32), use_running_average=False,
+      mutable=["batch_stats"])
+  assert y.dtype == jnp.bfloat16
+  assert state["batch_stats"]["mean"].dtype == jnp.float32
+  np.testing.assert_array_equal(y, y32.astype(jnp.bfloat16))
+  jax.tree.map(np.testing.assert_array_equal, state, state32)
 
 
 def _data_mesh():
@@ -161,76 +176,6 @@ def test_cirec_shapes_and_kept_channels(features, ratio, divisor, cheap_shape):
   assert v["params"]["cheap_operation"]["conv"]["kernel"].shape == cheap_shape
   y = m.apply(v, x, train=False)
   assert y.shape == (1, 4, 4, features)
-
-
-def _lax_grouped(x, kernel, strides, padding, groups):
-  return jax.lax.conv_general_dilated(
-      x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=groups)
-
-
-@pytest.mark.parametrize("cin,cout,groups,k,stride", [
-    (12, 12, 12, 3, 1),   # depthwise (CIRec, ratio 2)
-    (8, 24, 8, 3, 1),     # depthwise with multiplier 3 (CIRec, ratio 4)
-    (32, 64, 2, 3, 2),    # grouped, strided
-    (6, 6, 3, 1, 1),      # 1x1 grouped
-])
-def test_grouped_conv_gradients_equal_lax(cin, cout, groups, k, stride):
-  """The tap-wise weight gradient is the convolution's, in float64."""
-  with jax.enable_x64(True):
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.normal(size=(3, 9, 7, cin)))
-    w = jnp.asarray(rng.normal(size=(k, k, cin // groups, cout)))
-    pad = ((k // 2, k // 2), (k // 2, k // 2))
-
-    def loss(conv):
-      return lambda x, w: jnp.sum(
-          jnp.sin(conv(x, w, (stride, stride), pad, groups)))
-
-    np.testing.assert_array_equal(
-        layers.grouped_conv(x, w, (stride, stride), pad, groups),
-        _lax_grouped(x, w, (stride, stride), pad, groups))
-    got = jax.grad(loss(layers.grouped_conv), (0, 1))(x, w)
-    want = jax.grad(loss(_lax_grouped), (0, 1))(x, w)
-    for a, b in zip(got, want):
-      np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
-
-
-def test_grouped_conv_weight_gradient_is_summed_over_devices():
-  """Inside shard_map the replicated kernel's gradient is the global one."""
-  n, mesh = _data_mesh()
-  rng = np.random.default_rng(2)
-  x = rng.normal(size=(2 * n, 6, 6, 8)).astype(np.float32)
-  w = rng.normal(size=(3, 3, 1, 8)).astype(np.float32)
-  pad = ((1, 1), (1, 1))
-
-  def loss(w, x):
-    return jnp.mean(jnp.square(layers.grouped_conv(x, w, (1, 1), pad, 8)))
-
-  P = jax.sharding.PartitionSpec
-  sharded = jax.jit(jax.shard_map(
-      jax.grad(lambda w, x: jax.lax.pmean(loss(w, x), "data")), mesh=mesh,
-      in_specs=(P(), P("data")), out_specs=P()))
-  got = sharded(w, jax.device_put(x, jax.NamedSharding(mesh, P("data"))))
-  np.testing.assert_allclose(got, jax.grad(loss)(w, x), rtol=1e-5, atol=1e-6)
-
-
-def test_flax_conv_uses_grouped_conv_for_groups():
-  """``layers.conv`` with groups is the same function as nn.Conv's default."""
-  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 5, 8)),
-                  jnp.float32)
-  ours = layers.conv(8, 3, groups=4)
-  v = ours.init(jax.random.key(0), x)
-  plain = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=4,
-                  use_bias=False)
-  g_ours = jax.grad(lambda v: jnp.sum(ours.apply(v, x) ** 2))(v)
-  g_plain = jax.grad(lambda v: jnp.sum(plain.apply(v, x) ** 2))(v)
-  np.testing.assert_allclose(ours.apply(v, x), plain.apply(v, x), rtol=1e-6)
-  np.testing.assert_allclose(g_ours["params"]["kernel"],
-                             g_plain["params"]["kernel"], rtol=1e-5,
-                             atol=1e-5)
-  jaxpr = str(jax.make_jaxpr(lambda v: ours.apply(v, x))(v))
-  assert "custom_vjp" in jaxpr
 
 
 @pytest.mark.parametrize("size,kernel,stride", [(8, 2, 2), (7, 2, 2),

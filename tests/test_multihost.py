@@ -7,7 +7,6 @@ addresses only.
 
 import json
 import os
-import socket
 
 import numpy as np
 
@@ -17,15 +16,9 @@ STEPS_FIRST, STEPS = 4, 6  # the multi-host run stops at 4 and is resumed
 PREPARING = "preparing ir2net_digits"
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _two_processes(workdir, data_dir, steps):
   """Starts processes 0 and 1 of a run, 2 devices each."""
-  port = _free_port()
+  port = train_utils.free_port()
   return [train_utils.launch(
       workdir, f"--config.data_dir={data_dir}",
       f"--config.num_train_steps={steps}",

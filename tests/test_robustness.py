@@ -16,8 +16,6 @@ import pytest
 
 import train_utils
 from ir2net_jax import checkpoints, preemption, train
-from test_train import _final_state, _free_port, _launch
-from test_train import digits_dir  # noqa: F401  (a module-scoped fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,7 +64,7 @@ def test_skip_nonfinite_updates_finishes_with_finite_state(tmp_path,
                                      skip_nonfinite_updates=True)
   summary = train.train_and_evaluate(c, str(tmp_path))
   assert 0 < summary["skipped_steps"] <= c.num_train_steps
-  step, leaves = _final_state(tmp_path)
+  step, leaves = train_utils.final_state(tmp_path)
   assert step == c.num_train_steps
   _assert_finite(leaves, "final state")
 
@@ -78,11 +76,11 @@ def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path,
   steps = 100   # enough that the signal lands mid-run
   args = (f"--config.data_dir={digits_dir}", f"--config.num_train_steps={steps}",
           "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000")
-  ref = _launch(tmp_path / "ref", *args, text=True)   # uninterrupted
+  ref = train_utils.launch(tmp_path / "ref", *args, text=True)   # uninterrupted
   ref_out = []
   reader = threading.Thread(target=lambda: ref_out.extend(ref.communicate()))
   reader.start()
-  proc = _launch(tmp_path / "run", *args, text=True)
+  proc = train_utils.launch(tmp_path / "run", *args, text=True)
   for line in proc.stdout:
     if re.search(r"\[1\] .*train_loss=", line):
       proc.send_signal(signal.SIGTERM)
@@ -92,16 +90,16 @@ def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path,
   stopped = int(re.search(r"preempted at step (\d+) by SIGTERM", out).group(1))
   assert 1 <= stopped < steps
   assert not (tmp_path / "run" / "summary.json").exists()
-  assert _final_state(tmp_path / "run")[0] == stopped
+  assert train_utils.final_state(tmp_path / "run")[0] == stopped
 
-  resumed = _launch(tmp_path / "run", *args, text=True)
+  resumed = train_utils.launch(tmp_path / "run", *args, text=True)
   out, _ = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, out[-3000:]
   assert f"resumed from step {stopped}" in out
   reader.join(timeout=300)
   assert ref.returncode == 0, ref_out[0][-3000:]
-  step_a, a = _final_state(tmp_path / "ref")
-  step_b, b = _final_state(tmp_path / "run")
+  step_a, a = train_utils.final_state(tmp_path / "ref")
+  step_b, b = train_utils.final_state(tmp_path / "run")
   assert step_a == step_b == steps
   assert a.keys() == b.keys()
   for k in a:
@@ -126,7 +124,7 @@ def test_processes_agree_on_the_step_to_stop_at(signalled, signum):
   worker = os.path.join(ROOT, "tests", "preemption_worker.py")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  port = _free_port()
+  port = train_utils.free_port()
   procs = [subprocess.Popen([sys.executable, worker, str(i), "2", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, text=True) for i in range(2)]
@@ -161,7 +159,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
   c = train_utils.tiny_digits_config(digits_dir)   # saves at steps 2, 4, 6
   train.train_and_evaluate(c, str(tmp_path))
   steps = c.num_train_steps
-  _, good = _final_state(tmp_path)
+  _, good = train_utils.final_state(tmp_path)
   latest = tmp_path / "checkpoints" / str(steps)
   _truncate_files(latest)
   os.remove(tmp_path / "summary.json")
@@ -173,7 +171,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
   # Set aside, not deleted; then trained again to the same state.
   aside = os.listdir(tmp_path / "corrupt_checkpoints")
   assert [d.split("-")[0] for d in aside] == [str(steps)]
-  step, again = _final_state(tmp_path)
+  step, again = train_utils.final_state(tmp_path)
   assert step == steps and again.keys() == good.keys()
   for k in good:
     np.testing.assert_array_equal(again[k], good[k], err_msg=k)

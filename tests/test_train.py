@@ -13,18 +13,10 @@ import pytest
 import tensorflow_datasets as tfds
 
 import train_utils
-from configs import cifar10_resnet20
 from configs import imagenet as imagenet_config
 from ir2net_jax import checkpoints, convert, data, models, optim, parallel, train
 
 TINY_IR2NET = (1, 1, 1, 1)
-
-
-@pytest.fixture(scope="module")
-def digits_dir(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("tfds_digits"))
-  data.dataset_info(train_utils.tiny_digits_config(path))
-  return path
 
 
 def _run_steps(devices, steps=3, global_batch=16):
@@ -193,22 +185,6 @@ def _workdir_listing(path):
                 for d, _, fs in os.walk(path) for f in fs)
 
 
-@pytest.fixture
-def workdir(tmp_path):
-  path = tmp_path / "work"
-  path.mkdir()
-  (path / "notes.txt").write_text("keep me")
-  return path
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-  """Makes any compilation fail, so errors must come before it."""
-  def boom(*a, **k):
-    raise AssertionError("compiled before reporting the error")
-  monkeypatch.setattr(jax, "jit", boom)
-
-
 def test_missing_data_fails_early(tmp_path, workdir, no_compile):
   c = train_utils.tiny_digits_config(str(tmp_path / "empty"), dataset="cifar10")
   with pytest.raises(data.DataError, match="tfds build cifar10"):
@@ -254,23 +230,3 @@ def test_launcher_smoke_run_writes_summary_and_tensorboard(tmp_path, digits_dir)
   assert 0 <= summary["final_eval_top1"] <= 1
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "w"))
   assert "steps/s" in out.decode() or "steps_per_sec" in out.decode()
-
-
-def test_auto_binary_compute_dtype_is_int8_only_for_imagenet_stage2_on_cpu():
-  """Every choice is exact; 'auto' picks int8 only where it measured faster."""
-  def pick(model="ir2net_a", stage=2, backend="cpu", value="auto"):
-    c = (imagenet_config.get_config(f"{model[-1]},stage={stage}")
-         if model.startswith("ir2net") else cifar10_resnet20.get_config())
-    c.binary_compute_dtype = value
-    return train.binary_compute_dtype(c, backend)
-
-  assert pick() == "int8"
-  assert pick("ir2net_d") == "int8"
-  assert pick(stage=1) is None
-  assert pick(backend="gpu") is None and pick(backend="tpu") is None
-  assert pick("cifar_resnet20") is None
-  assert pick(value="bfloat16") == "bfloat16"
-  assert pick(value="") is None and pick(value=None) is None
-  model = train.build_model(imagenet_config.get_config("a,stage=2"), 10)
-  assert model.compute_dtype == ("int8" if jax.default_backend() == "cpu"
-                                 else None)

@@ -1,6 +1,7 @@
 """Small models, configs, data and launcher runs for the training tests."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -67,3 +68,10 @@ def final_state(workdir):
       {"params": state["params"], "batch_stats": state["batch_stats"],
        "opt_state": state["opt_state"]})[0]
   return step, {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
+
+
+def free_port() -> int:
+  """A free TCP port on the loopback interface, for a local coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

@@ -5,20 +5,21 @@ Submodule names follow the reference's ``state_dict`` names (``layer1_0`` for
 ``layer1.0``) so that conversion and the weight-decay rule can read them.
 """
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ir2net_jax.layers import (BatchNorm, BinaryConv, CIRec, adaptive_avg_pool,
-                               conv, hardtanh, kaiming_normal, max_pool)
+                               conv, hardtanh, kaiming_normal, max_pool,
+                               remat_block)
 
 __all__ = ["ResNet20", "VGGSmall", "ResNet18"]
 
 
-def _bn(train, axis_name, name):
+def _bn(train, axis_name, name, dtype=None):
   return BatchNorm(use_running_average=not train, axis_name=axis_name,
-                   name=name)
+                   dtype=dtype, name=name)
 
 
 class _Block(nn.Module):
@@ -28,14 +29,15 @@ class _Block(nn.Module):
   zero_to_one: bool
   axis_name: Optional[str]
   compute_dtype: Optional[str] = None
+  dtype: Any = None
 
   def binary_conv(self, stride: int, name: str) -> BinaryConv:
     return BinaryConv(self.planes, stride, binary_weights=True,
-                      zero_to_one=self.zero_to_one,
+                      zero_to_one=self.zero_to_one, dtype=self.dtype,
                       compute_dtype=self.compute_dtype, name=name)
 
   def bn(self, train: bool, name: str) -> BatchNorm:
-    return _bn(train, self.axis_name, name)
+    return _bn(train, self.axis_name, name, self.dtype)
 
 
 class _BasicBlock20(_Block):
@@ -68,6 +70,12 @@ class ResNet20(nn.Module):
     zero_to_one: binarise 0 to +1 instead of 0.
     axis_name: BatchNorm synchronisation axis.
     num_blocks: blocks per stage.
+    compute_dtype: operand dtype of the binary convolutions (see BinaryConv).
+    dtype: computation dtype of the convolutions and the classifier (e.g.
+      bfloat16); None: the inputs'. Parameters stay float32.
+    grouped_conv_by_taps: see ``layers.conv`` (None: on CPU only).
+    remat: recompute each residual block in the backward pass instead of
+      keeping its activations (same values, less memory).
   """
   num_classes: int = 10
   information_recovery: bool = True
@@ -75,42 +83,53 @@ class ResNet20(nn.Module):
   axis_name: Optional[str] = None
   num_blocks: Sequence[int] = (3, 3, 3)
   compute_dtype: Optional[str] = None
+  dtype: Any = None
+  grouped_conv_by_taps: Optional[bool] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     """(B, 32, 32, 3) -> ((B, num_classes), (B, 8, 8, 64))."""
-    out = hardtanh(_bn(train, self.axis_name, "bn1")(
-        conv(16, 3, kernel_init=kaiming_normal, name="conv1")(x)))
+    out = hardtanh(_bn(train, self.axis_name, "bn1", self.dtype)(
+        conv(16, 3, kernel_init=kaiming_normal, name="conv1",
+             dtype=self.dtype)(x)))
     pooled = [adaptive_avg_pool(out, 8)]
+    block = remat_block(_BasicBlock20, self.remat)
     for stage, (planes, n) in enumerate(zip((16, 32, 64), self.num_blocks)):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
-        out = _BasicBlock20(planes, stride, self.zero_to_one, self.axis_name,
-                            self.compute_dtype, name=f"layer{stage + 1}_{i}")(out, train)
+        out = block(planes, stride, self.zero_to_one, self.axis_name,
+                    self.compute_dtype, self.dtype,
+                    name=f"layer{stage + 1}_{i}")(out, train)
       if stage < 2:
         pooled.append(adaptive_avg_pool(out, 8))
     feature = out
     if self.information_recovery:
       out = CIRec(64, ratio=4, activation="hardtanh", axis_name=self.axis_name,
-                  kernel_init=kaiming_normal, name="fusion")(
-                      jnp.concatenate(pooled + [out], axis=-1), train)
+                  kernel_init=kaiming_normal, dtype=self.dtype,
+                  grouped_conv_by_taps=self.grouped_conv_by_taps,
+                  name="fusion")(jnp.concatenate(pooled + [out], axis=-1),
+                                 train)
     out = jnp.mean(out, axis=(1, 2))
-    out = _bn(train, self.axis_name, "bn2")(out)
+    out = _bn(train, self.axis_name, "bn2", self.dtype)(out)
     logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
-                      name="linear")(out)
+                      dtype=self.dtype, name="linear")(out)
     return logits, feature
 
 
 class VGGSmall(nn.Module):
   """CIFAR VGG-Small 1W1A with information recovery (CIRec 640 -> 512, s = 32).
 
-  Attributes: as ``ResNet20``.
+  Attributes: as ``ResNet20``, less ``num_blocks`` and ``remat`` (VGG-Small
+  has no residual blocks).
   """
   num_classes: int = 10
   information_recovery: bool = True
   zero_to_one: bool = False
   axis_name: Optional[str] = None
   compute_dtype: Optional[str] = None
+  dtype: Any = None
+  grouped_conv_by_taps: Optional[bool] = None
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -118,28 +137,31 @@ class VGGSmall(nn.Module):
     # The reference initialises VGG convs with N(0, sqrt(2 / fan_out)).
     init = nn.initializers.variance_scaling(2.0, "fan_out",
                                             "normal")
-    x = hardtanh(_bn(train, self.axis_name, "bn0")(
-        conv(128, 3, kernel_init=init, name="conv0")(x)))
+    x = hardtanh(_bn(train, self.axis_name, "bn0", self.dtype)(
+        conv(128, 3, kernel_init=init, name="conv0", dtype=self.dtype)(x)))
     fx = adaptive_avg_pool(x, 4)
     for i, (planes, pool) in enumerate(
         [(128, True), (256, False), (256, True), (512, False), (512, True)], 1):
       x = BinaryConv(planes, 1, binary_weights=True,
                      zero_to_one=self.zero_to_one, kernel_init=init,
-                     compute_dtype=self.compute_dtype, name=f"conv{i}")(x)
+                     dtype=self.dtype, compute_dtype=self.compute_dtype,
+                     name=f"conv{i}")(x)
       if pool:
         x = max_pool(x, 2, 2, 0)
-      x = hardtanh(_bn(train, self.axis_name, f"bn{i}")(x))
+      x = hardtanh(_bn(train, self.axis_name, f"bn{i}", self.dtype)(x))
     feature = x
     if self.information_recovery:
       x = CIRec(512, ratio=32, activation="hardtanh", axis_name=self.axis_name,
-                kernel_init=init, name="fusion")(
-                    jnp.concatenate([fx, x], axis=-1), train)
+                kernel_init=init, dtype=self.dtype,
+                grouped_conv_by_taps=self.grouped_conv_by_taps,
+                name="fusion")(jnp.concatenate([fx, x], axis=-1), train)
     # Flatten in (C, H, W) order, as the reference's NCHW ``view`` does, so a
     # converted ``fc`` weight lines up.
     x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
     logits = nn.Dense(self.num_classes,
                       kernel_init=nn.initializers.normal(0.01),
-                      bias_init=nn.initializers.zeros, name="fc")(x)
+                      bias_init=nn.initializers.zeros, dtype=self.dtype,
+                      name="fc")(x)
     return logits, feature
 
 
@@ -155,7 +177,7 @@ class _BasicBlock18(_Block):
     if self.stride != 1 or x.shape[-1] != self.planes:
       x = self.bn(train, "shortcut_bn")(
           conv(self.planes, 1, self.stride, kernel_init=kaiming_normal,
-               name="shortcut_conv")(x))
+               name="shortcut_conv", dtype=self.dtype)(x))
     return hardtanh(out + x)
 
 
@@ -170,30 +192,38 @@ class ResNet18(nn.Module):
   axis_name: Optional[str] = None
   num_blocks: Sequence[int] = (2, 2, 2, 2)
   compute_dtype: Optional[str] = None
+  dtype: Any = None
+  grouped_conv_by_taps: Optional[bool] = None
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     """(B, 32, 32, 3) -> ((B, num_classes), (B, 4, 4, 512))."""
-    out = hardtanh(_bn(train, self.axis_name, "bn1")(
-        conv(64, 3, kernel_init=kaiming_normal, name="conv1")(x)))
+    out = hardtanh(_bn(train, self.axis_name, "bn1", self.dtype)(
+        conv(64, 3, kernel_init=kaiming_normal, name="conv1",
+             dtype=self.dtype)(x)))
     pooled = [adaptive_avg_pool(out, 4)]
+    block = remat_block(_BasicBlock18, self.remat)
     for stage, (planes, n) in enumerate(zip((64, 128, 256, 512),
                                             self.num_blocks)):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
-        out = _BasicBlock18(planes, stride, self.zero_to_one, self.axis_name,
-                            self.compute_dtype, name=f"layer{stage + 1}_{i}")(out, train)
+        out = block(planes, stride, self.zero_to_one, self.axis_name,
+                    self.compute_dtype, self.dtype,
+                    name=f"layer{stage + 1}_{i}")(out, train)
       if stage < 3:
         pooled.append(adaptive_avg_pool(out, 4))
     feature = out
     if self.information_recovery:
       out = CIRec(512, ratio=20, activation="hardtanh",
                   axis_name=self.axis_name, kernel_init=kaiming_normal,
+                  dtype=self.dtype,
+                  grouped_conv_by_taps=self.grouped_conv_by_taps,
                   name="fusion")(jnp.concatenate(pooled + [out], axis=-1),
                                  train)
     # The reference applies avg_pool2d(4) to the 4x4 map: a global mean.
     out = jnp.mean(out, axis=(1, 2))
-    out = _bn(train, self.axis_name, "bn2")(out)
+    out = _bn(train, self.axis_name, "bn2", self.dtype)(out)
     logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
-                      name="linear")(out)
+                      dtype=self.dtype, name="linear")(out)
     return logits, feature

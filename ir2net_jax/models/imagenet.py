@@ -6,14 +6,14 @@ Submodule names follow the reference's ``state_dict`` (``layer1_0`` for
 ``layer1.0``) so conversion and the weight-decay rule can read them.
 """
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from ir2net_jax.layers import (BatchNorm, BinaryConv, CIRec, PReLU,
                                adaptive_avg_pool, avg_pool, binary_conv_init,
-                               conv, max_pool)
+                               conv, max_pool, remat_block)
 
 __all__ = ["IR2Net", "FUSIONS", "LAYOUTS"]
 
@@ -38,21 +38,23 @@ class _Block(nn.Module):
   zero_to_one: bool
   axis_name: Optional[str]
   compute_dtype: Optional[jnp.dtype] = None
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x, train):
+    bn = lambda name: BatchNorm(use_running_average=not train,
+                                axis_name=self.axis_name, dtype=self.dtype,
+                                name=name)
     out = BinaryConv(self.planes, self.stride,
                      binary_weights=self.binary_weights,
                      zero_to_one=self.zero_to_one,
-                     kernel_init=binary_conv_init(True),
+                     kernel_init=binary_conv_init(True), dtype=self.dtype,
                      compute_dtype=self.compute_dtype, name="binary_conv")(x)
-    out = BatchNorm(use_running_average=not train, axis_name=self.axis_name,
-                    name="bn1")(out)
+    out = bn("bn1")(out)
     if self.stride != 1 or x.shape[-1] != self.planes:
       x = avg_pool(x, 2, self.stride) if self.stride != 1 else x
-      x = conv(self.planes, 1, name="downsample_conv")(x)
-      x = BatchNorm(use_running_average=not train, axis_name=self.axis_name,
-                    name="downsample_bn")(x)
+      x = bn("downsample_bn")(conv(self.planes, 1, name="downsample_conv",
+                                   dtype=self.dtype)(x))
     return PReLU(name="prelu")(out + x)
 
 
@@ -70,6 +72,11 @@ class IR2Net(nn.Module):
     compute_dtype: operand dtype of the binary convolutions (see BinaryConv).
     num_blocks: blocks per stage, overriding ``depth``'s layout (e.g.
       ``(1, 1, 1, 1)`` for a tiny test model).
+    dtype: computation dtype of the convolutions and the classifier (e.g.
+      bfloat16); None: the inputs'. Parameters stay float32.
+    grouped_conv_by_taps: see ``layers.conv`` (None: on CPU only).
+    remat: recompute each residual block in the backward pass instead of
+      keeping its activations (same values, less memory).
   """
   variant: str = "a"
   stage: int = 1
@@ -80,6 +87,9 @@ class IR2Net(nn.Module):
   axis_name: Optional[str] = None
   compute_dtype: Optional[jnp.dtype] = None
   num_blocks: Optional[Sequence[int]] = None
+  dtype: Any = None
+  grouped_conv_by_taps: Optional[bool] = None
+  remat: bool = False
 
   def setup_check(self):
     if self.variant not in FUSIONS:
@@ -96,17 +106,20 @@ class IR2Net(nn.Module):
     """(B, 224, 224, 3) -> ((B, num_classes), (B, 7, 7, 512))."""
     self.setup_check()
     bn = lambda name: BatchNorm(use_running_average=not train,
-                                axis_name=self.axis_name, name=name)
-    x = PReLU(name="prelu")(bn("bn1")(conv(64, 7, 2, name="conv1")(x)))
+                                axis_name=self.axis_name, dtype=self.dtype,
+                                name=name)
+    x = PReLU(name="prelu")(bn("bn1")(conv(64, 7, 2, name="conv1",
+                                           dtype=self.dtype)(x)))
     shallow = [x]
     x = max_pool(x, 3, 2, 1)
     layout = self.num_blocks or LAYOUTS[self.depth]
+    block = remat_block(_Block, self.remat)
     for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), layout)):
       for i in range(n):
         stride = 2 if (stage > 0 and i == 0) else 1
-        x = _Block(planes, stride, self.stage == 2, self.zero_to_one,
-                   self.axis_name, self.compute_dtype,
-                   name=f"layer{stage + 1}_{i}")(x, train)
+        x = block(planes, stride, self.stage == 2, self.zero_to_one,
+                  self.axis_name, self.compute_dtype, self.dtype,
+                  name=f"layer{stage + 1}_{i}")(x, train)
       if stage < 3:
         shallow.append(x)
     feature = x
@@ -116,13 +129,16 @@ class IR2Net(nn.Module):
       x = jnp.concatenate(pooled + [x], axis=-1)
       fusion = FUSIONS[self.variant]
       if fusion is None:
-        x = PReLU(name="fprelu")(bn("fbn")(conv(512, 1, name="fusion")(x)))
+        x = PReLU(name="fprelu")(bn("fbn")(conv(512, 1, name="fusion",
+                                                dtype=self.dtype)(x)))
       else:
         ratio, groups_divisor = fusion
         x = CIRec(512, ratio=ratio, groups_divisor=groups_divisor,
                   activation="prelu", axis_name=self.axis_name,
+                  dtype=self.dtype,
+                  grouped_conv_by_taps=self.grouped_conv_by_taps,
                   name="fusion")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     x = bn("bn2")(x)
-    logits = nn.Dense(self.num_classes, name="fc")(x)
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="fc")(x)
     return logits, feature
