@@ -2,9 +2,11 @@
 baselines (the same torchvision layout as the teacher, ``teacher.ResNet34``).
 
 ``train.build_model`` passes every student the binary networks' options
-(``information_recovery``, ``zero_to_one``, ``compute_dtype``); a real-valued
-network has no binary layer and no information recovery, so they are
-dropped here and every other attribute reaches ``ResNet34``.
+(``information_recovery``, ``zero_to_one``, ``compute_dtype``) and CIRec's
+grouped-convolution kernel choice (``grouped_conv_by_taps``); a real-valued
+ResNet has no binary layer, no information recovery and no grouped
+convolution, so they are dropped here and every other attribute (``dtype``,
+``remat``, ...) reaches ``ResNet34``.
 """
 
 from typing import Any, Callable, Sequence
@@ -16,7 +18,8 @@ from ir2net_jax.models.teacher import ResNet34
 __all__ = ["LAYOUTS", "float_resnet"]
 
 LAYOUTS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
-_BINARY_ONLY = ("information_recovery", "zero_to_one", "compute_dtype")
+_BINARY_ONLY = ("information_recovery", "zero_to_one", "compute_dtype",
+                "grouped_conv_by_taps")
 
 
 def float_resnet(depth: int) -> Callable[..., nn.Module]:
