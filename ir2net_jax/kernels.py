@@ -67,12 +67,13 @@ def low_precision_conv(x: jax.Array, kernel: jax.Array, stride: int,
     dtype: operand dtype name, e.g. ``'bfloat16'`` or ``'int8'``.
 
   Returns:
-    (B, H', W', Cout) float32: the sums, not rounded to a narrow dtype.
+    (B, H', W', Cout): the sums, not rounded to a narrow dtype: float32, or
+    the dtype of ``x`` where that is wider (float64 runs stay float64).
   """
   acc = jnp.int32 if jnp.issubdtype(dtype, jnp.integer) else jnp.float32
   y = conv_nhwc(x.astype(dtype), kernel.astype(dtype), stride, pad,
                 preferred=acc)
-  return y.astype(jnp.float32)
+  return y.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _low_precision_fwd(x, kernel, stride, pad, dtype):
