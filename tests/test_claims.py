@@ -147,15 +147,16 @@ def test_init_from_a_converted_pth(tmp_path, digits_dir):
 
 
 def _one_step(config, devices, batch):
-  """One sharded train step from the seed-0 state; returns host arrays."""
+  """One sharded float64 train step from the seed-0 state (call under
+  ``jax.enable_x64``); returns host arrays."""
   model = train.build_model(config, 10, parallel.AXIS)
-  variables = train.init_variables(model, 32, 0)
+  variables = train_utils.float64_variables(model)
   tx = optim.create_optimizer(config, variables["params"], model, 10)
   mesh = parallel.data_mesh(devices)
   state = parallel.replicate(train.create_train_state(variables, tx), mesh)
   step = train.sharded_train_step(model, tx, config, mesh)
-  state, _ = step(state, jax.device_put(batch, parallel.batch_sharding(mesh)),
-                  {})
+  state, _ = step(state, jax.device_put(train_utils.float64_batch(batch),
+                                        parallel.batch_sharding(mesh)), {})
   return jax.device_get({"params": state.params,
                          "batch_stats": state.batch_stats})
 
@@ -164,7 +165,8 @@ def _by_hand(config, halves, **objective_kwargs):
   """The same step computed per batch slice: per-slice gradients and
   BatchNorm statistics, both averaged (what each device would do alone)."""
   model = train.build_model(config, 10)  # no cross-device BatchNorm
-  variables = train.init_variables(model, 32, 0)
+  variables = train_utils.float64_variables(model)
+  halves = [train_utils.float64_batch(h) for h in halves]
   tx = optim.create_optimizer(config, variables["params"], model, 10)
 
   def loss(params, half):
@@ -186,7 +188,7 @@ def _by_hand(config, halves, **objective_kwargs):
                          "batch_stats": mean(stats)})
 
 
-def _assert_close(a, b, tol=2e-5):
+def _assert_close(a, b, tol=1e-10):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=tol,
                                                        atol=tol), a, b)
 
@@ -196,6 +198,7 @@ def _max_diff(a, b):
       lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
+@jax.enable_x64(True)
 def test_sync_batch_stats_false_is_per_device_batchnorm():
   config = train_utils.tiny_digits_config(None, sync_batch_stats=False)
   batch = train_utils.random_batch(0, 8)
@@ -209,13 +212,15 @@ def test_sync_batch_stats_false_is_per_device_batchnorm():
   assert _max_diff(got, synced) > 1e-3
 
 
+@jax.enable_x64(True)
 def test_information_restriction_false_trains_the_clean_pass_alone():
   """The ablation: one clean forward pass, L(f(x)), BatchNorm updated once."""
   config = train_utils.tiny_digits_config(None, information_restriction=False)
   batch = train_utils.random_batch(1, 4)
   got = _one_step(config, jax.devices()[:1], batch)
   model = train.build_model(config, 10)
-  variables = train.init_variables(model, 32, 0)
+  variables = train_utils.float64_variables(model)
+  batch = train_utils.float64_batch(batch)
   tx = optim.create_optimizer(config, variables["params"], model, 10)
 
   def clean_loss(params):

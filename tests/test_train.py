@@ -22,22 +22,19 @@ TINY_IR2NET = (1, 1, 1, 1)
 def _run_steps(devices, steps=3, global_batch=16):
   """A few float64 train steps of the tiny digits model on ``devices``.
 
-  Float64: with other devices the BatchNorm and gradient sums round in
-  another order, and in float32 a binary activation near zero could flip
-  (see sign_margins.py); in float64 rounding is far below every margin.
+  Float64 (``train_utils.float64_variables``): with other devices the sums
+  round in another order.
   """
   with jax.enable_x64(True):
     config = train_utils.tiny_digits_config(None)
     model = train.build_model(config, 10, parallel.AXIS)
-    variables = jax.tree.map(lambda a: np.asarray(a, np.float64),
-                             train.init_variables(model, 32, 0))
+    variables = train_utils.float64_variables(model)
     tx = optim.create_optimizer(config, variables["params"], model, 10)
     mesh = parallel.data_mesh(devices)
     state = parallel.replicate(train.create_train_state(variables, tx), mesh)
     step = train.sharded_train_step(model, tx, config, mesh)
     for i in range(steps):
-      batch = train_utils.random_batch(i, global_batch)
-      batch["image"] = batch["image"].astype(np.float64)
+      batch = train_utils.float64_batch(train_utils.random_batch(i, global_batch))
       state, metrics = step(
           state, jax.device_put(batch, parallel.batch_sharding(mesh)), {})
     assert jax.tree.leaves(state.params)[0].dtype == np.float64

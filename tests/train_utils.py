@@ -75,3 +75,20 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def float64_variables(model, image_size: int = 32, seed: int = 0):
+  """``train.init_variables`` in float64 (call under ``jax.enable_x64``).
+
+  Tests that compare two programs of the same training step (other devices,
+  a hand-written step) run in float64: in float32 their different rounding
+  could flip a binary activation that sits near zero (see sign_margins.py).
+  """
+  from ir2net_jax import train  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda a: np.asarray(a, np.float64),
+                      train.init_variables(model, image_size, seed))
+
+
+def float64_batch(batch):
+  """``batch`` with float64 images (call under ``jax.enable_x64``)."""
+  return dict(batch, image=np.asarray(batch["image"], np.float64))
