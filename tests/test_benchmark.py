@@ -17,7 +17,6 @@ import pytest
 
 from ir2net_jax import benchmark, costs, models, train, xla_cpu
 from ir2net_jax.benchmark import hardware
-from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In-process runs start after JAX did: they keep the tests' XLA_FLAGS.

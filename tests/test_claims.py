@@ -20,7 +20,7 @@ import tensorflow as tf
 
 import train_utils
 from ir2net_jax import convert, data, losses, models, objective, optim
-from ir2net_jax import parallel, train
+from ir2net_jax import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 import make_pth_fixture  # noqa: E402
@@ -147,18 +147,8 @@ def test_init_from_a_converted_pth(tmp_path, digits_dir):
 
 
 def _one_step(config, devices, batch):
-  """One sharded float64 train step from the seed-0 state (call under
-  ``jax.enable_x64``); returns host arrays."""
-  model = train.build_model(config, 10, parallel.AXIS)
-  variables = train_utils.float64_variables(model)
-  tx = optim.create_optimizer(config, variables["params"], model, 10)
-  mesh = parallel.data_mesh(devices)
-  state = parallel.replicate(train.create_train_state(variables, tx), mesh)
-  step = train.sharded_train_step(model, tx, config, mesh)
-  state, _ = step(state, jax.device_put(train_utils.float64_batch(batch),
-                                        parallel.batch_sharding(mesh)), {})
-  return jax.device_get({"params": state.params,
-                         "batch_stats": state.batch_stats})
+  """One sharded float64 train step from the seed-0 state."""
+  return train_utils.float64_steps(config, devices, [batch])[0]
 
 
 def _by_hand(config, halves, **objective_kwargs):

@@ -7,7 +7,7 @@ import pytest
 
 from configs import cifar10_resnet20
 from configs import imagenet as imagenet_config
-from ir2net_jax import models, objective, losses, policy, train, xla_cpu
+from ir2net_jax import objective, losses, policy, train, xla_cpu
 
 
 def test_auto_binary_compute_dtype_is_int8_only_for_imagenet_stage2_on_cpu():

@@ -1,6 +1,5 @@
 """Runs that survive divergence, preemption and a corrupt latest checkpoint."""
 
-import json
 import logging
 import os
 import re

@@ -14,32 +14,17 @@ import tensorflow_datasets as tfds
 
 import train_utils
 from configs import imagenet as imagenet_config
-from ir2net_jax import checkpoints, convert, data, models, optim, parallel, train
+from ir2net_jax import checkpoints, convert, data, models, train
 
 TINY_IR2NET = (1, 1, 1, 1)
 
 
 def _run_steps(devices, steps=3, global_batch=16):
-  """A few float64 train steps of the tiny digits model on ``devices``.
-
-  Float64 (``train_utils.float64_variables``): with other devices the sums
-  round in another order.
-  """
-  with jax.enable_x64(True):
-    config = train_utils.tiny_digits_config(None)
-    model = train.build_model(config, 10, parallel.AXIS)
-    variables = train_utils.float64_variables(model)
-    tx = optim.create_optimizer(config, variables["params"], model, 10)
-    mesh = parallel.data_mesh(devices)
-    state = parallel.replicate(train.create_train_state(variables, tx), mesh)
-    step = train.sharded_train_step(model, tx, config, mesh)
-    for i in range(steps):
-      batch = train_utils.float64_batch(train_utils.random_batch(i, global_batch))
-      state, metrics = step(
-          state, jax.device_put(batch, parallel.batch_sharding(mesh)), {})
-    assert jax.tree.leaves(state.params)[0].dtype == np.float64
-    return jax.device_get({"params": state.params,
-                           "batch_stats": state.batch_stats}), metrics
+  """A few float64 train steps of the tiny digits model on ``devices``
+  (float64: with other devices the sums round in another order)."""
+  return train_utils.float64_steps(
+      train_utils.tiny_digits_config(None), devices,
+      [train_utils.random_batch(i, global_batch) for i in range(steps)])
 
 
 def _assert_trees_close(a, b, tol):

@@ -92,3 +92,26 @@ def float64_variables(model, image_size: int = 32, seed: int = 0):
 def float64_batch(batch):
   """``batch`` with float64 images (call under ``jax.enable_x64``)."""
   return dict(batch, image=np.asarray(batch["image"], np.float64))
+
+
+def float64_steps(config, devices, batches):
+  """The sharded train step of ``config``'s model in float64 on ``devices``,
+  from the seed-0 state, once per batch of ``batches``.
+
+  Returns:
+    ``({'params', 'batch_stats'}, metrics of the last step)``, on the host.
+  """
+  from ir2net_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
+  with jax.enable_x64(True):
+    model = train.build_model(config, 10, parallel.AXIS)
+    variables = float64_variables(model)
+    tx = optim.create_optimizer(config, variables["params"], model, 10)
+    mesh = parallel.data_mesh(devices)
+    state = parallel.replicate(train.create_train_state(variables, tx), mesh)
+    step = train.sharded_train_step(model, tx, config, mesh)
+    for batch in batches:
+      state, metrics = step(state, jax.device_put(
+          float64_batch(batch), parallel.batch_sharding(mesh)), {})
+    assert jax.tree.leaves(state.params)[0].dtype == np.float64
+    return jax.device_get(({"params": state.params,
+                            "batch_stats": state.batch_stats}, metrics))
