@@ -5,8 +5,9 @@
 Needs no network: the 1,797 digits that scikit-learn ships are written into a
 local tfds dataset (1,437 train / 360 test, fixed split) and upsampled to
 32x32. Binary weights and activations, information restriction and recovery
-on, as in the CIFAR recipe. On a 2-core CPU it takes about 6 minutes and
-reaches about 94% test top-1 (95% at the best epoch).
+on, as in the CIFAR recipe. On a 2-core CPU it takes 3-7 minutes and
+reaches 93-96% test top-1 (about 95% at the best epoch), depending on the
+CPU's rounding.
 ``configs/digits.py:smoke`` runs a few steps in seconds.
 """
 
