@@ -22,7 +22,8 @@ layer that feeds a binary activation:
   magnitude sets the absolute rounding of all its values, small ones
   included;
 * ``C = 4``. The port's float32 errors against its own float64 run, measured
-  on every fixture layer, are at most ``11 u max|x|``; two float32
+  on every layer of the CIFAR ResNet-20 and IR2Net-A stage-2 fixtures (up to
+  the first sign flip), are at most ``11 u max|x|``; two float32
   implementations differ by at most twice that, and ``4 sqrt(K) >= 48``
   for the smallest fan-in here (K = 144).
 
