@@ -89,10 +89,6 @@ def _ops(text: str, op: str):
   return found
 
 
-def _teacher_convs(recipe: str) -> int:
-  return 0 if recipe == "cifar_resnet20" else 1
-
-
 CASES = [("cifar_resnet20", "cuda"), ("ir2net_b_stage2", "cuda"),
          ("ir2net_b_stage2", "tpu")]
 
