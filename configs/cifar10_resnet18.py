@@ -1,13 +1,5 @@
-"""IR2Net ResNet-18 1W1A on CIFAR-10 (SPEC §5): SGD lr 0.08, 600 epochs.
+"""The ``cifar10_resnet18`` recipe, kept in the package (ir2net_jax/configs/cifar10_resnet18.py) so
+that it is importable once installed; this file lets ``launch.py
+--config=configs/cifar10_resnet18.py`` run from a checkout."""
 
-  python launch.py --config=configs/cifar10_resnet18.py --workdir=runs/c10_r18
-
-Meant for one GPU; batch 128, cosine to 0, weight decay 1e-4. The paper
-reports 92.5% top-1 (best epoch).
-"""
-
-from configs.cifar10_common import cifar10_config
-
-
-def get_config(arg: str = ""):
-  return cifar10_config("cifar10_resnet18", "cifar_resnet18", 0.08, 600, arg)
+from ir2net_jax.configs.cifar10_resnet18 import get_config  # noqa: F401

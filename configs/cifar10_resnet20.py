@@ -1,15 +1,5 @@
-"""IR2Net ResNet-20 1W1A on CIFAR-10 (SPEC §5): SGD lr 0.11, 500 epochs.
+"""The ``cifar10_resnet20`` recipe, kept in the package (ir2net_jax/configs/cifar10_resnet20.py) so
+that it is importable once installed; this file lets ``launch.py
+--config=configs/cifar10_resnet20.py`` run from a checkout."""
 
-  python launch.py --config=configs/cifar10_resnet20.py --workdir=runs/c10_r20
-
-Meant for one GPU (the reference used one RTX 2070, about a day); batch 128,
-cosine to 0, weight decay 1e-4 on every parameter. The paper reports 87.2%
-top-1 (best epoch). Needs CIFAR-10 prepared by tfds (downloads on first use;
-offline: `tfds build cifar10` elsewhere and pass --config.data_dir).
-"""
-
-from configs.cifar10_common import cifar10_config
-
-
-def get_config(arg: str = ""):
-  return cifar10_config("cifar10_resnet20", "cifar_resnet20", 0.11, 500, arg)
+from ir2net_jax.configs.cifar10_resnet20 import get_config  # noqa: F401

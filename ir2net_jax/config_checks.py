@@ -10,7 +10,7 @@
   record_config(workdir, config)       # config.json, never overwritten
 
 Each failure is a :class:`ConfigError` that names the field and what to set
-instead. ``_FIELDS`` holds one rule for every field of ``configs/default.py``;
+instead. ``_FIELDS`` holds one rule for every field of ``ir2net_jax/configs/default.py``;
 ``RESUMABLE_FIELDS`` holds the fields that may change when a run resumes.
 """
 
@@ -119,7 +119,7 @@ _BOOL = _OneOf((True, False))
 _POSITIVE_INT = _Number(int, 1)
 _RATE = _Number(float, 0, low_open=True)
 
-# One rule for every field of configs/default.py, with why where the rule is
+# One rule for every field of ir2net_jax/configs/default.py, with why where the rule is
 # not obvious. Choices that depend on other fields (model names, dtypes, the
 # devices) are checked in validate_config after this table.
 _FIELDS: Dict[str, Tuple[Any, str]] = {
@@ -215,7 +215,7 @@ def _fail(field: str, value: Any, problem: str, fix: str) -> ConfigError:
 def _check_fields(config) -> None:
   for field, (rule, why) in _FIELDS.items():
     if field not in config:
-      continue  # a config built without configs/default.py
+      continue  # a config built without ir2net_jax/configs/default.py
     value = config[field]
     if not rule.accepts(value):
       raise _fail(field, value, f"is not {rule.describe()}" +

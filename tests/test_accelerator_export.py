@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10_resnet20, imagenet as imagenet_config
+from ir2net_jax.configs import cifar10_resnet20, imagenet as imagenet_config
 from ir2net_jax import kernels, layers, losses, objective, optim, parallel
 from ir2net_jax import train
 

@@ -10,9 +10,9 @@ import ml_collections
 import pytest
 
 import train_utils
-from configs import cifar10_resnet18, cifar10_resnet20, cifar10_vgg_small
-from configs import default, digits
-from configs import imagenet as imagenet_config
+from ir2net_jax.configs import cifar10_resnet18, cifar10_resnet20, cifar10_vgg_small
+from ir2net_jax.configs import default, digits
+from ir2net_jax.configs import imagenet as imagenet_config
 from ir2net_jax import config_checks, data, train
 # pylint: disable=unused-import
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import cifar10_resnet20
-from configs import imagenet as imagenet_config
+from ir2net_jax.configs import cifar10_resnet20
+from ir2net_jax.configs import imagenet as imagenet_config
 from ir2net_jax import objective, losses, policy, train, xla_cpu
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 import ir2net_jax
 from ir2net_jax import models, objective, optim, parallel, train
-from configs import imagenet
+from ir2net_jax.configs import imagenet
 
 config = imagenet.get_config("a,stage=2")
 config.model_kwargs.num_blocks = (1, 1, 1, 1)

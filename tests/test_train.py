@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import train_utils
-from configs import imagenet as imagenet_config
+from ir2net_jax.configs import imagenet as imagenet_config
 from ir2net_jax import checkpoints, convert, data, models, train
 
 TINY_IR2NET = (1, 1, 1, 1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import sign_margins
-from configs import default
+from ir2net_jax.configs import default
 from ir2net_jax import xla_cpu
 
 

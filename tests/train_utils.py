@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
-from configs import digits as digits_config
+from ir2net_jax.configs import digits as digits_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

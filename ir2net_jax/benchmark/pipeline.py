@@ -94,7 +94,7 @@ def digits_pipeline_images_per_s(examples: int = 2048,
                                  batch_size: int = 64) -> float:
   """``data.train_iterator`` of the digits recipe, examples/s, after one
   epoch (which fills the cache); builds digits in a temporary directory."""
-  from configs import digits  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.configs import digits  # pylint: disable=g-import-not-at-top
   data_dir = tempfile.mkdtemp(prefix="ir2net_bench_digits_")
   try:
     config = digits.get_config()

@@ -25,7 +25,7 @@ class Recipe:
   """A benchmarked recipe.
 
   Attributes:
-    config_module: module with ``get_config(arg)``, e.g. ``configs.imagenet``.
+    config_module: module with ``get_config(arg)``, e.g. ``ir2net_jax.configs.imagenet``.
     config_arg: its argument, e.g. ``'a,stage=2'``.
     batch_size: default global batch of the benchmark (not the recipe's).
     num_classes: the data set's classes (the benchmark reads no data).
@@ -41,16 +41,16 @@ class Recipe:
 def _float_baseline(model: str) -> Recipe:
   """A real-valued network on the IR2Net ImageNet recipe, trained alone:
   plain cross-entropy on the labels, one pass, no teacher."""
-  return Recipe("configs.imagenet", "a,stage=1", 16, 1000, (
+  return Recipe("ir2net_jax.configs.imagenet", "a,stage=1", 16, 1000, (
       ("name", model), ("model", model), ("loss", "cross_entropy"),
       ("information_restriction", False)))
 
 
 RECIPES: Dict[str, Recipe] = {
-    "cifar_resnet20": Recipe("configs.cifar10_resnet20", "", 128, 10),
-    "cifar_vgg_small": Recipe("configs.cifar10_vgg_small", "", 128, 10),
-    "cifar_resnet18": Recipe("configs.cifar10_resnet18", "", 128, 10),
-    **{f"ir2net_{v}_stage{s}": Recipe("configs.imagenet", f"{v},stage={s}",
+    "cifar_resnet20": Recipe("ir2net_jax.configs.cifar10_resnet20", "", 128, 10),
+    "cifar_vgg_small": Recipe("ir2net_jax.configs.cifar10_vgg_small", "", 128, 10),
+    "cifar_resnet18": Recipe("ir2net_jax.configs.cifar10_resnet18", "", 128, 10),
+    **{f"ir2net_{v}_stage{s}": Recipe("ir2net_jax.configs.imagenet", f"{v},stage={s}",
                                       16, 1000)
        for v in "ad" for s in (1, 2)},
     BASELINE: _float_baseline("float_resnet18"),
@@ -94,7 +94,7 @@ def apply_overrides(config: ml_collections.ConfigDict,
     path = CONFIG_ARG.match(arg)
     if path and not _has_field(config, path.group(1)):
       raise UsageError(f"{where}: {arg}: the config has no field "
-                       f"{path.group(1)!r}; configs/default.py lists them")
+                       f"{path.group(1)!r}; ir2net_jax/configs/default.py lists them")
   argv = ["benchmark", *overrides]
   values = flags.FlagValues()
   try:

@@ -1,6 +1,6 @@
 """Shared by the CIFAR-10 recipes (SPEC §5); not a recipe itself."""
 
-from configs import default
+from ir2net_jax.configs import default
 
 
 def cifar10_config(name: str, model: str, learning_rate: float,

@@ -1,0 +1,13 @@
+"""IR2Net VGG-Small 1W1A on CIFAR-10 (SPEC §5): SGD lr 0.08, 400 epochs.
+
+  python launch.py --config=configs/cifar10_vgg_small.py --workdir=runs/c10_vgg
+
+Meant for one GPU; batch 128, cosine to 0, weight decay 1e-4. The paper
+reports 91.5% top-1 (best epoch).
+"""
+
+from ir2net_jax.configs.cifar10_common import cifar10_config
+
+
+def get_config(arg: str = ""):
+  return cifar10_config("cifar10_vgg_small", "cifar_vgg_small", 0.08, 400, arg)
