@@ -105,6 +105,25 @@ class _Text:
 
 
 @dataclasses.dataclass(frozen=True)
+class _DatasetName:
+  """A registered data set name, 'tfds:NAME' or 'folder:PATH' (the format
+  only: ``data.dataset_info`` checks that the data exist)."""
+  prefixes: Tuple[str, ...] = ("tfds:", "folder:")
+
+  def accepts(self, value) -> bool:
+    if not isinstance(value, str) or not value:
+      return False
+    if ":" not in value:
+      return True
+    prefix, rest = value.split(":", 1)
+    return prefix + ":" in self.prefixes and bool(rest)
+
+  def describe(self) -> str:
+    return ("a data set name ('digits', 'cifar10', 'imagenet2012'), "
+            "'tfds:NAME' or 'folder:PATH'")
+
+
+@dataclasses.dataclass(frozen=True)
 class _Mapping:
   """Keyword arguments (a ConfigDict); the model checks their names."""
 
@@ -141,12 +160,15 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
     "sync_batch_stats": (_BOOL, ""),
     "binary_compute_dtype": (_Text(optional=True), ""),
     "xla_cpu_flags": (_Text(), ""),
-    "dataset": (_Text(), ""),
+    "dataset": (_DatasetName(), ""),
     "data_dir": (_Text(optional=True), ""),
     "manual_dir": (_Text(optional=True), ""),
     "image_size": (_POSITIVE_INT, ""),
     "train_split": (_Text(), ""),
-    "eval_split": (_Text(), ""),
+    "eval_split": (_Text(), "'' picks the data set's test split, else its "
+                   "validation split"),
+    "augment": (_OneOf(("auto", "cifar", "imagenet")), "the augmentation "
+                "of tfds: and folder: data sets"),
     "shuffle_buffer": (_Number(int, 1, optional=True), ""),
     "dtype": (_OneOf(("float32", "bfloat16")), "the conv / dense compute "
               "dtype (mixed precision: parameters stay float32)"),

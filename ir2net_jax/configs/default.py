@@ -38,12 +38,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.xla_cpu_flags = "auto"
 
   # Data (ir2net_jax.data).
-  c.dataset = "digits"         # 'digits' | 'cifar10' | 'imagenet2012'
+  # 'digits' | 'cifar10' | 'imagenet2012', or any image classification
+  # data: 'tfds:NAME' (a prepared tfds builder) or 'folder:PATH'
+  # (PATH/train/<class>/*.jpg ...); see ir2net_jax/data/custom.py.
+  c.dataset = "digits"
   c.data_dir = config_dict.placeholder(str)    # tfds data dir
   c.manual_dir = config_dict.placeholder(str)  # ImageNet tars
   c.image_size = 32
   c.train_split = "train"
-  c.eval_split = "test"
+  c.eval_split = ""             # '': per data set ('test', else 'validation')
+  # tfds: and folder: data: 'auto' | 'cifar' (pad, crop, flip) | 'imagenet'
+  # (random-resized-crop, flip); 'auto' picks 'cifar' for images of one
+  # size at most 64 pixels a side.
+  c.augment = "auto"
   c.shuffle_buffer = config_dict.placeholder(int)  # None: per data set
   c.prefetch = 2
 

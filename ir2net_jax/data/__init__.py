@@ -1,4 +1,5 @@
-"""Input pipelines: tfds + tf.data for digits, CIFAR-10 and ImageNet.
+"""Input pipelines: tfds + tf.data for digits, CIFAR-10, ImageNet, and any
+image classification data (a tfds builder or a folder of images).
 
 Public API::
 
@@ -16,26 +17,34 @@ example once over all hosts and batches.
 Config fields read (``ml_collections.ConfigDict``; a missing or None field
 takes the default shown):
 
-* ``dataset``: 'digits' | 'cifar10' | 'imagenet2012'. Required.
+* ``dataset``: 'digits' | 'cifar10' | 'imagenet2012' | 'tfds:NAME' |
+  'folder:PATH' (see ``custom``). Required.
 * ``data_dir``: tfds data directory; None = the tfds default
   (``~/tensorflow_datasets``, or ``$TFDS_DATA_DIR``).
 * ``manual_dir``: directory with ILSVRC2012_img_train.tar and
   ILSVRC2012_img_val.tar, used once to prepare imagenet2012 into
   ``data_dir``; None.
 * ``image_size``: model input size S: 32 for digits and cifar10 (the only
-  size they serve), 224 for imagenet2012 (any size).
+  size they serve), 224 for imagenet2012 (any size); any size for tfds: and
+  folder: data (images are resized).
 * ``train_split``: 'train'. Any tfds split expression, e.g. 'train[:90%]'.
-* ``eval_split``: 'test' for digits and cifar10, 'validation' for
-  imagenet2012.
+* ``eval_split``: '' = the data set's: 'test' for digits and cifar10,
+  'validation' for imagenet2012; for tfds: and folder: data 'test', else
+  'validation', else 'val'.
+* ``augment``: 'auto' | 'cifar' | 'imagenet', the recipe of tfds: and
+  folder: data (see ``custom``); registered data sets take 'auto' only.
 * ``shuffle_buffer``: examples in the shuffle buffer; 1437 for digits and
-  50000 for cifar10 (the whole split), 16384 for imagenet2012.
+  50000 for cifar10 (the whole split), 16384 for imagenet2012; for tfds:
+  and folder: data the whole split if cached, else 16384.
 * ``dtype``: 'float32' | 'bfloat16', dtype of ``image``; 'float32'.
 
 Data sets: ``digits`` is scikit-learn's 8x8 digits, built locally as the tfds
 dataset ``ir2net_digits`` on first use (1437 train / 360 test, no network);
 ``cifar10`` must be prepared beforehand (``tfds build cifar10
 --data_dir=DIR``); ``imagenet2012`` is prepared from ``manual_dir`` on first
-use. Nothing here downloads. Augmentation recipes: see ``recipes``.
+use; ``tfds:NAME`` must be prepared beforehand (``tfds build NAME``);
+``folder:PATH`` is read from its files. Nothing here downloads.
+Augmentation recipes: see ``recipes``.
 
 Everything wrong with a config (unknown data set, missing data, image size,
 batch size not divisible by the number of hosts) raises :class:`DataError`

@@ -18,7 +18,8 @@ __all__ = [
     "split_seed", "to_pixel_levels", "normalize", "random_crop_with_padding",
     "random_flip_left_right", "random_resized_crop_window",
     "decode_and_random_resized_crop", "lighting", "resize_shorter_side",
-    "center_crop", "decode_resize_and_center_crop",
+    "center_crop", "decode_resize_and_center_crop", "decode_rgb",
+    "random_resized_crop",
 ]
 
 
@@ -136,6 +137,43 @@ def decode_and_random_resized_crop(
   image = tf.image.resize(image, [image_size, image_size], method="bilinear",
                           antialias=True)
   return to_pixel_levels(image)
+
+
+def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
+  """Decodes a PNG, JPEG, BMP or GIF (first frame) to uint8 (H, W, 3).
+
+  Grey images are replicated to three channels, an alpha channel is dropped.
+  """
+  image = tf.io.decode_image(encoded, channels=3, dtype=tf.uint8,
+                             expand_animations=False)
+  return tf.ensure_shape(image, [None, None, 3])
+
+
+def random_resized_crop(
+    image: tf.Tensor, seed: tf.Tensor, image_size: int,
+    scale: Tuple[float, float] = (0.08, 1.0),
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> tf.Tensor:
+  """``RandomResizedCrop(image_size)`` of a decoded image.
+
+  The window is sampled as in :func:`decode_and_random_resized_crop`, which
+  is the faster choice for JPEG bytes.
+
+  Args:
+    image: (H, W, C), any real or integer dtype, 0..255.
+    seed: (2,) stateless seed.
+    image_size: output height and width.
+    scale: see :func:`random_resized_crop_window`.
+    ratio: see :func:`random_resized_crop_window`.
+
+  Returns:
+    float32 (image_size, image_size, C), integer levels in [0, 255].
+  """
+  window = random_resized_crop_window(tf.shape(image), seed, scale, ratio)
+  crop = tf.slice(image, tf.stack([window[0], window[1], 0]),
+                  tf.stack([window[2], window[3], -1]))
+  crop = tf.image.resize(crop, [image_size, image_size], method="bilinear",
+                         antialias=True)
+  return to_pixel_levels(crop)
 
 
 def lighting(image: tf.Tensor, seed: tf.Tensor, alphastd: float,

@@ -14,6 +14,20 @@ Each recipe maps one stored image to the model's input, float32
   image_size, grey replicated to 3 channels; train adds a random crop with
   2-pixel zero padding (no flip: digits are not mirror-invariant); both then
   /255 and Normalize(mean=0.5, std=0.5), i.e. pixels in [-1, 1].
+* any image classification data (``tfds:NAME``, ``folder:PATH``; ours, see
+  ``custom`` for which applies). Images arrive encoded (PNG, JPEG) and are
+  decoded to RGB (grey replicated, alpha dropped); both recipes end with
+  Normalize(ImageNet mean / std), as CIFAR-10 and ImageNet do.
+
+  - ``small_*``, the CIFAR recipe, for images of one size: resize to
+    image_size x image_size if the stored size differs (antialiased
+    bilinear); train = RandomCrop(image_size, padding=small_padding(...)) +
+    RandomHorizontalFlip; eval = nothing more.
+  - ``large_*``, the ImageNet recipe without Lighting (its PCA constants
+    are ImageNet's, and it is nearly a no-op anyway): train =
+    RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3)) +
+    RandomHorizontalFlip; eval = Resize(round(image_size * 256 / 224)) +
+    CenterCrop(image_size).
 
 Lighting, as ReActNet's ``Lighting`` (the transform the reference uses) does
 it: the offset ``eigvec @ (alpha * eigval)``, alpha ~ N(0, 0.1), is added to
@@ -25,7 +39,7 @@ offset). We mirror that exactly, truncation included, so the augmentation
 distribution is the reference's; it is nearly a no-op, as there.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import tensorflow as tf
 
@@ -127,3 +141,63 @@ def digits_eval(image: tf.Tensor, image_size: int) -> tf.Tensor:
   """uint8 (8, 8, 1) -> float32 (image_size, image_size, 3): normalise."""
   return augment.normalize(_digits_upsample(image, image_size), DIGITS_MEAN,
                            DIGITS_STD)
+
+
+def small_padding(image_size: int) -> int:
+  """Zero padding of the CIFAR recipe's random crop: 4 at 32, in proportion
+  elsewhere (at least 1)."""
+  return max(1, round(image_size * CIFAR_PADDING / 32))
+
+
+def _decode_small(encoded: tf.Tensor, image_size: int,
+                  stored_size: Optional[Tuple[int, int]]) -> tf.Tensor:
+  """Encoded image -> (image_size, image_size, 3) on the 0..255 scale."""
+  image = augment.decode_rgb(encoded)
+  if stored_size != (image_size, image_size):
+    image = augment.to_pixel_levels(tf.image.resize(
+        image, [image_size, image_size], method="bilinear", antialias=True))
+  return tf.ensure_shape(image, [image_size, image_size, 3])
+
+
+def small_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
+                stored_size: Optional[Tuple[int, int]] = None) -> tf.Tensor:
+  """The CIFAR recipe for any data: encoded image -> float32 (S, S, 3).
+
+  Args:
+    encoded: scalar string tensor, a PNG or JPEG.
+    seed: (2,) stateless seed.
+    image_size: S.
+    stored_size: (height, width) of every stored image; None resizes always.
+  """
+  crop_seed, flip_seed = tf.unstack(augment.split_seed(seed, 2))
+  image = _decode_small(encoded, image_size, stored_size)
+  image = augment.random_crop_with_padding(image, crop_seed,
+                                           small_padding(image_size))
+  image = augment.random_flip_left_right(image, flip_seed)
+  return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def small_eval(encoded: tf.Tensor, image_size: int,
+               stored_size: Optional[Tuple[int, int]] = None) -> tf.Tensor:
+  """The CIFAR recipe's eval: encoded image -> float32 (S, S, 3)."""
+  return augment.normalize(_decode_small(encoded, image_size, stored_size),
+                           IMAGENET_MEAN, IMAGENET_STD)
+
+
+def large_train(encoded: tf.Tensor, seed: tf.Tensor,
+                image_size: int) -> tf.Tensor:
+  """The ImageNet recipe for any data: encoded image -> float32 (S, S, 3)."""
+  crop_seed, flip_seed = tf.unstack(augment.split_seed(seed, 2))
+  image = augment.random_resized_crop(augment.decode_rgb(encoded), crop_seed,
+                                      image_size, CROP_SCALE, CROP_RATIO)
+  image = augment.random_flip_left_right(image, flip_seed)
+  return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def large_eval(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
+  """The ImageNet recipe's eval: resize, centre crop, float32 (S, S, 3)."""
+  image = augment.resize_shorter_side(augment.decode_rgb(encoded),
+                                      eval_resize_size(image_size))
+  image = augment.center_crop(image, image_size)
+  return augment.normalize(tf.ensure_shape(image, [image_size, image_size, 3]),
+                           IMAGENET_MEAN, IMAGENET_STD)

@@ -1,59 +1,28 @@
 """Where examples come from: the data set registry, config checks, tfds reads.
 
+``config.dataset`` is a name of :data:`DATASETS`, or ``tfds:NAME`` or
+``folder:PATH``, whose spec ``custom`` builds from the data themselves.
+
 Everything that can be wrong with a config is checked here, before any data
 is read, and reported as a :class:`DataError`.
 """
 
 import dataclasses
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ir2net_jax.data import digits, recipes
+from ir2net_jax.data import custom, digits, recipes
+from ir2net_jax.data.specs import DataError, DatasetSpec
 
 __all__ = [
-    "DataError", "DatasetSpec", "DATASETS", "Settings", "read_settings",
-    "open_builder", "HostSplit", "read_split",
+    "DataError", "DatasetSpec", "DATASETS", "dataset_spec", "Settings",
+    "read_settings", "open_builder", "HostSplit", "read_split",
 ]
-
-
-class DataError(ValueError):
-  """A data set is unknown, missing, or asked for in a way we cannot serve."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-  """What the pipeline needs to know about one data set.
-
-  Attributes:
-    tfds_name: the tfds builder name.
-    num_classes: number of labels.
-    image_size: default model input size; the only one allowed when
-      ``fixed_image_size``.
-    fixed_image_size: whether other image sizes are refused.
-    eval_split: default evaluation split.
-    shuffle_buffer: default shuffle buffer, in examples.
-    cache: whether each host's decoded split is small enough to keep in memory.
-    decoders: tfds ``decoders`` argument (ImageNet keeps JPEG bytes).
-    train_recipe: ``(image, seed, image_size) -> float32 image``.
-    eval_recipe: ``(image, image_size) -> float32 image``.
-    value_range: smallest and largest normalised pixel value.
-  """
-  tfds_name: str
-  num_classes: int
-  image_size: int
-  fixed_image_size: bool
-  eval_split: str
-  shuffle_buffer: int
-  cache: bool
-  decoders: Optional[Dict[str, Any]]
-  train_recipe: Callable[..., tf.Tensor]
-  eval_recipe: Callable[..., tf.Tensor]
-  value_range: Tuple[float, float]
 
 
 DATASETS: Dict[str, DatasetSpec] = {
@@ -84,6 +53,34 @@ DATASETS: Dict[str, DatasetSpec] = {
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
 
 
+def dataset_spec(name: str, data_dir: Optional[str] = None,
+                 augment: str = "auto") -> DatasetSpec:
+  """The spec of ``config.dataset``: registered, ``tfds:`` or ``folder:``.
+
+  Args:
+    name: a key of :data:`DATASETS`, ``tfds:NAME`` or ``folder:PATH``.
+    data_dir: tfds data directory (for ``tfds:``).
+    augment: ``config.augment``; registered data sets take 'auto' only (their
+      recipes are the reference's).
+
+  Raises:
+    DataError: see ``custom.custom_spec``; an unknown name.
+  """
+  if isinstance(name, str) and custom.is_custom(name):
+    return custom.custom_spec(name, data_dir, augment)
+  if name not in DATASETS:
+    raise DataError(
+        f"Unknown dataset {name!r}; choose one of {sorted(DATASETS)}, "
+        f"'{custom.TFDS_PREFIX}NAME' (a prepared tfds image classification "
+        f"builder) or '{custom.FOLDER_PREFIX}PATH' (PATH/train/<class>/*.jpg) "
+        "(--config.dataset=...).")
+  if augment != "auto":
+    raise DataError(
+        f"augment={augment!r} applies to tfds: and folder: data sets; {name} "
+        "always uses its reference recipe. Pass --config.augment=auto.")
+  return DATASETS[name]
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The data fields of a config, checked, with defaults filled in."""
@@ -101,14 +98,16 @@ class Settings:
 def read_settings(config) -> Settings:
   """Reads and checks the data fields of ``config`` (see the package doc).
 
+  Cheap for registered data sets; for ``tfds:`` and ``folder:`` ones the
+  first call reads the metadata (and a folder's file list).
+
   Raises:
-    DataError: unknown data set or dtype, or an image size it cannot serve.
+    DataError: unknown data set or dtype, or an image size it cannot serve;
+      see ``dataset_spec``.
   """
   name = config.get("dataset")
-  if name not in DATASETS:
-    raise DataError(f"Unknown dataset {name!r}; choose one of "
-                    f"{sorted(DATASETS)} (--config.dataset=...).")
-  spec = DATASETS[name]
+  spec = dataset_spec(name, config.get("data_dir"),
+                      config.get("augment") or "auto")
   image_size = config.get("image_size") or spec.image_size
   if spec.fixed_image_size and image_size != spec.image_size:
     raise DataError(f"{name} is served at image_size={spec.image_size} only; "
@@ -119,12 +118,18 @@ def read_settings(config) -> Settings:
   if dtype not in _DTYPES:
     raise DataError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}.")
   shuffle_buffer = config.get("shuffle_buffer") or spec.shuffle_buffer
+  eval_split = config.get("eval_split") or spec.eval_split
+  if not eval_split:
+    raise DataError(
+        f"{name} has no 'test', 'validation' or 'val' split to evaluate on; "
+        "name one with --config.eval_split=SPLIT (e.g. 'train[90%:]' and "
+        "--config.train_split='train[:90%]' for a tfds builder).")
   return Settings(
       dataset=name, spec=spec, data_dir=config.get("data_dir"),
       manual_dir=config.get("manual_dir"), image_size=int(image_size),
       train_split=config.get("train_split") or "train",
-      eval_split=config.get("eval_split") or spec.eval_split,
-      shuffle_buffer=int(shuffle_buffer), dtype=_DTYPES[dtype])
+      eval_split=eval_split, shuffle_buffer=int(shuffle_buffer),
+      dtype=_DTYPES[dtype])
 
 
 def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
@@ -139,6 +144,8 @@ def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
     DataError: the data set is not prepared and cannot be prepared here.
   """
   data_dir = settings.data_dir
+  if settings.spec.folder is not None:
+    return custom.open_folder(settings.spec.folder)
   if settings.dataset == "digits":
     builder = digits.Ir2netDigits(data_dir=data_dir)
     if not builder.is_prepared():
@@ -165,11 +172,7 @@ def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=os.path.expanduser(manual_dir)))
     return builder
-  raise DataError(
-      f"{settings.spec.tfds_name} is not prepared in {where}, and this "
-      "pipeline never downloads. On a machine with network, run "
-      f"`tfds build {settings.spec.tfds_name} --data_dir=DIR`, copy DIR here "
-      "if needed, then pass --config.data_dir=DIR.")
+  raise custom.unprepared_error(settings.spec.tfds_name, builder, data_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +182,7 @@ class HostSplit:
   Attributes:
     dataset: this host's examples, ``{'image': ..., 'label': int64 ()}``, in
       a deterministic order; ``image`` is uint8 (H, W, C), or a JPEG string
-      for ImageNet.
+      for ImageNet, or the encoded image for ``tfds:`` and ``folder:``.
     host_counts: number of examples of every host, indexed by process index.
     process_index: this host's index.
   """
@@ -193,10 +196,12 @@ class HostSplit:
     return self.host_counts[self.process_index]
 
 
-def _as_dataset(builder, split, decoders) -> tf.data.Dataset:
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders,
+def _as_dataset(builder, split, spec: DatasetSpec) -> tf.data.Dataset:
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders=spec.decoders,
                           read_config=tfds.ReadConfig(try_autocache=False))
-  return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+  return ds.map(lambda ex: {"image": ex[spec.image_key],
+                            "label": ex[spec.label_key]})
 
 
 def _known_host_counts(builder, split: str,
@@ -212,7 +217,8 @@ def _known_host_counts(builder, split: str,
         for i in range(process_count))
   except (KeyError, ValueError) as e:
     raise DataError(f"Cannot read split {split!r} of {builder.name}: {e} "
-                    f"(known splits: {sorted(splits)}).") from e
+                    f"(known splits: {sorted(splits)}); name one with "
+                    "--config.train_split / --config.eval_split.") from e
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -230,19 +236,33 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
   Normally each host reads only its own slice
   (``tfds.split_for_jax_process``, sizes differing by at most one). When the
   split sizes are not recorded, or slicing was ignored (both happen under
-  ``tfds.testing.mock_data``), every host reads the whole split and keeps
+  ``tfds.testing.mock_data``), or the data set is a folder (ImageFolder
+  serves whole splits only), every host reads the whole split and keeps
   every ``process_count``-th example instead.
+
+  Raises:
+    DataError: ``split`` is not a split of the data set.
   """
-  counts = _known_host_counts(builder, split, process_count)
+  if spec.folder is not None:
+    splits = builder.info.splits
+    if split not in splits:
+      raise DataError(
+          f"folder {spec.folder} has no split {split!r} (its splits, the "
+          f"subfolders holding <class>/ images: {sorted(splits)}); name one "
+          "with --config.train_split / --config.eval_split (a folder serves "
+          "whole splits only, no slices like 'train[:90%]').")
+    counts = None
+  else:
+    counts = _known_host_counts(builder, split, process_count)
   if counts is not None:
     host_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count)
-    ds = _as_dataset(builder, host_split, spec.decoders)
+    ds = _as_dataset(builder, host_split, spec)
     if int(ds.cardinality()) in (counts[process_index],
                                  tf.data.UNKNOWN_CARDINALITY):
       return HostSplit(ds, counts, process_index)
 
-  ds = _as_dataset(builder, split, spec.decoders)
+  ds = _as_dataset(builder, split, spec)
   total = _count(ds)
   counts = tuple(len(range(i, total, process_count))
                  for i in range(process_count))
