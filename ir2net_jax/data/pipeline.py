@@ -55,11 +55,16 @@ class DatasetInfo:
     num_eval: examples in the eval split.
     num_classes: number of labels.
     image_size: height and width of the model's input images.
+    train_split: the training split read (``config.train_split`` resolved).
+    eval_split: the evaluation split read ('' in ``config.eval_split``
+      resolved to the data set's own).
   """
   num_train: int
   num_eval: int
   num_classes: int
   image_size: int
+  train_split: str = "train"
+  eval_split: str = "test"
 
 
 @functools.cache
@@ -134,7 +139,9 @@ def dataset_info(config) -> DatasetInfo:
       for split in (settings.train_split, settings.eval_split))
   return DatasetInfo(num_train=num_train, num_eval=num_eval,
                      num_classes=spec.num_classes,
-                     image_size=settings.image_size)
+                     image_size=settings.image_size,
+                     train_split=settings.train_split,
+                     eval_split=settings.eval_split)
 
 
 def _shuffle_and_augment_keys(seed: int, process_index: int) -> Tuple[int, int]:
