@@ -49,7 +49,7 @@ from ir2net_jax import models as models_lib
 
 __all__ = ["torch_key", "torch_to_flax", "flax_to_torch", "load_state_dict",
            "read_torch_zip", "save_variables", "load_variables",
-           "ConversionError"]
+           "ConversionError", "main", "run"]
 
 Variables = Dict[str, Any]
 
@@ -364,5 +364,10 @@ def main(argv=None) -> None:
   print(f"wrote {args.output}: {args.model} ({n:,} parameters)")
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The ``ir2net-convert`` console script: ``main`` on ``sys.argv``."""
   main()
+
+
+if __name__ == "__main__":
+  run()

@@ -35,7 +35,7 @@ from flax import traverse_util
 from ir2net_jax import layers
 
 __all__ = ["LayerCost", "CostSummary", "summarize", "format_summary",
-           "print_summary", "main"]
+           "print_summary", "main", "run"]
 
 # Layers whose MACs are counted, and under which total.
 _MAC_KINDS = {"binary_conv": "bops", "conv": "flops", "dense": "flops"}
@@ -337,5 +337,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
   print_summary(model, (1, size, size, 3), name=name)
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The ``ir2net-costs`` console script: ``main`` on ``sys.argv``."""
   main()
+
+
+if __name__ == "__main__":
+  run()

@@ -14,7 +14,7 @@ from ir2net_jax import parallel, xla_cpu
 from ir2net_jax.benchmark import recipes, report, step
 from ir2net_jax.benchmark.recipes import RECIPES, UsageError
 
-__all__ = ["UsageError", "parse_flags", "main"]
+__all__ = ["UsageError", "parse_flags", "main", "run"]
 
 # Flags a child process gets as given (all but recipes, xla_cpu_flags, json,
 # skip_pipeline, pipeline_examples and from_json).
@@ -201,3 +201,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(report.format_table(result["environment"], result["rows"],
                               result["pipelines"]))
   return result
+
+
+def run() -> None:
+  """The ``ir2net-benchmark`` console script (and ``python -m
+  ir2net_jax.benchmark``): ``main``, with a usage error as one line and
+  exit status 1 instead of a traceback."""
+  try:
+    main()
+  except UsageError as e:
+    sys.exit(f"error: {e}")
