@@ -70,7 +70,8 @@ def _snapshot(path: pathlib.Path) -> str:
         shutil.ignore_patterns(".git", "*venv", "__pycache__", "build",
                                "*.egg-info", ".pytest_cache", "workdir*",
                                "runs")))
-  git = ["git", "-c", "user.name=test", "-c", "user.email=test@local"]
+  git = ["git", "-c", "user.name=test", "-c", "user.email=test@local",
+         "-c", "commit.gpgsign=false"]
   for args in (["init", "-q"], ["add", "-A"],
                ["commit", "-q", "-m", "snapshot"]):
     subprocess.run(git + args, cwd=path, check=True, capture_output=True)
