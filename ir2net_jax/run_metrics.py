@@ -14,6 +14,8 @@ pairs, e.g. to plot a training curve in a notebook::
 Needs the ``tensorboard`` package (in the ``train`` extra), not TensorFlow.
 """
 
+import contextlib
+import logging
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -52,7 +54,8 @@ def read_scalars(workdir: str, tags: Optional[Sequence[str]] = None
   acc = event_accumulator.EventAccumulator(
       workdir, size_guidance={event_accumulator.SCALARS: 0,
                               event_accumulator.TENSORS: 0})
-  acc.Reload()
+  with _quiet_tensorboard_info():
+    acc.Reload()   # logs an INFO line per event file it finishes
   available = acc.Tags()
   wanted = (lambda tag: True) if tags is None else set(tags).__contains__
 
@@ -73,3 +76,15 @@ def read_scalars(workdir: str, tags: Optional[Sequence[str]] = None
       series.setdefault(tag, {})[int(event.step)] = float(
           np.asarray(value).reshape(()))
   return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+@contextlib.contextmanager
+def _quiet_tensorboard_info():
+  """Raises tensorboard's logger to WARNING for the block, then restores it."""
+  logger = logging.getLogger("tensorboard")
+  level = logger.level
+  logger.setLevel(max(level, logging.WARNING))
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
