@@ -77,16 +77,8 @@ def _kernel_spec(tmp_path) -> str:
   return str(tmp_path / "jupyter")
 
 
-def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
-  nb = _read()
-  workdir = tmp_path / "runs" / "digits"
-  params = {
-      "SMOKE": True, "INSTALL": False, "WORKDIR": str(workdir),
-      "DATA_DIR": str(tmp_path / "tfds"),
-      "RELEASED_CHECKPOINT": str(tmp_path / "model_best.pth.tar"),  # absent
-      "CONVERTED_DIR": str(tmp_path / "converted"),
-      "IMAGENET_DATA_DIR": None,
-  }
+def _execute(nb, params, tmp_path, monkeypatch):
+  """Runs ``nb`` in place with ``params`` injected after its parameters."""
   index = next(i for i, c in enumerate(nb.cells)
                if "parameters" in c.metadata.get("tags", []))
   injected = nbformat.v4.new_code_cell(
@@ -102,6 +94,19 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   finally:
     if os.environ.get("IR2NET_NOTEBOOK_OUTPUT"):   # to look at the outputs
       nbformat.write(nb, os.environ["IR2NET_NOTEBOOK_OUTPUT"])
+
+
+def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
+  nb = _read()
+  workdir = tmp_path / "runs" / "digits"
+  params = {
+      "SMOKE": True, "INSTALL": False, "WORKDIR": str(workdir),
+      "DATA_DIR": str(tmp_path / "tfds"),
+      "RELEASED_CHECKPOINT": str(tmp_path / "model_best.pth.tar"),  # absent
+      "CONVERTED_DIR": str(tmp_path / "converted"),
+      "IMAGENET_DATA_DIR": None,
+  }
+  _execute(nb, params, tmp_path, monkeypatch)
 
   devices = _text(_cell(nb, "jax.devices()"))
   assert "backend cpu, compute dtype float32" in devices
@@ -144,6 +149,42 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   assert len(r20_rows) == 1
   assert f"{r20.params_1bit:,}" in r20_rows[0]
   assert f"{r20.bops:.3e}" in r20_rows[0]
+
+
+def test_released_checkpoint_cell_converts(tmp_path, monkeypatch):
+  """The released-checkpoint cell on a full-size IR2Net-A state_dict (random
+  values; an .npz, which the converter reads like a .pth.tar) converts it
+  exactly and, without ImageNet, says what is missing."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from ir2net_jax import convert  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.models import create_model  # pylint: disable=g-import-not-at-top
+
+  model = create_model("ir2net_a", stage=2)
+  abstract = convert._abstract_variables(model, 224)  # pylint: disable=protected-access
+  rng = np.random.default_rng(0)
+  variables = {c: jax.tree.map(
+      lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract[c])
+               for c in ("params", "batch_stats")}
+  released = tmp_path / "model_best.npz"
+  np.savez(released, **{"module." + k: v for k, v in
+                        convert.flax_to_torch(variables, model).items()})
+
+  nb = _read()
+  nb.cells = [c for c in nb.cells if c.cell_type == "code" and (
+      "parameters" in c.metadata.get("tags", []) or "convert.main" in c.source)]
+  params = {"INSTALL": False, "RELEASED_CHECKPOINT": str(released),
+            "CONVERTED_DIR": str(tmp_path / "converted"),
+            "IMAGENET_DATA_DIR": None}
+  _execute(nb, params, tmp_path, monkeypatch)
+
+  out = _text(_cell(nb, "convert.main"))
+  assert f"wrote {params['CONVERTED_DIR']}: ir2net_a" in out
+  assert "Skipped the ImageNet evaluation: IMAGENET_DATA_DIR is None" in out
+  restored = convert.load_variables(params["CONVERTED_DIR"])
+  for c in ("params", "batch_stats"):
+    jax.tree.map(np.testing.assert_array_equal, dict(restored[c]),
+                 variables[c])
 
 
 if __name__ == "__main__":
