@@ -214,9 +214,14 @@ def restriction_grid(images, maps: Dict[str, Any],
       left, _, right, _ = draw.textbbox((0, 0), title, font=font)
       x = GAP + c * (cw + GAP) + max(0, (cw - (right - left)) // 2)
       draw.text((x, 3), title, fill=(0, 0, 0), font=font)
-  for r, kept in enumerate(mask.mean(axis=(1, 2))):
-    y = top + GAP + r * (ch + GAP) + ch // 2 - 12
-    draw.text((width + 4, y), f"kept\n{kept:.0%}", fill=(0, 0, 0), font=font)
+  # The smallest attention over the mean: the mask erases nothing while it
+  # is above erase_lambda.
+  low = attention.min(axis=(1, 2)) / np.maximum(
+      attention.mean(axis=(1, 2)), 1e-12)
+  for r, (kept, ratio) in enumerate(zip(mask.mean(axis=(1, 2)), low)):
+    y = top + GAP + r * (ch + GAP) + max(0, ch // 2 - 24)
+    draw.text((width + 4, y), f"kept\n{kept:.0%}\nmin/mean\n{ratio:.2f}",
+              fill=(0, 0, 0), font=font)
   return np.asarray(picture)
 
 
