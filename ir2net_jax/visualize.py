@@ -16,7 +16,8 @@ draws that, one row per image::
 * ``RestrictionPictures`` is what training calls at every evaluation: the
   same first ``config.restriction_images`` eval images every time, written to
   ``workdir/restriction/step_{step:06d}.png`` and as the TensorBoard image
-  ``restriction``.
+  ``restriction``. Runs with ``information_restriction=False`` draw none:
+  their objective erases nothing (its mask is all ones).
 * The command line draws the grid for image files::
 
     python -m ir2net_jax.visualize --checkpoint=WORKDIR \\
@@ -27,6 +28,8 @@ draws that, one row per image::
   config is used when ``--config`` is omitted), ``WORKDIR/best``, or
   converted weights (``python -m ir2net_jax.convert``; needs ``--config``).
   Images are brought to the model's input with the data set's eval recipe.
+  ``load_config`` / ``load_variables`` read the checkpoint; they overlap with
+  ``ir2net_jax.evaluate``'s loader and are kept in one place to be swapped.
 
 BatchNorm mode. The objective computes the mask in training mode: the clean
 pass normalises with the statistics of its own training batch. A picture of
