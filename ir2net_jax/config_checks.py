@@ -204,6 +204,9 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
                                                          "epoch"),)), ""),
     "skip_nonfinite_updates": (_BOOL, "skip a step whose loss or gradient "
                                "is not finite instead of stopping"),
+    "restriction_images": (_Number(int, 0), "eval images drawn in the "
+                           "restriction pictures at every evaluation; 0: "
+                           "none"),
     "keep_checkpoints": (_POSITIVE_INT, "how many of the latest checkpoints "
                          "to keep; resuming needs at least one"),
     "coordinator_address": (_Text(), ""),
@@ -224,7 +227,7 @@ RESUMABLE_FIELDS = frozenset({
     "binary_compute_dtype", "remat", "log_every_steps", "eval_every_epochs",
     "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
     "num_epochs", "num_train_steps", "coordinator_address", "num_processes",
-    "process_id",
+    "process_id", "restriction_images",
 })
 
 _MODEL_NAMES = f"choose one of {sorted(models.MODELS)}"

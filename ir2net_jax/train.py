@@ -358,6 +358,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # every one of them is checked for divergence before anything is
   # evaluated or saved.
   pending, last_eval = [], {}
+  pictures = None  # visualize.RestrictionPictures, made at the first eval
   meta = lambda: {"model": config.model, "stage": config.stage,
                   "name": config.name, "best": best, **last_eval,
                   "skipped_steps": skipped + divergence.count_skipped(pending)}
@@ -389,6 +390,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                             "batch_stats": state.batch_stats},
                                 config, mesh)
           writer.write_scalars(step, last_eval)
+          pictures = pictures or _restriction_pictures(config, model, mesh,
+                                                       workdir)
+          if pictures:
+            pictures(step, {"params": state.params,
+                            "batch_stats": state.batch_stats}, writer)
           logging.info("step %d (epoch %.2f): eval top-1 %.4f top-5 %.4f",
                        step, step / steps_per_epoch, last_eval["eval_top1"],
                        last_eval["eval_top5"])
@@ -427,6 +433,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       json.dump(summary, f, indent=1)
   logging.info("done: %s", json.dumps(summary))
   return summary
+
+
+def _restriction_pictures(config, model, mesh, workdir):
+  """What draws information restriction at each evaluation, or False.
+
+  False without information restriction (nothing is erased, there is no
+  second pass to show) or with ``config.restriction_images == 0``.
+  """
+  if not (config.information_restriction and config.restriction_images):
+    return False
+  from ir2net_jax import visualize  # pylint: disable=g-import-not-at-top
+  return visualize.RestrictionPictures(config, model, mesh, workdir)
 
 
 def _train_metrics(pending) -> Dict[str, float]:

@@ -58,6 +58,11 @@ def test_two_processes_run_launch_like_one(tmp_path):
     assert f"resumed from step {STEPS_FIRST}" in log
     assert PREPARING not in log
 
+  # Every process ran the pictures' forward pass; they were drawn at both
+  # evaluations (process 0 writes them).
+  assert sorted(os.listdir(multi / "restriction")) == [
+      f"step_{s:06d}.png" for s in (STEPS_FIRST, STEPS)]
+
   step_m, state_m = train_utils.final_state(multi)
   step_s, state_s = train_utils.final_state(single)
   assert step_m == step_s == STEPS

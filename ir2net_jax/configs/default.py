@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.log_every_steps = 50
   c.checkpoint_every_steps = -1  # -1: once an epoch
   c.keep_checkpoints = 2
+  # Pictures of information restriction at every evaluation (the first N
+  # eval images; ir2net_jax.visualize): workdir/restriction/*.png and the
+  # TensorBoard image 'restriction'. 0: none.
+  c.restriction_images = 8
 
   # Multi-host (otherwise read from the cluster environment, if any).
   c.coordinator_address = ""

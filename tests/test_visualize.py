@@ -1,0 +1,248 @@
+"""Pictures of information restriction (ir2net_jax.visualize).
+
+The maps against the training objective's own mask and a numpy derivation of
+the attention (float64: both are downstream of sign activations, see
+sign_margins.py); the grid's layout pixel by pixel; a smoke training run's
+PNGs and TensorBoard images; the three checkpoint kinds the loader reads;
+the command line.
+"""
+
+import glob
+import io
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import train_utils
+from ir2net_jax import losses, objective, train, visualize
+
+LAM = 1.0  # erases about half of a random image: both mask values occur
+SCALE = 3  # 32 x 32 digits are drawn 96 x 96
+
+
+def _model_and_variables():
+  config = train_utils.tiny_digits_config("unused")
+  model = train.build_model(config, 10)
+  return model, train_utils.float64_variables(model)
+
+
+def _numpy_attention(feature: np.ndarray, size) -> np.ndarray:
+  """SPEC section 3, steps 1-3, written out: mean_c(F^2), each column
+  normalised along H, bilinear upsampling with align_corners=True."""
+  a = np.mean(feature ** 2, axis=-1)
+  a = a / np.maximum(np.sqrt(np.sum(a ** 2, axis=1, keepdims=True)), 1e-12)
+  def taps(n_in, n_out):
+    src = np.arange(n_out) * (n_in - 1) / (n_out - 1)
+    i0 = np.minimum(np.floor(src).astype(int), n_in - 1)
+    return i0, np.minimum(i0 + 1, n_in - 1), src - i0
+  h0, h1, hw = taps(a.shape[1], size[0])
+  w0, w1, ww = taps(a.shape[2], size[1])
+  rows = (1 - hw)[None, :, None] * a[:, h0] + hw[None, :, None] * a[:, h1]
+  return (1 - ww) * rows[:, :, w0] + ww * rows[:, :, w1]
+
+
+@pytest.mark.parametrize("batch_stats_mode", ["train", "eval"])
+def test_maps_are_the_objectives(batch_stats_mode):
+  train_mode = batch_stats_mode == "train"
+  with jax.enable_x64(True):
+    model, variables = _model_and_variables()
+    batch = train_utils.float64_batch(train_utils.random_batch(0, 6))
+    images = batch["image"]
+    maps = jax.jit(lambda v, x: visualize.restriction_maps(
+        model, v, x, LAM, train=train_mode))(variables, images)
+    maps = jax.device_get(maps)
+    if train_mode:  # the objective's own clean pass and mask
+      _, aux = objective.two_pass_objective(
+          variables["params"], variables["batch_stats"], model, images,
+          batch["label"], losses.cross_entropy, LAM)
+      feature, mask = np.asarray(aux.feature), np.asarray(aux.mask)
+    else:
+      _, feature = model.apply(variables, images, train=False)
+      feature = np.asarray(feature)
+      up = _numpy_attention(feature, (32, 32))
+      mask = (up > LAM * up.mean(axis=(1, 2), keepdims=True)).astype(float)
+  assert 0.2 < mask.mean() < 0.8, mask.mean()   # not vacuous
+  np.testing.assert_array_equal(maps["mask"], mask)
+  np.testing.assert_allclose(maps["erased"], images * mask[..., None],
+                             rtol=1e-6)
+  np.testing.assert_allclose(maps["attention"],
+                             _numpy_attention(feature, (32, 32)), rtol=1e-5,
+                             atol=1e-7)
+  # The mask is the attention thresholded: the column shows what it cuts.
+  att = maps["attention"].astype(np.float64)
+  np.testing.assert_array_equal(
+      maps["mask"], att > LAM * att.mean(axis=(1, 2), keepdims=True))
+  assert maps["attention"].dtype == np.float32
+  assert maps["mask"].shape == (6, 32, 32)
+  assert maps["erased"].shape == (6, 32, 32, 3)
+
+
+def _cell(grid, row, col, size=32, scale=SCALE, header=True):
+  top = visualize.HEADER if header else 0
+  cell = size * scale
+  y = top + visualize.GAP + row * (cell + visualize.GAP)
+  x = visualize.GAP + col * (cell + visualize.GAP)
+  return grid[y:y + cell, x:x + cell]
+
+
+def _big(x, scale=SCALE):
+  return np.asarray(x).repeat(scale, axis=1).repeat(scale, axis=2)
+
+
+def test_grid_layout_and_columns():
+  rng = np.random.default_rng(0)
+  n = 3
+  images = rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32)
+  mask = (rng.uniform(size=(n, 32, 32)) > 0.5).astype(np.float32)
+  attention = rng.uniform(0, 2, (n, 32, 32)).astype(np.float32)
+  maps = {"attention": attention, "mask": mask,
+          "erased": images * mask[..., None]}
+  mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+  grid = visualize.restriction_grid(images, maps, mean=mean, std=std)
+  cell = 32 * SCALE
+  assert grid.dtype == np.uint8
+  assert grid.shape == (visualize.HEADER + visualize.GAP + n * (cell + visualize.GAP),
+                        visualize.GAP + 4 * (cell + visualize.GAP)
+                        + visualize.LABEL, 3)
+  pixels = lambda x: np.round(np.clip(x * 0.5 + 0.5, 0, 1) * 255)
+  for r in range(n):
+    np.testing.assert_array_equal(_cell(grid, r, 0), _big(pixels(images))[r])
+    peak = attention[r].max()
+    np.testing.assert_array_equal(
+        _cell(grid, r, 1), _big(visualize.viridis(attention[r:r + 1] / peak))[0])
+    # The mask: pure white where kept, pure black where erased.
+    want = np.where(_big(mask)[r][..., None] > 0, 255, 0)
+    np.testing.assert_array_equal(_cell(grid, r, 2),
+                                  np.broadcast_to(want, (cell, cell, 3)))
+    np.testing.assert_array_equal(_cell(grid, r, 3),
+                                  _big(pixels(maps["erased"]))[r])
+  # value_range instead of mean / std: the same for [-1, 1] data, no header.
+  plain = visualize.restriction_grid(images, maps, (-1.0, 1.0), header=False)
+  np.testing.assert_array_equal(plain[:-visualize.GAP, :-visualize.LABEL],
+                                grid[visualize.HEADER:-visualize.GAP,
+                                     :-visualize.LABEL])
+
+
+def test_viridis_matches_matplotlib():
+  cm = pytest.importorskip("matplotlib").colormaps["viridis"]
+  x = np.linspace(0, 1, 256)
+  want = np.round(cm(x)[:, :3] * 255)
+  got = visualize.viridis(x).astype(float)
+  assert np.max(np.abs(got - want)) <= 3  # anchors rounded to levels
+  np.testing.assert_array_equal(visualize.viridis(np.array([-1.0, 2.0])),
+                                visualize.viridis(np.array([0.0, 1.0])))
+
+
+def test_save_png_round_trips(tmp_path):
+  grid = np.random.default_rng(1).integers(0, 256, (7, 5, 3), np.uint8)
+  path = tmp_path / "sub" / "g.png"
+  visualize.save_png(grid, str(path))
+  np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)
+
+
+# A smoke run with 3 steps an epoch: evaluations (and pictures) at 3 and 6.
+EVAL_STEPS = (3, 6)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, digits_dir):
+  workdir = tmp_path_factory.mktemp("viz") / "run"
+  p = train_utils.launch(workdir, f"--config.data_dir={digits_dir}",
+                         "--config.train_split=train[:48]", devices=2)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out.decode()[-3000:]
+  return workdir
+
+
+def _tensorboard_images(workdir):
+  """{step: decoded image} of the TensorBoard images tagged restriction."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  found = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == "restriction":
+          encoded = tf.make_ndarray(value.tensor)[2]  # width, height, PNG
+          found[event.step] = np.asarray(Image.open(io.BytesIO(encoded)))
+  return found
+
+
+def test_training_writes_pictures_at_every_eval(smoke_run):
+  pngs = sorted(os.listdir(smoke_run / "restriction"))
+  assert pngs == [f"step_{s:06d}.png" for s in EVAL_STEPS]
+  tb = _tensorboard_images(smoke_run)
+  assert sorted(tb) == list(EVAL_STEPS)
+  n = 8  # config.restriction_images
+  cell = 32 * SCALE
+  for s in EVAL_STEPS:
+    png = np.asarray(Image.open(smoke_run / "restriction" / f"step_{s:06d}.png"))
+    assert png.shape == (visualize.HEADER + visualize.GAP
+                         + n * (cell + visualize.GAP),
+                         visualize.GAP + 4 * (cell + visualize.GAP)
+                         + visualize.LABEL, 3)
+    np.testing.assert_array_equal(tb[s], png)
+    mask_column = np.stack([_cell(png, r, 2) for r in range(n)])
+    assert set(np.unique(mask_column)) <= {0, 255}
+
+
+def test_no_pictures_without_information_restriction():
+  config = train_utils.tiny_digits_config("unused")
+  config.information_restriction = False   # nothing is erased: no pictures
+  assert train._restriction_pictures(config, None, None, "unused") is False
+  config.information_restriction, config.restriction_images = True, 0
+  assert train._restriction_pictures(config, None, None, "unused") is False
+
+
+def test_loader_reads_workdir_best_and_converted_weights(smoke_run, tmp_path):
+  from ir2net_jax import convert  # pylint: disable=g-import-not-at-top
+  config = visualize.load_config(str(smoke_run))
+  assert config.train_split == "train[:48]"
+  assert visualize.load_config(str(smoke_run / "best")) == config
+  assert visualize.load_config(str(tmp_path)) is None
+  step, saved = train_utils.final_state(smoke_run)
+  assert step == EVAL_STEPS[-1]
+  _, variables = visualize.load_variables(config, str(smoke_run))
+  flat = {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  assert flat.keys() == {k for k in saved if not k.startswith("['opt")}
+  for k in flat:
+    np.testing.assert_array_equal(flat[k], saved[k], err_msg=k)
+  # best/ holds the best eval's step; converted weights hold what was saved.
+  _, best = visualize.load_variables(config, str(smoke_run / "best"))
+  convert.save_variables(str(tmp_path / "converted"), best)
+  _, converted = visualize.load_variables(config, str(tmp_path / "converted"))
+  jax.tree.map(np.testing.assert_array_equal, converted, best)
+  with pytest.raises(visualize.VisualizeError, match="not a directory"):
+    visualize.load_variables(config, str(tmp_path / "missing"))
+
+
+def test_command_line_draws_image_files(smoke_run, tmp_path):
+  rng = np.random.default_rng(2)
+  images = tmp_path / "images"
+  images.mkdir()
+  for i in range(2):  # 8x8 grey digits, as the data set stores them
+    Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(
+        images / f"d{i}.png")
+  Image.fromarray(rng.integers(0, 256, (20, 12, 3), np.uint8)).save(
+      tmp_path / "other.jpg")
+  output = tmp_path / "grid.png"
+  p = subprocess.run(
+      [sys.executable, "-m", "ir2net_jax.visualize",
+       f"--checkpoint={smoke_run / 'best'}",
+       f"--images={images},{tmp_path / '*.jpg'}", f"--output={output}"],
+      cwd=train_utils.ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "3 images" in p.stdout
+  cell = 32 * SCALE
+  grid = np.asarray(Image.open(output))
+  assert grid.shape == (visualize.HEADER + visualize.GAP
+                        + 3 * (cell + visualize.GAP),
+                        visualize.GAP + 4 * (cell + visualize.GAP)
+                        + visualize.LABEL, 3)
