@@ -28,7 +28,11 @@ Command::
 
 ``--input`` may be a ``.pth``/``.pth.tar`` or a ``.npz`` of arrays keyed by
 the PyTorch names. A ``.pth`` is read with torch when it is installed, and
-otherwise by ``read_torch_zip`` (torch's zip format, no torch needed).
+otherwise by ``read_torch_zip`` (torch's zip format, no torch needed). It may
+hold a state_dict or a training checkpoint as the reference saves one (the
+released ``model_best.pth.tar``: ``{'state_dict': {'module.<name>': ...},
+'epoch', 'best_top1_acc', 'optimizer'}``); the state_dict is taken, and
+DataParallel's ``module.`` prefix dropped.
 """
 
 import argparse

@@ -339,7 +339,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  stage1_dir)
   elif config.init_from and not resuming:
     variables = ckpt_lib.restore_converted(config.init_from, variables,
-                                         config.model)
+                                           config.model)
     logging.info("starting from the variables in %s", config.init_from)
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch)

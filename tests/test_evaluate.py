@@ -353,7 +353,8 @@ def test_init_from_and_stage1_checkpoint_together_are_refused(tmp_path,
 
 def test_cli_on_a_workdir_and_its_best(stage2_run, tmp_path):
   """``python -m ir2net_jax.evaluate`` without --config (it reads the
-  recorded one) reproduces the run's final and best eval numbers."""
+  recorded one, and takes overrides) reproduces the run's final and best
+  eval numbers."""
   workdir = stage2_run[0] / "stage2"
   summary = json.loads((workdir / "summary.json").read_text())
   out = tmp_path / "best.json"
@@ -361,7 +362,7 @@ def test_cli_on_a_workdir_and_its_best(stage2_run, tmp_path):
       [sys.executable, "-m", "ir2net_jax.evaluate", f"--checkpoint={ckpt}",
        *extra], cwd=train_utils.ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-      for ckpt, extra in ((workdir, []),
+      for ckpt, extra in ((workdir, ["--config.prefetch=1"]),  # an override
                           (workdir / "best", [f"--output={out}"]))]
   for p in procs:
     log = p.communicate(timeout=300)[0].decode()
