@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from ir2net_jax import convert
 
 __all__ = ["CheckpointError", "Checkpoints", "is_step_directory", "latest_step",
-           "check_fits", "restore_variables", "restore_converted",
+           "check_fits", "restore_variables", "read_meta", "restore_converted",
            "stage1_directory", "check_stage1", "restore_stage1_variables"]
 
 
@@ -338,6 +338,17 @@ def restore_stage1_variables(path: str, abstract_variables: Any,
         f"the last stage-1 checkpoint in {path} (step {last}) cannot be "
         f"read (see the warnings above); stage 2 starts from the last one")
   return variables
+
+
+def read_meta(directory: str, step: int) -> Dict[str, Any]:
+  """The JSON metadata (model, stage, name, eval metrics) saved with
+  ``step`` in a checkpoint directory."""
+  manager = _read_only(directory)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
+  finally:
+    manager.close()
 
 
 def restore_converted(directory: str, abstract_variables: Any, model: str

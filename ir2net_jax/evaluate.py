@@ -155,6 +155,7 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
     step, where = None, source.path
     variables = ckpt_lib.restore_converted(source.path, abstract, name)
   else:
+    _check_meta(source.steps, config)
     step, variables = ckpt_lib.restore_variables(source.steps, abstract, name)
     where = os.path.join(source.steps, str(step))
   mesh = parallel.data_mesh()
@@ -166,6 +167,27 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
   return {"top1": sums["eval_top1"], "top5": sums["eval_top5"],
           "count": int(sums["eval_count"]), "checkpoint": where, "step": step,
           "split": config.eval_split, "dataset": config.dataset}
+
+
+def _check_meta(directory: str, config) -> None:
+  """Refuses a run's checkpoint of another model or IR2Net stage (stage-1
+  and stage-2 variables have the same shapes), from the newest one's
+  metadata; an unreadable one is left to ``restore_variables`` to report."""
+  step = ckpt_lib.latest_step(directory)
+  try:
+    meta = ckpt_lib.read_meta(directory, step)
+  except Exception:  # pylint: disable=broad-except
+    return
+  saved = (meta.get("model"), meta.get("stage"))
+  want = (config.model, config.stage)
+  if not config.model.startswith("ir2net"):
+    saved, want = saved[:1], want[:1]
+  if saved != want:
+    raise CheckpointError(
+        f"the checkpoint {directory} (step {step}) is of model "
+        f"{meta.get('model')!r} stage {meta.get('stage')!r}, but the config's "
+        f"model is {config.model!r} stage {config.stage!r}; pass the config "
+        f"it was trained with")
 
 
 FLAGS = flags.FLAGS

@@ -393,11 +393,21 @@ def test_errors_come_before_compiling(tmp_path, workdir, stage2_run,
     evaluate.evaluate(config, str(workdir))
   with pytest.raises(config_checks.ConfigError, match="no recorded config"):
     evaluate.evaluate(None, released["converted"])   # converted: no config
-  other = _ir2net_config(digits_dir, model="ir2net_b")
+  other = _ir2net_config(digits_dir)
+  other.model_kwargs.num_blocks = (2, 1, 1, 1)
   with pytest.raises(checkpoints.CheckpointError,
                      match=rf"{run}/checkpoints \(step 3\) does not fit "
-                           r"ir2net_b.*fusion.* only in the"):
+                           r"ir2net_a.*layer1_1.* only in the model"):
     evaluate.evaluate(other, run)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"is of model 'ir2net_a' stage 2, but the config's "
+                           r"model is 'ir2net_b' stage 2"):
+    evaluate.evaluate(_ir2net_config(digits_dir, model="ir2net_b"), run)
+  stage1 = _ir2net_config(digits_dir, stage=1)   # the same shapes
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"is of model 'ir2net_a' stage 2, but the config's "
+                           r"model is 'ir2net_a' stage 1"):
+    evaluate.evaluate(stage1, run)
   nodata = _ir2net_config(str(tmp_path / "empty"), dataset="cifar10")
   with pytest.raises(data.DataError, match="tfds build cifar10"):
     evaluate.evaluate(nodata, run)
