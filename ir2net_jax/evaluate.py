@@ -140,6 +140,7 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
           f"{source.path} has no recorded config.json; pass "
           f"--config=<the recipe it was trained with>")
     config = config_checks.read_recorded_config(path)
+  parallel.init_distributed(config)
   config_checks.validate_eval_config(config)
   info = data.dataset_info(config)              # DataError if missing
   config_checks.check_num_classes(config, info)
@@ -150,7 +151,9 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(config.seed), jnp.zeros((1, size, size, 3)),
       train=False))
-  name = f"{config.model} ({num_classes} classes, stage {config.stage})"
+  ir2net = config.model.startswith("ir2net")
+  name = (f"{config.model} ({num_classes} classes"
+          f"{f', stage {config.stage}' if ir2net else ''})")
   if source.steps is None:
     step, where = None, source.path
     variables = ckpt_lib.restore_converted(source.path, abstract, name)
@@ -177,6 +180,8 @@ def _check_meta(directory: str, config) -> None:
   try:
     meta = ckpt_lib.read_meta(directory, step)
   except Exception:  # pylint: disable=broad-except
+    return
+  if "model" not in meta:
     return
   saved = (meta.get("model"), meta.get("stage"))
   want = (config.model, config.stage)
@@ -214,6 +219,7 @@ def main(argv) -> None:
   print(f"{result['checkpoint']}: {result['dataset']} {result['split']}: "
         f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
         f"({result['count']} examples) -> {output}")
+  parallel.shutdown_distributed()
 
 
 def _with_recorded_config(argv):
