@@ -1,4 +1,5 @@
-"""Orbax checkpoints in the workdir: periodic, best-eval, resume, stage 1.
+"""Orbax checkpoints in the workdir: periodic, best-eval, resume, stage 1,
+and converted weights.
 
 Layout::
 
@@ -10,11 +11,13 @@ Layout::
 
 ``state`` is the whole ``TrainState``; ``meta`` is JSON (model, stage,
 config name, eval metrics). The teacher is never saved with the student.
+Converted weights (``python -m ir2net_jax.convert``) are one orbax
+checkpoint of ``{params, batch_stats}``, read by ``restore_converted``.
 """
 
 import os
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
@@ -22,8 +25,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-__all__ = ["CheckpointError", "Checkpoints", "stage1_directory",
-           "check_stage1", "restore_stage1_variables"]
+from ir2net_jax import convert
+
+__all__ = ["CheckpointError", "Checkpoints", "is_step_directory", "latest_step",
+           "check_fits", "restore_variables", "read_meta", "restore_converted",
+           "stage1_directory", "check_stage1", "restore_stage1_variables"]
 
 
 class CheckpointError(ValueError):
@@ -69,8 +75,7 @@ class Checkpoints:
 
   def step_path(self, step: int) -> str:
     """The directory of the latest-checkpoint at ``step``."""
-    return str(ocp.step.standard_name_format().find_step(
-        self.latest.directory, step).path)
+    return _step_path(self.latest, step)
 
   def restore(self, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
     """Restores the newest *readable* checkpoint into ``abstract_state``'s
@@ -85,28 +90,25 @@ class Checkpoints:
       CheckpointError: when no checkpoint can be read (they are left where
         they are, for a look).
     """
-    corrupt = []
-    for step in sorted(self.latest.all_steps(), reverse=True):
-      try:
-        restored = self.latest.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            meta=ocp.args.JsonRestore()))
-        _check_finite(restored.state)
-      except Exception as e:  # orbax, tensorstore and json raise many types
-        logging.warning("cannot read the checkpoint %s (%s: %s); trying the "
-                        "one before it", self.step_path(step),
-                        type(e).__name__, _first_line(e))
-        corrupt.append(step)
-        continue
-      if corrupt:
-        self._set_aside(corrupt)
-        logging.warning("resuming from the checkpoint at step %d, the newest "
-                        "readable one", step)
-      return restored.state, restored.meta
-    raise CheckpointError(
-        f"none of the checkpoints in {self.latest.directory} (steps "
-        f"{sorted(corrupt)}) can be read; see the warnings above. Move them "
-        f"out of the way to train from the start, or use a new --workdir.")
+    def restore(step):
+      restored = self.latest.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          meta=ocp.args.JsonRestore()))
+      _check_finite(restored.state)
+      return restored
+
+    step, restored, corrupt = _restore_newest(self.latest, restore)
+    if corrupt:
+      if step is None:
+        raise CheckpointError(
+            f"none of the checkpoints in {self.latest.directory} (steps "
+            f"{sorted(corrupt)}) can be read; see the warnings above. Move "
+            f"them out of the way to train from the start, or use a new "
+            f"--workdir.")
+      self._set_aside(corrupt)
+      logging.warning("resuming from the checkpoint at step %d, the newest "
+                      "readable one", step)
+    return restored.state, restored.meta
 
   def _set_aside(self, steps: List[int]) -> None:
     """Moves unreadable checkpoints out of ``checkpoints/`` (host 0 moves)."""
@@ -142,6 +144,138 @@ def _check_finite(state: Any) -> None:
 def _first_line(error: Exception) -> str:
   text = str(error).strip()
   return text.splitlines()[0] if text else ""
+
+
+def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
+  return str(ocp.step.standard_name_format().find_step(
+      manager.directory, step).path)
+
+
+def _restore_newest(manager: ocp.CheckpointManager,
+                    restore: Callable[[int], Any]
+                    ) -> Tuple[Optional[int], Any, List[int]]:
+  """``restore(step)`` of the newest step it succeeds on.
+
+  Returns:
+    ``(step, restored, unreadable)``: the steps newer than ``step`` that
+    could not be read (each reported), and ``(None, None, all steps)``
+    when none could.
+  """
+  unreadable = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      return step, restore(step), unreadable
+    except CheckpointError:  # readable, but not what the run needs
+      raise
+    except Exception as e:  # orbax, tensorstore and json raise many types
+      logging.warning("cannot read the checkpoint %s (%s: %s); trying the "
+                      "one before it", _step_path(manager, step),
+                      type(e).__name__, _first_line(e))
+      unreadable.append(step)
+  return None, None, unreadable
+
+
+def _read_only(directory: str) -> ocp.CheckpointManager:
+  return _manager(directory, None, create=False, read_only=True)
+
+
+def is_step_directory(directory: str) -> bool:
+  """Whether ``directory`` holds orbax step directories (``<step>/`` with
+  ``state`` and ``meta``): ``workdir/checkpoints`` or ``workdir/best``."""
+  return os.path.isdir(directory) and any(
+      name.isdigit() and os.path.isdir(os.path.join(directory, name, "state"))
+      for name in os.listdir(directory))
+
+
+def latest_step(directory: str) -> Optional[int]:
+  """The newest step in a checkpoint directory (``workdir/checkpoints`` or
+  ``workdir/best``), None if it is missing or empty; reads no arrays."""
+  if not os.path.isdir(directory):
+    return None
+  manager = _read_only(directory)
+  try:
+    return manager.latest_step()
+  finally:
+    manager.close()
+
+
+def check_fits(saved: Any, abstract: Any, what: str, model: str) -> None:
+  """Raises CheckpointError unless ``saved`` (arrays or metadata of
+  ``{'params', 'batch_stats'}``) has ``abstract``'s names and shapes.
+
+  Args:
+    saved: the checkpoint's variables (anything with ``.shape``).
+    abstract: the model's variables (``jax.ShapeDtypeStruct`` or arrays).
+    what: the checkpoint, as the message names it.
+    model: the model, as the message names it.
+  """
+  flat = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape) for p, x in
+                       jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, want = flat(saved), flat(abstract)
+  if got == want:
+    return
+  problems = ([f"{k}: {got[k]} in the checkpoint, {want[k]} in the model"
+               for k in sorted(got.keys() & want.keys()) if got[k] != want[k]]
+              + [f"{k} only in the model" for k in sorted(want.keys() - got.keys())]
+              + [f"{k} only in the checkpoint"
+                 for k in sorted(got.keys() - want.keys())])
+  raise CheckpointError(
+      f"{what} does not fit {model}: {len(problems)} variables differ in "
+      f"names or shapes, e.g. {'; '.join(problems[:3])}. Is it a checkpoint "
+      f"of another model, variant, stage or number of classes?")
+
+
+def restore_variables(directory: str, abstract_variables: Any, model: str
+                      ) -> Tuple[int, Dict[str, Any]]:
+  """Params and BatchNorm statistics of the newest readable checkpoint in
+  ``directory`` (``workdir/checkpoints`` or ``workdir/best``); read only.
+
+  Args:
+    directory: the checkpoint directory.
+    abstract_variables: ``{'params', 'batch_stats'}`` of the model
+      (arrays or ``jax.ShapeDtypeStruct``), to check the restored ones
+      against and cast them to.
+    model: the model's name, for the error message.
+
+  Returns:
+    ``(step, variables)``, on this process's first device.
+
+  Raises:
+    CheckpointError: no checkpoint in ``directory``, none readable, or one
+      that does not fit the model (naming both).
+  """
+  manager = _read_only(directory)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def restore(step):
+    with ocp.StandardCheckpointer() as ckptr:
+      saved = ckptr.metadata(os.path.join(_step_path(manager, step), "state")
+                             ).item_metadata.tree
+    check_fits({"params": saved["params"],
+                "batch_stats": saved["batch_stats"]}, abstract_variables,
+               f"the checkpoint {directory} (step {step})", model)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+        saved)
+    state = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract))).state
+    variables = {"params": state["params"],
+                 "batch_stats": state["batch_stats"]}
+    _check_finite(variables)
+    return variables
+
+  try:
+    if manager.latest_step() is None:
+      raise CheckpointError(f"there is no checkpoint in {directory}")
+    step, variables, unreadable = _restore_newest(manager, restore)
+  finally:
+    manager.close()
+  if step is None:
+    raise CheckpointError(f"none of the checkpoints in {directory} (steps "
+                          f"{sorted(unreadable)}) can be read; see the "
+                          f"warnings above")
+  return step, jax.tree.map(lambda x, a: x.astype(a.dtype), variables,
+                            abstract_variables)
 
 
 def stage1_directory(config, workdir: str) -> str:
@@ -180,7 +314,9 @@ def check_stage1(config, path: str) -> Dict[str, Any]:
   return meta
 
 
-def restore_stage1_variables(path: str, abstract_variables: Any) -> Dict[str, Any]:
+def restore_stage1_variables(path: str, abstract_variables: Any,
+                             model: str = "the stage-2 model"
+                             ) -> Dict[str, Any]:
   """Params and BatchNorm statistics of the *last* stage-1 checkpoint.
 
   The optimizer state and step are not taken: stage 2 starts its own
@@ -190,20 +326,56 @@ def restore_stage1_variables(path: str, abstract_variables: Any) -> Dict[str, An
     path: the stage-1 workdir.
     abstract_variables: ``{'params', 'batch_stats'}`` of the stage-2 model
       (arrays or ``jax.ShapeDtypeStruct``), to check the restored ones against.
+    model: the stage-2 model's name, for the error message.
   """
-  manager = _stage1_manager(path)
-  step = manager.latest_step()
+  manager = _stage1_manager(path)  # a clear error where there is no stage 1
+  last = manager.latest_step()
+  manager.close()
+  step, variables = restore_variables(os.path.join(path, "checkpoints"),
+                                      abstract_variables, model)
+  if step != last:
+    raise CheckpointError(
+        f"the last stage-1 checkpoint in {path} (step {last}) cannot be "
+        f"read (see the warnings above); stage 2 starts from the last one")
+  return variables
+
+
+def read_meta(directory: str, step: int) -> Dict[str, Any]:
+  """The JSON metadata (model, stage, name, eval metrics) saved with
+  ``step`` in a checkpoint directory."""
+  manager = _read_only(directory)
   try:
-    state = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore())).state
+    return manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore())).meta
   finally:
     manager.close()
-  variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-  got = jax.tree.map(lambda x: tuple(x.shape), variables)
-  want = jax.tree.map(lambda x: tuple(x.shape), abstract_variables)
-  if got != want:
+
+
+def restore_converted(directory: str, abstract_variables: Any, model: str
+                      ) -> Dict[str, Any]:
+  """Variables written by ``python -m ir2net_jax.convert`` (or
+  ``convert.save_variables``), checked against the model's before reading.
+
+  Args:
+    directory: the converted checkpoint.
+    abstract_variables: ``{'params', 'batch_stats'}`` of the model.
+    model: the model's name, for the error message.
+
+  Raises:
+    CheckpointError: no converted checkpoint there, or one whose variables
+      do not fit the model (naming both).
+  """
+  directory = os.path.abspath(directory)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      saved = ckptr.metadata(directory).item_metadata.tree
+  except Exception as e:  # orbax raises several types for a missing one
     raise CheckpointError(
-        f"the stage-1 checkpoint {path} (step {step}) does not fit this "
-        f"model: its parameters differ in names or shapes")
-  return jax.tree.map(lambda x, a: x.astype(a.dtype), variables,
-                      abstract_variables)
+        f"no converted checkpoint at {directory} ({type(e).__name__}: "
+        f"{_first_line(e)}); write one with `python -m ir2net_jax.convert`"
+    ) from None
+  check_fits(saved, abstract_variables, f"the converted checkpoint "
+             f"{directory}", model)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                          abstract_variables)
+  return convert.load_variables(directory, abstract)

@@ -30,9 +30,9 @@ from flax import traverse_util
 
 from ir2net_jax import models
 
-__all__ = ["ConfigError", "validate_config", "check_num_classes",
-           "check_resume", "record_config", "eval_batch_size",
-           "RESUMABLE_FIELDS"]
+__all__ = ["ConfigError", "validate_config", "validate_eval_config",
+           "check_num_classes", "check_resume", "record_config",
+           "read_recorded_config", "eval_batch_size", "RESUMABLE_FIELDS"]
 
 
 class ConfigError(ValueError):
@@ -292,6 +292,11 @@ def validate_config(config) -> None:
                         f"{config.teacher_checkpoint!r}")
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f"config.init_from={config.init_from!r} does not exist")
+  if config.init_from and config.stage1_checkpoint:
+    raise ConfigError(
+        f"config.init_from={config.init_from!r} and config.stage1_checkpoint="
+        f"{config.stage1_checkpoint!r} both name where the run starts; a run "
+        "with init_from reads no stage-1 checkpoint: unset one of them")
   if config.process_id >= config.num_processes:
     raise _fail("process_id", config.process_id,
                 f"is not below config.num_processes={config.num_processes}",
@@ -302,6 +307,24 @@ def validate_config(config) -> None:
     if bs % n:
       raise ConfigError(f"config.{name}={bs} is not divisible by the {n} "
                         "devices; choose a multiple")
+
+
+def validate_eval_config(config) -> None:
+  """``validate_config``'s checks that evaluating a checkpoint needs.
+
+  Every field's value, the model, and an eval batch the devices divide;
+  not the teacher, the starting point or the training batch, which
+  evaluation does not use. Compiles nothing.
+  """
+  _check_fields(config)
+  if config.model not in models.MODELS:
+    raise ConfigError(f"config.model={config.model!r} is not a model; "
+                      f"{_MODEL_NAMES}")
+  _check_binary_compute_dtype(config)
+  n = jax.device_count()
+  if eval_batch_size(config) % n:
+    raise ConfigError(f"config.eval_batch_size={eval_batch_size(config)} is "
+                      f"not divisible by the {n} devices; choose a multiple")
 
 
 def check_num_classes(config, info) -> None:
@@ -376,6 +399,45 @@ def check_resume(workdir: str, config) -> None:
         f"fields would change its results: {'; '.join(changed)}. Pass the "
         f"values it was trained with, or use a new --workdir (only "
         f"{', '.join(sorted(RESUMABLE_FIELDS))} may change on resume)")
+
+
+def read_recorded_config(path: str):
+  """The config a run recorded in ``path`` (its ``config.json``).
+
+  Built on ``configs/default.py``, so fields keep their types (and
+  ``--config.field=`` overrides work); a recorded field the project no
+  longer has is logged and left out.
+
+  Raises:
+    ConfigError: ``path`` is missing or is not a recorded config.
+  """
+  from ir2net_jax.configs import default  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  try:
+    with open(path) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"cannot read the recorded config {path}: {e}; pass "
+                      "--config=<the recipe it was trained with>") from None
+  if not isinstance(recorded, dict) or "model" not in recorded:
+    raise ConfigError(f"{path} is not a config that a run recorded; pass "
+                      "--config=<the recipe it was trained with>")
+  tuples = lambda v: (tuple(tuples(x) for x in v) if isinstance(v, list)
+                      else {k: tuples(x) for k, x in v.items()}
+                      if isinstance(v, dict) else v)
+  config = default.get_config()
+  unknown = []
+  for field, value in recorded.items():
+    if field not in config:
+      unknown.append(field)
+    elif isinstance(value, dict):
+      config[field] = ml_collections.ConfigDict(tuples(value))
+    else:
+      config[field] = tuples(value)
+  if unknown:
+    logging.warning("%s records fields this version does not have: %s; "
+                    "left out", path, ", ".join(unknown))
+  return config
 
 
 def _history(workdir: str) -> Sequence[str]:

@@ -28,7 +28,11 @@ Command::
 
 ``--input`` may be a ``.pth``/``.pth.tar`` or a ``.npz`` of arrays keyed by
 the PyTorch names. A ``.pth`` is read with torch when it is installed, and
-otherwise by ``read_torch_zip`` (torch's zip format, no torch needed).
+otherwise by ``read_torch_zip`` (torch's zip format, no torch needed). It may
+hold a state_dict or a training checkpoint as the reference saves one (the
+released ``model_best.pth.tar``: ``{'state_dict': {'module.<name>': ...},
+'epoch', 'best_top1_acc', 'optimizer'}``); the state_dict is taken, and
+DataParallel's ``module.`` prefix dropped.
 """
 
 import argparse
@@ -200,9 +204,17 @@ def flax_to_torch(variables: Variables, model: nn.Module) -> Dict[str, np.ndarra
 def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   """Reads a state_dict from a ``.npz`` or a torch ``.pth``/``.pth.tar``.
 
-  A torch checkpoint that wraps the weights in ``{'state_dict': ...}`` (as
-  the reference's trainers save them) is unwrapped. Without torch installed,
-  a ``.pth`` is read by ``read_torch_zip``.
+  A torch file may hold the state_dict itself or a training checkpoint as
+  the reference's trainers save it (the released ``model_best.pth.tar``):
+  ``{'state_dict': ..., 'epoch', 'best_top1_acc', 'optimizer', ...}``, whose
+  ``state_dict`` is taken and the rest ignored. Keys keep their ``module.``
+  prefix (``nn.DataParallel``'s), which ``torch_to_flax`` strips. Without
+  torch installed, a ``.pth`` is read by ``read_torch_zip``.
+
+  Raises:
+    FileNotFoundError: no file at ``path``.
+    ConversionError: the file holds neither a state_dict nor a checkpoint
+      dict with one (names what it holds instead).
   """
   if not os.path.exists(path):
     raise FileNotFoundError(f"no such checkpoint file: {path}")
@@ -215,11 +227,35 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
     obj = read_torch_zip(path)
   else:
     obj = torch.load(path, map_location="cpu", weights_only=True)
-  if isinstance(obj, dict) and "state_dict" in obj:
+  return _state_dict_of(obj, path)
+
+
+def _is_array(value) -> bool:
+  return hasattr(value, "detach") or isinstance(value, np.ndarray)
+
+
+def _state_dict_of(obj: Any, path: str) -> Dict[str, np.ndarray]:
+  """The ``{key: array}`` of a loaded torch file (see ``load_state_dict``)."""
+  expected = ("expected a state_dict ({name: tensor}) or a training "
+              "checkpoint {'state_dict': {name: tensor}, ...} as torch.save "
+              "writes them")
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"{path} holds a {type(obj).__name__}; {expected}")
+  if "state_dict" in obj:
     obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+      raise ConversionError(f"{path}: its 'state_dict' is a "
+                            f"{type(obj).__name__}; {expected}")
+  elif not obj or not all(_is_array(v) for v in obj.values()):
+    kinds = {k: type(v).__name__ for k, v in list(obj.items())[:8]}
+    raise ConversionError(f"{path} holds {kinds or 'an empty dict'}, which "
+                          f"has no 'state_dict' and is not one; {expected}")
+  others = [k for k, v in obj.items() if not _is_array(v)]
+  if others:
+    raise ConversionError(f"{path}: the state_dict's {others[:5]} are not "
+                          f"tensors; {expected}")
   return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v)
-          for k, v in obj.items()
-          if hasattr(v, "detach") or isinstance(v, np.ndarray)}
+          for k, v in obj.items()}
 
 
 # torch's storage classes -> numpy dtypes (torch.save names a tensor's storage

@@ -44,7 +44,8 @@ from ir2net_jax.preemption import Preempted
 __all__ = ["TrainState", "ConfigError", "DivergenceError", "Preempted",
            "validate_config", "build_model", "build_teacher",
            "create_train_state", "binary_compute_dtype", "make_train_step",
-           "sharded_train_step", "make_eval_step", "train_and_evaluate"]
+           "sharded_train_step", "make_eval_step", "sharded_eval_step",
+           "evaluate_split", "train_and_evaluate"]
 
 
 @flax.struct.dataclass
@@ -228,7 +229,27 @@ def _load_teacher(config, num_classes):
   return teacher, variables
 
 
-def _evaluate(eval_step, variables, config, mesh) -> Dict[str, float]:
+def sharded_eval_step(model: nn.Module, mesh) -> Callable:
+  """``make_eval_step`` as ``jit(shard_map)`` over ``mesh``: replicated
+  variables, the batch split along ``'data'``."""
+  return parallel.shard_step(make_eval_step(model), mesh,
+                             in_specs=(P(), P(parallel.AXIS)), out_specs=P())
+
+
+def evaluate_split(eval_step: Callable, variables, config,
+                   mesh) -> Dict[str, float]:
+  """One pass of ``sharded_eval_step`` over ``config``'s eval split.
+
+  Args:
+    eval_step: ``sharded_eval_step(model, mesh)``.
+    variables: ``{'params', 'batch_stats'}``, replicated over ``mesh``.
+    config: the data fields (``data.eval_iterator``) and eval batch size.
+    mesh: the ``('data',)`` mesh.
+
+  Returns:
+    ``eval_top1`` and ``eval_top5`` (fractions) and ``eval_count``, the
+    number of examples, each counted once.
+  """
   from ir2net_jax import data  # pylint: disable=g-import-not-at-top
   totals = {"count": 0.0, "top1": 0.0, "top5": 0.0}
   it = data.eval_iterator(config, global_batch_size=_eval_batch_size(config))
@@ -264,8 +285,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   Resumes from the latest readable checkpoint in ``workdir`` if there is one
   (``Checkpoints.restore``: unreadable newer ones are reported and set aside;
   ``config_checks.check_resume`` says what may change); a finished run
-  started again only reports its result and writes nothing. Stage 2 of an
-  IR2Net model starts from the last stage-1 checkpoint.
+  started again only reports its result and writes nothing. A new run
+  starts from ``config.init_from``'s converted variables if set, else (stage
+  2 of an IR2Net model) from the last stage-1 checkpoint; a resumed one reads
+  neither.
 
   Raises:
     DivergenceError: a step's loss, gradient or new state was not finite
@@ -284,11 +307,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   info = data.dataset_info(config)            # DataError if missing
   config_checks.check_num_classes(config, info)
   num_classes = config.num_classes if config.num_classes > 0 else info.num_classes
-  stage2 = config.model.startswith("ir2net") and config.stage == 2
-  stage1_dir = ckpt_lib.stage1_directory(config, workdir) if stage2 else None
-  if stage2:
-    ckpt_lib.check_stage1(config, stage1_dir)
   workdir = os.path.abspath(workdir)
+  resuming = ckpt_lib.latest_step(
+      os.path.join(workdir, "checkpoints")) is not None
+  # Stage 2 starts from stage 1's last checkpoint unless it starts from
+  # init_from's variables or resumes its own checkpoint.
+  from_stage1 = (config.model.startswith("ir2net") and config.stage == 2
+                 and not config.init_from and not resuming)
+  stage1_dir = (ckpt_lib.stage1_directory(config, workdir) if from_stage1
+                else None)
+  if from_stage1:
+    ckpt_lib.check_stage1(config, stage1_dir)
   config_checks.check_resume(workdir, config)
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch < 1:
@@ -303,12 +332,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if config.loss == "distillation":
     teacher, teacher_vars = _load_teacher(config, num_classes)
   variables = init_variables(model, config.image_size, config.seed)
-  if stage2:
-    variables = ckpt_lib.restore_stage1_variables(stage1_dir, variables)
+  if from_stage1:
+    variables = ckpt_lib.restore_stage1_variables(stage1_dir, variables,
+                                                  config.model)
     logging.info("stage 2: starting from the last stage-1 checkpoint in %s",
                  stage1_dir)
-  elif config.init_from:
-    variables = convert.load_variables(config.init_from, variables)
+  elif config.init_from and not resuming:
+    variables = ckpt_lib.restore_converted(config.init_from, variables,
+                                           config.model)
+    logging.info("starting from the variables in %s", config.init_from)
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch)
   state = create_train_state(variables, tx)
@@ -332,9 +364,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 
   train_step = sharded_train_step(model, tx, config, mesh, teacher)
-  eval_step = parallel.shard_step(make_eval_step(model), mesh,
-                                  in_specs=(P(), P(parallel.AXIS)),
-                                  out_specs=P())
+  eval_step = sharded_eval_step(model, mesh)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=not is_host0 or finished, asynchronous=True)
@@ -386,9 +416,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           pending = []
         is_best = False
         if eval_now:
-          last_eval = _evaluate(eval_step, {"params": state.params,
-                                            "batch_stats": state.batch_stats},
-                                config, mesh)
+          last_eval = evaluate_split(
+              eval_step, {"params": state.params,
+                          "batch_stats": state.batch_stats}, config, mesh)
           writer.write_scalars(step, last_eval)
           pictures = pictures or _restriction_pictures(config, model, mesh,
                                                        workdir)
@@ -409,9 +439,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           raise Preempted(step, stop_signals.signum,
                           checkpoints.step_path(step))
     if not last_eval:  # a finished run started again: report its result
-      last_eval = _evaluate(eval_step, {"params": state.params,
-                                        "batch_stats": state.batch_stats},
-                            config, mesh)
+      last_eval = evaluate_split(
+          eval_step, {"params": state.params,
+                      "batch_stats": state.batch_stats}, config, mesh)
   finally:
     # Whatever stops the loop, a save in flight (of a checked, finite state)
     # is finished, and the metrics written so far reach the disk.

@@ -80,7 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Initialisation.
   c.stage1_checkpoint = ""     # stage 2: stage-1 workdir (default ../stage1)
-  c.init_from = ""             # converted variables to start from
+  c.init_from = ""             # converted variables to start from (either
+                               # stage; stage 2 then reads no stage 1)
 
   # Evaluation, logging, checkpoints.
   c.eval_every_epochs = 1

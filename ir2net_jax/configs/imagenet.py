@@ -11,7 +11,9 @@
 
 The argument is ``variant[,stage=N][,depth=34][,smoke]``; the default is
 IR2Net-A stage 1. Stage 2 reads the stage-1 workdir from
-``--config.stage1_checkpoint`` (default: ``stage1`` beside the workdir).
+``--config.stage1_checkpoint`` (default: ``stage1`` beside the workdir),
+unless it starts from converted weights (``--config.init_from``, e.g. a
+released checkpoint) or resumes its own checkpoint.
 The teacher is torchvision's ResNet-34 converted once with
 ``python -m ir2net_jax.convert --model=teacher_resnet34 --input=resnet34.pth
 --output=weights/resnet34``.
