@@ -27,7 +27,7 @@ import json
 import os
 import re
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,7 @@ from ir2net_jax import config_checks, configs, parallel, train
 from ir2net_jax.checkpoints import CheckpointError
 
 __all__ = ["CheckpointError", "Source", "find_checkpoint", "recorded_config",
-           "evaluate", "default_output", "main", "run"]
+           "load_variables", "evaluate", "default_output", "main", "run"]
 
 # The recipe file that reads a recorded config.json (``--config`` left out).
 RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -147,6 +147,39 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
   num_classes = (config.num_classes if config.num_classes > 0
                  else info.num_classes)
   model = train.build_model(config, num_classes, parallel.AXIS)
+  step, where, variables = load_variables(config, checkpoint, num_classes)
+  mesh = parallel.data_mesh()
+  logging.info("evaluating %s on %s %s", where, config.dataset,
+               info.eval_split)
+  sums = train.evaluate_split(train.sharded_eval_step(model, mesh),
+                              parallel.replicate(variables, mesh), config,
+                              mesh)
+  return {"top1": sums["eval_top1"], "top5": sums["eval_top5"],
+          "count": int(sums["eval_count"]), "checkpoint": where, "step": step,
+          "split": info.eval_split, "dataset": config.dataset}
+
+
+def load_variables(config, checkpoint: str, num_classes: int
+                   ) -> Tuple[Optional[int], str, Dict[str, Any]]:
+  """The variables of ``checkpoint`` for the model ``config`` names.
+
+  Args:
+    config: the run's config (model, stage, image size, seed).
+    checkpoint: a workdir, ``workdir/best`` or converted weights (see the
+      module docstring).
+    num_classes: the model's classifier outputs.
+
+  Returns:
+    ``(step, where, {'params', 'batch_stats'})``: the step (None for
+    converted weights), the directory read, and the variables on this
+    process's first device, in the model's dtypes.
+
+  Raises:
+    CheckpointError: no checkpoint there, one of another model or IR2Net
+      stage, or one whose variables do not fit the model (naming both).
+  """
+  source = find_checkpoint(checkpoint)
+  model = train.build_model(config, num_classes)
   size = config.image_size
   abstract = jax.eval_shape(lambda: model.init(
       jax.random.key(config.seed), jnp.zeros((1, size, size, 3)),
@@ -155,21 +188,11 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
   name = (f"{config.model} ({num_classes} classes"
           f"{f', stage {config.stage}' if ir2net else ''})")
   if source.steps is None:
-    step, where = None, source.path
-    variables = ckpt_lib.restore_converted(source.path, abstract, name)
-  else:
-    _check_meta(source.steps, config)
-    step, variables = ckpt_lib.restore_variables(source.steps, abstract, name)
-    where = os.path.join(source.steps, str(step))
-  mesh = parallel.data_mesh()
-  logging.info("evaluating %s on %s %s", where, config.dataset,
-               config.eval_split)
-  sums = train.evaluate_split(train.sharded_eval_step(model, mesh),
-                              parallel.replicate(variables, mesh), config,
-                              mesh)
-  return {"top1": sums["eval_top1"], "top5": sums["eval_top5"],
-          "count": int(sums["eval_count"]), "checkpoint": where, "step": step,
-          "split": config.eval_split, "dataset": config.dataset}
+    return (None, source.path,
+            ckpt_lib.restore_converted(source.path, abstract, name))
+  _check_meta(source.steps, config)
+  step, variables = ckpt_lib.restore_variables(source.steps, abstract, name)
+  return step, os.path.join(source.steps, str(step)), variables
 
 
 def _check_meta(directory: str, config) -> None:

@@ -28,8 +28,8 @@ draws that, one row per image::
   config is used when ``--config`` is omitted), ``WORKDIR/best``, or
   converted weights (``python -m ir2net_jax.convert``; needs ``--config``).
   Images are brought to the model's input with the data set's eval recipe.
-  ``load_config`` / ``load_variables`` read the checkpoint; they overlap with
-  ``ir2net_jax.evaluate``'s loader and are kept in one place to be swapped.
+  ``load_config`` / ``load_variables`` read the checkpoint with
+  ``ir2net_jax.evaluate``'s loader.
 
 BatchNorm mode. The objective computes the mask in training mode: the clean
 pass normalises with the statistics of its own training batch. A picture of
@@ -41,7 +41,6 @@ that image alone, and they show the network that evaluation measures.
 """
 
 import glob
-import json
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -303,31 +302,12 @@ class VisualizeError(ValueError):
   """A checkpoint, config or image the command was given cannot be used."""
 
 
-def _tuples(x):
-  """JSON lists back to tuples (configs hold tuples, e.g. num_blocks)."""
-  if isinstance(x, dict):
-    return {k: _tuples(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return tuple(_tuples(v) for v in x)
-  return x
-
-
 def load_config(checkpoint: str):
-  """The newest config recorded in the workdir of ``checkpoint``.
-
-  ``checkpoint`` is a workdir or ``workdir/best``; the record is the last of
-  ``config.json`` and ``config.<time>.json`` (``config_checks.record_config``).
-  Returns None when there is none (e.g. converted weights).
-  """
-  for directory in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
-    records = sorted(glob.glob(os.path.join(directory, "config.*.json")))
-    first = os.path.join(directory, "config.json")
-    records = ([first] if os.path.exists(first) else []) + records
-    if records:
-      import ml_collections  # pylint: disable=g-import-not-at-top
-      with open(records[-1]) as f:
-        return ml_collections.ConfigDict(_tuples(json.load(f)))
-  return None
+  """The config that the workdir of ``checkpoint`` recorded
+  (``evaluate.recorded_config``), or None (e.g. converted weights)."""
+  from ir2net_jax import config_checks, evaluate  # pylint: disable=g-import-not-at-top
+  path = evaluate.recorded_config(checkpoint)
+  return None if path is None else config_checks.read_recorded_config(path)
 
 
 def _num_classes(config) -> int:
@@ -338,66 +318,23 @@ def _num_classes(config) -> int:
 
 
 def load_variables(config, checkpoint: str) -> Tuple[Any, Variables]:
-  """The model ``config`` names and its variables from ``checkpoint``.
-
-  ``checkpoint`` is a training workdir (its latest checkpoint), a
-  checkpoint-manager directory such as ``workdir/best`` (its latest step), or
-  converted weights (``python -m ir2net_jax.convert``). Restored onto this
-  process's first device, whatever devices saved them.
+  """The model ``config`` names and its variables from ``checkpoint``: a
+  workdir, ``workdir/best`` or converted weights (``evaluate.load_variables``).
 
   Returns:
     ``(model, {'params', 'batch_stats'})``; the model has no BatchNorm
     ``axis_name`` (it runs outside ``shard_map``).
 
   Raises:
-    VisualizeError: no such directory, or its variables do not fit the model.
+    VisualizeError: no checkpoint there, or one that does not fit the model.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from ir2net_jax import convert, train  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(checkpoint)
-  if not os.path.isdir(path):
-    raise VisualizeError(f"--checkpoint {checkpoint} is not a directory; "
-                         "pass a training workdir, workdir/best, or converted "
-                         "weights")
-  model = train.build_model(config, _num_classes(config))
-  abstract = jax.eval_shape(
-      lambda: train.init_variables(model, config.image_size, 0))
-  manager_dir = os.path.join(path, "checkpoints")
-  if not os.path.isdir(manager_dir):
-    manager_dir = path
-  # Finished saves only: orbax writes into a temporary name, then renames.
-  steps = [int(name) for name in os.listdir(manager_dir)
-           if name.isdigit() and os.path.isdir(
-               os.path.join(manager_dir, name, "state"))]
-  step = max(steps) if steps else None
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  from ir2net_jax import evaluate, train  # pylint: disable=g-import-not-at-top
+  num_classes = _num_classes(config)
   try:
-    if step is None:  # converted weights
-      variables = convert.load_variables(path, jax.tree.map(
-          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-          abstract))
-    else:
-      state_dir = os.path.join(manager_dir, str(step), "state")
-      with ocp.StandardCheckpointer() as ckptr:
-        saved = ckptr.metadata(state_dir).item_metadata.tree
-        state = ckptr.restore(state_dir, jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            saved))
-      variables = {"params": state["params"],
-                   "batch_stats": state["batch_stats"]}
-  except Exception as e:  # orbax raises several types
-    raise VisualizeError(f"cannot read variables of {config.model} from "
-                         f"{checkpoint}: {type(e).__name__}: {e}") from None
-  got = jax.tree.map(lambda x: tuple(x.shape), variables)
-  want = jax.tree.map(lambda x: tuple(x.shape), abstract)
-  if got != want:
-    raise VisualizeError(f"the variables in {checkpoint} do not fit "
-                         f"{config.model} as the config describes it "
-                         "(names or shapes differ); pass the config it was "
-                         "trained with")
-  variables = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype), variables,
-                           abstract)
-  return model, variables
+    _, _, variables = evaluate.load_variables(config, checkpoint, num_classes)
+  except evaluate.CheckpointError as e:
+    raise VisualizeError(str(e)) from None
+  return train.build_model(config, num_classes), variables
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")

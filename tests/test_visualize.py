@@ -14,7 +14,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -218,7 +217,7 @@ def test_loader_reads_workdir_best_and_converted_weights(smoke_run, tmp_path):
   convert.save_variables(str(tmp_path / "converted"), best)
   _, converted = visualize.load_variables(config, str(tmp_path / "converted"))
   jax.tree.map(np.testing.assert_array_equal, converted, best)
-  with pytest.raises(visualize.VisualizeError, match="not a directory"):
+  with pytest.raises(visualize.VisualizeError, match="no such directory"):
     visualize.load_variables(config, str(tmp_path / "missing"))
 
 
