@@ -64,8 +64,9 @@ def fraction(condition: jax.Array) -> jax.Array:
 
 def sow_binary_conv(module: nn.Module, x: jax.Array, kernel: jax.Array,
                     activation_estimator: str, binary_weights: bool) -> None:
-  """Sows a binary convolution's diagnostics (when the collection is
-  mutable; nothing is computed otherwise).
+  """Sows a binary convolution's diagnostics when the collection is
+  mutable; nothing is computed otherwise, nor at ``init`` (which makes
+  every collection mutable: the variables stay params and batch_stats).
 
   Args:
     module: the ``BinaryConv`` (its scope is where the values go).
@@ -74,7 +75,8 @@ def sow_binary_conv(module: nn.Module, x: jax.Array, kernel: jax.Array,
     activation_estimator: a name in ``binarize``.
     binary_weights: whether the kernel is binarised.
   """
-  if not module.is_mutable_collection(COLLECTION):
+  if module.is_initializing() or not module.is_mutable_collection(
+      COLLECTION):
     return
   c = binarize.clipping_range(activation_estimator)
   if c is not None:

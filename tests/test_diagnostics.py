@@ -216,6 +216,7 @@ def test_estimator_without_clipping_sows_no_act_in_clip():
   conv = layers.BinaryConv(4, activation_estimator="ste_sign")
   x = np.ones((1, 4, 4, 3), np.float32)
   variables = conv.init(jax.random.key(0), x)
+  assert set(variables) == {"params"}   # init sows nothing
   _, state = conv.apply(variables, x, mutable=[diagnostics.COLLECTION])
   assert set(state[diagnostics.COLLECTION]) == {"latent_gt1"}
 
