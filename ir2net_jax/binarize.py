@@ -17,17 +17,23 @@ estimator         backward (d output / d input)
 ``swish_sign``    derivative of SignSwish(beta) (BNN+):
                   ``beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))``.
 ================  =====================================================
+
+``clipping_range(name)`` is the half-width ``c`` of the window ``|x| <= c``
+outside which an estimator's surrogate gradient is 0 (1 for ApproxSign and
+clipped STE; None for ``ste_sign`` and ``swish_sign``, whose gradients never
+vanish). The BNN diagnostics (``ir2net_jax.diagnostics``) report the
+fraction of activations inside it.
 """
 
 import functools
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 __all__ = [
     "sign", "approx_sign", "clipped_ste", "ste_sign", "swish_sign",
-    "get_estimator",
+    "get_estimator", "clipping_range",
 ]
 
 
@@ -107,6 +113,11 @@ def _swish_bwd(beta, zero_to_one, x, g):
 swish_sign.defvjp(_swish_fwd, _swish_bwd)
 
 
+# The windows of the gradients above (tests/test_diagnostics.py checks them
+# against the gradients). ApproxSign's gradient is also 0 at |x| = 1 itself.
+_CLIPPING_RANGES = {"approx_sign": 1.0, "clipped_ste": 1.0,
+                    "ste_sign": None, "swish_sign": None}
+
 _ESTIMATORS = {
     "approx_sign": approx_sign,
     "clipped_ste": clipped_ste,
@@ -122,3 +133,11 @@ def get_estimator(name: str) -> Callable[..., jax.Array]:
   except KeyError:
     raise ValueError(f"unknown sign estimator {name!r}; choose one of "
                      f"{sorted(_ESTIMATORS)}") from None
+
+
+def clipping_range(name: str) -> Optional[float]:
+  """Half-width ``c`` of the estimator ``name``'s clipping window: its
+  surrogate gradient is 0 wherever ``|x| > c``. None: no clipping (the
+  gradient is nonzero everywhere: ``ste_sign``, ``swish_sign``)."""
+  get_estimator(name)  # an unknown name: the same error
+  return _CLIPPING_RANGES[name]

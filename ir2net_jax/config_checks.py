@@ -200,6 +200,8 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
     "eval_batch_size": (_Number(int, 1, special=((-1, "batch_size"),)), ""),
     "log_every_steps": (_POSITIVE_INT, "write training metrics every N "
                         "steps"),
+    "diagnostics": (_BOOL, "BNN diagnostics in TensorBoard, computed in the "
+                    "train step"),
     "checkpoint_every_steps": (_Number(int, 1, special=((-1, "once an "
                                                          "epoch"),)), ""),
     "skip_nonfinite_updates": (_BOOL, "skip a step whose loss or gradient "
@@ -216,7 +218,8 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
 
 # The fields that change no result, so they may differ when a workdir's run
 # resumes: where the data lie, logging, evaluation and checkpoint cadence,
-# speed options (binary_compute_dtype, remat and xla_cpu_flags are exact), the
+# speed options (binary_compute_dtype, remat and xla_cpu_flags are exact),
+# the diagnostics (extra outputs of the step, the same updates), the
 # process layout, and the run's length. num_epochs and num_train_steps
 # extend (or shorten) a run; the cosine schedule then follows the new
 # length from the resumed step on. Every other field must equal the one in
@@ -224,8 +227,9 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
 # (teacher_checkpoint, init_from, stage1_checkpoint).
 RESUMABLE_FIELDS = frozenset({
     "name", "data_dir", "manual_dir", "prefetch", "xla_cpu_flags",
-    "binary_compute_dtype", "remat", "log_every_steps", "eval_every_epochs",
-    "eval_batch_size", "checkpoint_every_steps", "keep_checkpoints",
+    "binary_compute_dtype", "remat", "log_every_steps", "diagnostics",
+    "eval_every_epochs", "eval_batch_size", "checkpoint_every_steps",
+    "keep_checkpoints",
     "num_epochs", "num_train_steps", "coordinator_address", "num_processes",
     "process_id", "restriction_images",
 })

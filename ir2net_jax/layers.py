@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes
 from jax import lax
 
-from ir2net_jax import binarize, kernels, policy
+from ir2net_jax import binarize, diagnostics, kernels, policy
 
 __all__ = [
     "BatchNorm", "PReLU", "hardtanh", "conv", "BinaryConv", "CIRec",
@@ -200,6 +200,9 @@ class BinaryConv(nn.Module):
       slower than float32 at 16 channels); 'bfloat16' also rounds stage-1
       real weights.
     int8_min_channels: see ``compute_dtype``.
+
+  When the ``'diagnostics'`` collection is mutable the layer sows its BNN
+  diagnostics there (``diagnostics.sow_binary_conv``).
   """
   features: int
   strides: int = 1
@@ -220,12 +223,15 @@ class BinaryConv(nn.Module):
     k = self.kernel_size
     kernel = self.param("kernel", self.kernel_init,
                         (k, k, x.shape[-1], self.features), jnp.float32)
+    latent = kernel
     if self.binary_weights:
       # In the parameters' dtype: the clipped-STE window |w| <= 1 is tested
       # before any rounding to the computation dtype.
       kernel = binarize.get_estimator(self.weight_estimator)(kernel,
                                                             self.zero_to_one)
     x, kernel = dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    diagnostics.sow_binary_conv(self, x, latent, self.activation_estimator,
+                                self.binary_weights)
     bx = binarize.get_estimator(self.activation_estimator)(x, self.zero_to_one)
     p = k // 2
     operand = jnp.dtype(self.compute_dtype or x.dtype)

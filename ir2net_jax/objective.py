@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from ir2net_jax import losses, restriction
+from ir2net_jax.diagnostics import COLLECTION as DIAGNOSTICS
 
 __all__ = ["Aux", "two_pass_objective"]
 
@@ -26,6 +27,8 @@ class Aux(NamedTuple):
     mask: (B, H, W) the 0/1 erase mask.
     batch_stats: BatchNorm statistics after both passes (clean first).
     loss_terms: (2,) ``[L(clean), L(erased)]``.
+    diagnostics: the clean pass's ``'diagnostics'`` collection (see
+      ``ir2net_jax.diagnostics``), or None when not asked for.
   """
   logits_clean: jax.Array
   logits_erased: jax.Array
@@ -33,6 +36,7 @@ class Aux(NamedTuple):
   mask: jax.Array
   batch_stats: Any
   loss_terms: jax.Array
+  diagnostics: Any = None
 
 
 def two_pass_objective(
@@ -46,6 +50,7 @@ def two_pass_objective(
     restrict: Callable[..., Tuple[jax.Array, jax.Array]] = (
         restriction.information_restriction),
     information_restriction: bool = True,
+    diagnostics: bool = False,
 ) -> Tuple[jax.Array, Aux]:
   """IR2Net loss ``(L(f(x)) + L(f(x * mask))) / 2`` in training mode.
 
@@ -61,22 +66,27 @@ def two_pass_objective(
     restrict: ``(feature, images, lam) -> (erased, mask)``; the default is the
       paper's attention erasing (tests swap in a hand-made mask).
     information_restriction: False trains on the clean pass alone (ablation).
+    diagnostics: collect the clean pass's BNN diagnostics in
+      ``Aux.diagnostics`` (the activations the model sees outside training
+      too; the erased pass's partly zeroed images are a training-only input).
 
   Returns:
     ``(loss, Aux)``.
   """
   variables = {"params": params, "batch_stats": batch_stats}
+  mutable = ["batch_stats"] + ([DIAGNOSTICS] if diagnostics else [])
   (logits1, feature), state = model.apply(variables, images, train=True,
-                                          mutable=["batch_stats"])
+                                          mutable=mutable)
+  sown = state.get(DIAGNOSTICS, {}) if diagnostics else None
   if not information_restriction:
     l1 = loss_fn(logits1, target)
     mask = jnp.ones(images.shape[:3], images.dtype)
     return l1, Aux(logits1, logits1, feature, mask, state["batch_stats"],
-                   jnp.stack([l1, l1]))
+                   jnp.stack([l1, l1]), sown)
   erased, mask = restrict(feature, images, lam)
   (logits2, _), state = model.apply(
       {"params": params, "batch_stats": state["batch_stats"]}, erased,
       train=True, mutable=["batch_stats"])
   loss, (l1, l2) = losses.two_pass_loss(loss_fn, logits1, logits2, target)
   return loss, Aux(logits1, logits2, feature, mask, state["batch_stats"],
-                   jnp.stack([l1, l2]))
+                   jnp.stack([l1, l2]), sown)

@@ -20,7 +20,7 @@ import json
 import logging as pylogging
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax
 import flax.linen as nn
@@ -34,8 +34,9 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from ir2net_jax import checkpoints as ckpt_lib
-from ir2net_jax import (config_checks, convert, divergence, losses, models,
-                        objective, optim, parallel, policy, preemption)
+from ir2net_jax import (config_checks, convert, diagnostics, divergence,
+                        losses, models, objective, optim, parallel, policy,
+                        preemption)
 from ir2net_jax.config_checks import ConfigError, validate_config
 from ir2net_jax.config_checks import eval_batch_size as _eval_batch_size
 from ir2net_jax.divergence import DivergenceError
@@ -112,8 +113,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   ``config.skip_nonfinite_updates`` a non-finite step returns the old
   parameters, BatchNorm statistics and optimizer state (only ``step``
   advances) and ``metrics['skipped_steps']`` is 1.
+
+  With ``config.diagnostics`` the metrics also hold the BNN diagnostics of
+  ``diagnostics.step_metrics`` (``'diag/...'`` scalars and the (B,) vector
+  ``'kept_pixels_per_image'``); without, the step is the program it was
+  before they existed.
   """
   loss_fn = _loss_fn(config)
+  with_diagnostics = config.get("diagnostics", False)
 
   def step(state: TrainState, batch, teacher_vars):
     images, labels = batch["image"], batch["label"]
@@ -127,7 +134,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       loss, aux = objective.two_pass_objective(
           params, state.batch_stats, model, images, target, loss_fn,
           config.erase_lambda,
-          information_restriction=config.information_restriction)
+          information_restriction=config.information_restriction,
+          diagnostics=with_diagnostics)
       return lax.pmean(loss, parallel.AXIS), aux
 
     (loss, aux), grads = jax.value_and_grad(global_loss, has_aux=True)(
@@ -153,6 +161,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           metrics["finite"], updated,
           (state.params, state.batch_stats, state.opt_state))
     params, batch_stats, opt_state = updated
+    if with_diagnostics:
+      metrics.update(diagnostics.step_metrics(
+          aux.diagnostics, state.params, params,
+          aux.mask if config.information_restriction else None,
+          parallel.AXIS, config.zero_to_one))
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
@@ -408,11 +421,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if log_now or eval_now or stop or step % ckpt_every == 0:
           divergence.check(pending, config, checkpoints.latest_step())
         if log_now:
-          summary = _train_metrics(pending)
+          summary, histograms = _train_metrics(pending)
           skipped += int(summary.get("skipped_steps", 0))
           summary["learning_rate"] = float(schedule(step - 1))
           writer.write_scalars(step, {f"train_{k}": v
                                       for k, v in summary.items()})
+          if histograms:
+            writer.write_histograms(step, {f"train_{k}": v
+                                           for k, v in histograms.items()})
           pending = []
         is_best = False
         if eval_now:
@@ -477,15 +493,26 @@ def _restriction_pictures(config, model, mesh, workdir):
   return visualize.RestrictionPictures(config, model, mesh, workdir)
 
 
-def _train_metrics(pending) -> Dict[str, float]:
-  """Means of the train metrics of ``pending`` steps (skips: their count)."""
+# Per-example metrics: written as histograms of every value, never averaged.
+_HISTOGRAMS = (diagnostics.KEPT_PIXELS,)
+
+
+def _train_metrics(pending) -> Tuple[Dict[str, float],
+                                     Dict[str, np.ndarray]]:
+  """The train metrics of ``pending`` steps: ``(scalars, histograms)``.
+
+  Scalars are means over the steps (skips: their count); histograms
+  (``_HISTOGRAMS``) the values of every step concatenated.
+  """
   values = jax.device_get([m for _, m in pending])
-  out = {}
+  scalars, histograms = {}, {}
   for k in values[0]:
-    if k != "finite":
+    if k in _HISTOGRAMS:
+      histograms[k] = np.concatenate([v[k] for v in values])
+    elif k != "finite":
       reduce = np.sum if k == "skipped_steps" else np.mean
-      out[k] = float(reduce([v[k] for v in values]))
-  return out
+      scalars[k] = float(reduce([v[k] for v in values]))
+  return scalars, histograms
 
 
 def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

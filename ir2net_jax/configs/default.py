@@ -87,6 +87,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.eval_batch_size = -1       # -1: batch_size
   c.log_every_steps = 50
+  # BNN diagnostics in TensorBoard (ir2net_jax.diagnostics): per binary
+  # layer the weight flip ratio, latent |w| > 1 and activations inside the
+  # estimator's clipping range, and a histogram of the kept pixels per
+  # image. Computed inside the step; False compiles the step without them.
+  c.diagnostics = True
   c.checkpoint_every_steps = -1  # -1: once an epoch
   c.keep_checkpoints = 2
   # Pictures of information restriction at every evaluation (the first N

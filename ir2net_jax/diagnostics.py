@@ -1,0 +1,139 @@
+"""BNN diagnostics, computed inside the train step (``config.diagnostics``).
+
+Per binary convolution (``layers.BinaryConv``, found by module type: each
+one ``sow``s into the ``'diagnostics'`` collection, which the train step makes
+mutable only when diagnostics are on, so with them off the program is the
+one without diagnostics):
+
+* ``act_in_clip``: the fraction of the inputs of the layer's binary
+  activation (the values ``sign`` is applied to, in the computation dtype)
+  with ``|x| <= c``, ``c = binarize.clipping_range(activation_estimator)``
+  (1 for ApproxSign and clipped STE): where the surrogate gradient can be
+  nonzero. Over the device's batch in the *clean* pass (the erased pass
+  sees partly zeroed images, a training-only input), then ``pmean``-ed over
+  devices: the fraction over the global batch. Estimators without clipping
+  (``ste_sign``, ``swish_sign``) pass gradient everywhere; their layers
+  report no ``act_in_clip`` (it would always be 1).
+* ``latent_gt1``: the fraction of the latent (real) kernel's entries with
+  ``|w| > 1``, in the parameters the step starts from (those its forward
+  pass binarises). Under clipped STE such weights get no gradient from the
+  loss, only weight decay.
+* ``flip_ratio``: the fraction of the kernel's entries whose binarised value
+  changed in the step, ``binarize.sign(w_after) != binarize.sign(w_before)``
+  (``sign(0) = 0`` unless ``zero_to_one``), ``w_after`` the parameters the
+  step returns (a step skipped by ``skip_nonfinite_updates`` flips nothing).
+  This is larq's ``FlipRatio``: the fraction of changed binary weights from
+  one batch to the next, averaged over the logging period (the host averages
+  the per-step values of the steps since the last log).
+
+``latent_gt1`` and ``flip_ratio`` exist only for layers whose weights are
+binarised (``binary_weights``): in stage 1 of the ImageNet IR2Net models the
+weights are real and only ``act_in_clip`` is reported.
+
+``step_metrics`` turns the sown values into flat metrics
+``diag/<name>/<layer path>`` (the path of module names, ``/``-joined) plus
+``diag/<name>/mean``, the unweighted mean over layers, and
+``kept_pixels_per_image``: the erase mask's kept fraction of every image of
+the global batch, (B,) (the host writes it as a histogram, not a mean).
+"""
+
+from typing import Any, Dict, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ir2net_jax import binarize
+
+__all__ = ["COLLECTION", "KEPT_PIXELS", "sow_binary_conv", "fraction",
+           "step_metrics"]
+
+COLLECTION = "diagnostics"
+KEPT_PIXELS = "kept_pixels_per_image"
+_WEIGHT_STATS = "latent_gt1"   # sown only by layers with binary weights
+
+
+def fraction(condition: jax.Array) -> jax.Array:
+  """Fraction of True entries, float32; counted in int32, exact far past
+  float32's 2**24 integers."""
+  return (jnp.sum(condition, dtype=jnp.int32) / condition.size).astype(
+      jnp.float32)
+
+
+def sow_binary_conv(module: nn.Module, x: jax.Array, kernel: jax.Array,
+                    activation_estimator: str, binary_weights: bool) -> None:
+  """Sows a binary convolution's diagnostics when the collection is
+  mutable; nothing is computed otherwise, nor at ``init`` (which makes
+  every collection mutable: the variables stay params and batch_stats).
+
+  Args:
+    module: the ``BinaryConv`` (its scope is where the values go).
+    x: (B, H, W, Cin) the binary activation's input.
+    kernel: (k, k, Cin, Cout) the latent (real) kernel.
+    activation_estimator: a name in ``binarize``.
+    binary_weights: whether the kernel is binarised.
+  """
+  if module.is_initializing() or not module.is_mutable_collection(
+      COLLECTION):
+    return
+  c = binarize.clipping_range(activation_estimator)
+  if c is not None:
+    module.sow(COLLECTION, "act_in_clip", fraction(jnp.abs(x) <= c))
+  if binary_weights:
+    module.sow(COLLECTION, _WEIGHT_STATS, fraction(jnp.abs(kernel) > 1))
+
+
+def step_metrics(sown: Any, params_before: Any, params_after: Any,
+                 mask: Optional[jax.Array], axis_name: str,
+                 zero_to_one: bool = False) -> Dict[str, jax.Array]:
+  """The diagnostics of one step, replicated over ``axis_name``.
+
+  Call inside the per-device step (``shard_map``).
+
+  Args:
+    sown: the ``'diagnostics'`` collection of the clean pass.
+    params_before, params_after: the parameters the step started from and
+      the ones it returns (replicated).
+    mask: (B_local, H, W) the device's erase mask, or None (no restriction).
+    axis_name: the data-parallel axis.
+    zero_to_one: the models' ``sign(0)`` convention.
+
+  Returns:
+    ``{'diag/<name>/<layer>': (), 'diag/<name>/mean': (),
+    'kept_pixels_per_image': (B_global,)}`` (the last only with a mask).
+  """
+  flat_before = flax.traverse_util.flatten_dict(params_before, sep="/")
+  flat_after = flax.traverse_util.flatten_dict(params_after, sep="/")
+  per_name: Dict[str, Dict[str, jax.Array]] = {}
+  for key, values in flax.traverse_util.flatten_dict(sown, sep="/").items():
+    layer, name = key.rsplit("/", 1)
+    value = jnp.mean(jnp.stack(values))  # one entry per call (one here)
+    if name == "act_in_clip":  # of this device's batch shard
+      value = lax.pmean(value, axis_name)
+    per_name.setdefault(name, {})[layer] = value
+    if name == _WEIGHT_STATS:
+      w0, w1 = flat_before[f"{layer}/kernel"], flat_after[f"{layer}/kernel"]
+      per_name.setdefault("flip_ratio", {})[layer] = fraction(
+          binarize.sign(w0, zero_to_one) != binarize.sign(w1, zero_to_one))
+  metrics = {}
+  for name, layers in sorted(per_name.items()):
+    for layer, value in sorted(layers.items()):
+      metrics[f"diag/{name}/{layer}"] = value
+    metrics[f"diag/{name}/mean"] = jnp.mean(jnp.stack(list(layers.values())))
+  if mask is not None:
+    metrics[KEPT_PIXELS] = _gather(
+        jnp.mean(mask.astype(jnp.float32), axis=(1, 2)), axis_name)
+  return metrics
+
+
+def _gather(x: jax.Array, axis_name: str) -> jax.Array:
+  """(n,) per device -> (n * devices,) in device order, the same on every
+  device. ``lax.all_gather``'s result counts as device-varying, which a
+  replicated output may not be; a sum of zeros but one slice is exact."""
+  devices = lax.psum(1, axis_name)
+  out = jnp.zeros((devices * x.shape[0],), x.dtype)
+  out = lax.dynamic_update_slice(out, x, (lax.axis_index(axis_name)
+                                          * x.shape[0],))
+  return lax.psum(out, axis_name)
