@@ -8,7 +8,6 @@ keeps the executed notebook.
 """
 
 import base64
-import importlib.util
 import json
 import os
 import sys
@@ -124,14 +123,10 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
 
   grid = _cell(nb, "IPython.display")
   grid_files = sorted((workdir / "restriction").glob("step_*.png"))
-  if importlib.util.find_spec("ir2net_jax.visualize") is not None:
-    # This version writes a grid at every evaluation: the newest is shown.
-    assert grid_files, "training wrote no restriction grid"
-    assert _pngs(grid) == [grid_files[-1].read_bytes()]
-    assert grid_files[-1].name in _text(grid)
-  else:
-    assert not grid_files and not _pngs(grid)
-    assert "No restriction grid" in _text(grid)
+  # Training writes a grid at every evaluation: the newest is shown.
+  assert grid_files, "training wrote no restriction grid"
+  assert _pngs(grid) == [grid_files[-1].read_bytes()]
+  assert grid_files[-1].name in _text(grid)
 
   released = _text(_cell(nb, "convert.main"))
   assert "Skipped the released checkpoint: no file" in released
