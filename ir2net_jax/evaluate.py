@@ -218,18 +218,21 @@ def _check_meta(directory: str, config) -> None:
         f"it was trained with")
 
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Recipe (digits:smoke, imagenet:a,stage=2, or a file); "
-    "default: the workdir's recorded config.json.", lock_config=True)
-flags.DEFINE_string("checkpoint", None, "A workdir, workdir/best, or "
-                    "converted weights.")
-flags.DEFINE_string("output", None, "JSON file for the result (default: "
-                    "<checkpoint>/eval_<dataset>_<split>.json).")
-flags.mark_flag_as_required("checkpoint")
+def _define_flags() -> None:
+  """The command line's flags; defined by ``run`` only, so that importing
+  this module defines no absl flags in someone else's program."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Recipe (digits:smoke, imagenet:a,stage=2, or a file); "
+      "default: the workdir's recorded config.json.", lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A workdir, workdir/best, or "
+                      "converted weights.")
+  flags.DEFINE_string("output", None, "JSON file for the result (default: "
+                      "<checkpoint>/eval_<dataset>_<split>.json).")
+  flags.mark_flag_as_required("checkpoint")
 
 
 def main(argv) -> None:
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   result = evaluate(FLAGS.config, FLAGS.checkpoint)
@@ -261,6 +264,7 @@ def _with_recorded_config(argv):
 
 def run() -> None:
   """The ``ir2net-eval`` console script."""
+  _define_flags()
   app.run(main, argv=_with_recorded_config(
       configs.expand_config_flag(sys.argv)))
 
