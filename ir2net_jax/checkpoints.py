@@ -17,9 +17,10 @@ checkpoint of ``{params, batch_stats}``, read by ``restore_converted``.
 
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
@@ -351,19 +352,24 @@ def read_meta(directory: str, step: int) -> Dict[str, Any]:
     manager.close()
 
 
-def restore_converted(directory: str, abstract_variables: Any, model: str
-                      ) -> Dict[str, Any]:
+def restore_converted(directory: str, abstract_variables: Any, model: str,
+                      fresh: Sequence[str] = ()) -> Dict[str, Any]:
   """Variables written by ``python -m ir2net_jax.convert`` (or
   ``convert.save_variables``), checked against the model's before reading.
 
   Args:
     directory: the converted checkpoint.
-    abstract_variables: ``{'params', 'batch_stats'}`` of the model.
+    abstract_variables: ``{'params', 'batch_stats'}`` of the model; with
+      ``fresh``, the initialised arrays that those modules keep.
     model: the model's name, for the error message.
+    fresh: top-level modules (e.g. ``'fc'``) taken from
+      ``abstract_variables`` rather than the checkpoint, whose shapes may
+      differ (a classifier for other classes).
 
   Raises:
-    CheckpointError: no converted checkpoint there, or one whose variables
-      do not fit the model (naming both).
+    CheckpointError: no converted checkpoint there, ``fresh`` names no
+      module of the model, or the other variables do not fit the model
+      (naming both, and which modules could start fresh).
   """
   directory = os.path.abspath(directory)
   try:
@@ -374,8 +380,35 @@ def restore_converted(directory: str, abstract_variables: Any, model: str
         f"no converted checkpoint at {directory} ({type(e).__name__}: "
         f"{_first_line(e)}); write one with `python -m ir2net_jax.convert`"
     ) from None
-  check_fits(saved, abstract_variables, f"the converted checkpoint "
-             f"{directory}", model)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                          abstract_variables)
-  return convert.load_variables(directory, abstract)
+  fresh = set(fresh)
+  modules = set(abstract_variables["params"])
+  if fresh - modules:
+    raise CheckpointError(
+        f"init_from_fresh names {sorted(fresh - modules)}, which {model} does "
+        f"not have; its top-level modules are {sorted(modules)}")
+  without = lambda tree: {col: {k: v for k, v in sub.items() if k not in fresh}
+                          for col, sub in tree.items()}
+  what = f"the converted checkpoint {directory}"
+  try:
+    check_fits(without(saved), without(abstract_variables), what, model)
+  except CheckpointError as e:
+    differ = sorted(k for k in modules - fresh if k in saved.get("params", {})
+                    and jax.tree.map(lambda x: tuple(x.shape),
+                                     saved["params"][k])
+                    != jax.tree.map(lambda x: tuple(x.shape),
+                                    abstract_variables["params"][k]))
+    if differ:
+      raise CheckpointError(
+          f"{e} To start {', '.join(differ)} fresh (a classifier for other "
+          f"classes), pass --config.init_from_fresh={','.join(differ)}"
+      ) from None
+    raise
+  as_struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+  if not fresh:
+    return convert.load_variables(
+        directory, jax.tree.map(as_struct, abstract_variables))
+  restored = convert.load_variables(directory, jax.tree.map(as_struct, saved))
+  kept = jax.tree.map(lambda x, a: jnp.asarray(x, a.dtype),
+                      without(restored), without(abstract_variables))
+  return {col: {**kept[col], **{k: v for k, v in sub.items() if k in fresh}}
+          for col, sub in abstract_variables.items()}

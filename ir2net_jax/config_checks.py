@@ -196,6 +196,7 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
     "seed": (_Number(int, 0, 2**63 - 1), ""),
     "stage1_checkpoint": (_Text(), ""),
     "init_from": (_Text(), ""),
+    "init_from_fresh": (_Text(), "top-level modules, comma-separated"),
     "eval_every_epochs": (_POSITIVE_INT, "evaluate every N epochs"),
     "eval_batch_size": (_Number(int, 1, special=((-1, "batch_size"),)), ""),
     "log_every_steps": (_POSITIVE_INT, "write training metrics every N "
@@ -296,6 +297,11 @@ def validate_config(config) -> None:
                         f"{config.teacher_checkpoint!r}")
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f"config.init_from={config.init_from!r} does not exist")
+  if config.get("init_from_fresh") and not config.init_from:
+    raise ConfigError(
+        f"config.init_from_fresh={config.init_from_fresh!r} names modules to "
+        "start fresh instead of from config.init_from, which is not set: set "
+        "init_from or unset init_from_fresh")
   if config.init_from and config.stage1_checkpoint:
     raise ConfigError(
         f"config.init_from={config.init_from!r} and config.stage1_checkpoint="

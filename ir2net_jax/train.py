@@ -351,8 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info("stage 2: starting from the last stage-1 checkpoint in %s",
                  stage1_dir)
   elif config.init_from and not resuming:
-    variables = ckpt_lib.restore_converted(config.init_from, variables,
-                                           config.model)
+    variables = ckpt_lib.restore_converted(
+        config.init_from, variables, config.model,
+        fresh=[m.strip() for m in config.init_from_fresh.split(",")
+               if m.strip()])
     logging.info("starting from the variables in %s", config.init_from)
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch)

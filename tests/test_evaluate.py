@@ -300,6 +300,37 @@ def test_fine_tune_a_released_checkpoint_without_stage1(tmp_path, released,
                                err_msg=k)
 
 
+def test_fine_tune_on_other_classes_with_a_fresh_classifier(tmp_path,
+                                                            released,
+                                                            digits_dir):
+  """1000-class released weights on the 10 digits: refused, naming the
+  module to start fresh; with ``init_from_fresh=fc`` every other parameter
+  starts from the converted ones and ``fc`` from its initialisation."""
+  out, variables = released["converted"], released["variables"]
+  config = _ir2net_config(digits_dir, num_classes=-1, init_from=out,
+                          num_train_steps=1, learning_rate=1e-30,
+                          weight_decay=0.0, log_every_steps=1, **FEW)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"--config.init_from_fresh=fc$"):
+    train.train_and_evaluate(config, str(tmp_path / "refused"))
+  assert not (tmp_path / "refused").exists()
+  config.init_from_fresh = "head"
+  with pytest.raises(checkpoints.CheckpointError, match=r"\['head'\].*'fc'"):
+    train.train_and_evaluate(config, str(tmp_path / "refused"))
+  config.init_from_fresh = "fc"
+  summary = train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  assert summary["steps"] == 1
+  _, got = train_utils.final_state(str(tmp_path / "finetune"))
+  fresh = train.init_variables(train.build_model(config, 10), 32, config.seed)
+  want = {**{k: v for k, v in _flat(variables["params"]).items()
+             if not k.startswith("fc/")},
+          **{f"fc/{k}": v for k, v in _flat(fresh["params"]["fc"]).items()}}
+  assert got["['params']['fc']['kernel']"].shape == (512, 10)
+  for k, v in want.items():
+    np.testing.assert_allclose(got[f"['params']{_keystr(k)}"], v, atol=1e-9,
+                               err_msg=k)
+
+
 def _keystr(flat_key):
   return "".join(f"['{p}']" for p in flat_key.split("/"))
 # --- stage 2 resumes without stage 1; ir2net-eval on its workdir -----------

@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.stage1_checkpoint = ""     # stage 2: stage-1 workdir (default ../stage1)
   c.init_from = ""             # converted variables to start from (either
                                # stage; stage 2 then reads no stage 1)
+  # Top-level modules (comma-separated, e.g. 'fc') that start from their
+  # initialisation instead of init_from: a new classifier to fine-tune on
+  # data with other classes.
+  c.init_from_fresh = ""
 
   # Evaluation, logging, checkpoints.
   c.eval_every_epochs = 1
