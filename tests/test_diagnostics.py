@@ -150,7 +150,13 @@ def test_latent_gt1_counts_the_step_input_weights(stepped):
 def test_act_in_clip_of_the_intercepted_clean_pass_inputs(stepped):
   in_clip = _per_layer(stepped["metrics"], "act_in_clip")
   assert set(in_clip) == set(stepped["convs"])
-  expected = {p: np.mean(np.abs(x) <= binarize.clipping_range("approx_sign"))
+  # The leading act_sample_size examples of each device's batch.
+  local = BATCH // DEVICES
+  sample = np.concatenate([
+      np.arange(d * local, d * local + diagnostics.act_sample_size(local))
+      for d in range(DEVICES)])
+  expected = {p: np.mean(np.abs(x[sample])
+                         <= binarize.clipping_range("approx_sign"))
               for p, (x, _) in stepped["convs"].items()}
   for path, value in in_clip.items():
     np.testing.assert_allclose(value, expected[path], rtol=1e-6, err_msg=path)
