@@ -403,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # every one of them is checked for divergence before anything is
   # evaluated or saved.
   pending, last_eval = [], {}
-  pictures = None  # visualize.RestrictionPictures, made at the first eval
+  pictures = None  # visualize.RestrictionPictures or False, at the first eval
   meta = lambda: {"model": config.model, "stage": config.stage,
                   "name": config.name, "best": best, **last_eval,
                   "skipped_steps": skipped + divergence.count_skipped(pending)}
@@ -438,8 +438,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               eval_step, {"params": state.params,
                           "batch_stats": state.batch_stats}, config, mesh)
           writer.write_scalars(step, last_eval)
-          pictures = pictures or _restriction_pictures(config, model, mesh,
-                                                       workdir)
+          if pictures is None:  # made once, at the first evaluation
+            pictures = _restriction_pictures(config, model, mesh, workdir)
           if pictures:
             pictures(step, {"params": state.params,
                             "batch_stats": state.batch_stats}, writer)
