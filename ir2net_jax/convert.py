@@ -28,7 +28,8 @@ Command::
 
 ``--input`` may be a ``.pth``/``.pth.tar`` or a ``.npz`` of arrays keyed by
 the PyTorch names. A ``.pth`` is read with torch when it is installed, and
-otherwise by ``read_torch_zip`` (torch's zip format, no torch needed). It may
+otherwise by ``pth.read_torch_zip`` (torch's zip format, no torch needed,
+every size, offset and stride checked: see ``ir2net_jax.pth``). It may
 hold a state_dict or a training checkpoint as the reference saves one (the
 released ``model_best.pth.tar``: ``{'state_dict': {'module.<name>': ...},
 'epoch', 'best_top1_acc', 'optimizer'}``); the state_dict is taken, and
@@ -36,11 +37,8 @@ DataParallel's ``module.`` prefix dropped.
 """
 
 import argparse
-import collections
 import os
-import pickle
 import re
-import zipfile
 from typing import Any, Dict, Mapping, Tuple
 
 import flax
@@ -50,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ir2net_jax import models as models_lib
+from ir2net_jax.pth import ConversionError, read_torch_zip
 
 __all__ = ["torch_key", "torch_to_flax", "flax_to_torch", "load_state_dict",
-           "read_torch_zip", "save_variables", "load_variables",
+           "save_variables", "load_variables",
            "ConversionError", "main", "run"]
 
 Variables = Dict[str, Any]
@@ -75,10 +74,6 @@ _FAMILY_RENAMES = {
                           "shortcut_bn": "shortcut.1"},
 }
 _IGNORED_TORCH_LEAVES = ("num_batches_tracked",)
-
-
-class ConversionError(ValueError):
-  """A state_dict does not fit the model (names the offending key)."""
 
 
 def _flat_binary(model: nn.Module, path: Tuple[str, ...]) -> bool:
@@ -209,7 +204,7 @@ def load_state_dict(path: str) -> Dict[str, np.ndarray]:
   ``{'state_dict': ..., 'epoch', 'best_top1_acc', 'optimizer', ...}``, whose
   ``state_dict`` is taken and the rest ignored. Keys keep their ``module.``
   prefix (``nn.DataParallel``'s), which ``torch_to_flax`` strips. Without
-  torch installed, a ``.pth`` is read by ``read_torch_zip``.
+  torch installed, a ``.pth`` is read by ``pth.read_torch_zip``.
 
   Raises:
     FileNotFoundError: no file at ``path``.
@@ -256,92 +251,6 @@ def _state_dict_of(obj: Any, path: str) -> Dict[str, np.ndarray]:
                           f"tensors; {expected}")
   return {k: (v.detach().cpu().numpy() if hasattr(v, "detach") else v)
           for k, v in obj.items()}
-
-
-# torch's storage classes -> numpy dtypes (torch.save names a tensor's storage
-# by its class, e.g. torch.FloatStorage).
-_TORCH_STORAGES = {
-    "DoubleStorage": np.float64, "FloatStorage": np.float32,
-    "HalfStorage": np.float16, "BFloat16Storage": jnp.bfloat16,
-    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
-    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
-}
-
-
-def _rebuild_tensor(storage, offset, shape, stride, *unused):
-  """``torch._utils._rebuild_tensor_v2``: a strided view of a storage."""
-  del unused  # requires_grad, backward hooks, metadata
-  item = storage.dtype.itemsize
-  return np.lib.stride_tricks.as_strided(
-      storage[offset:], shape=tuple(shape),
-      strides=tuple(s * item for s in stride)).copy()
-
-
-def _rebuild_parameter(data, *unused):
-  """``torch._utils._rebuild_parameter``: a Parameter is its data."""
-  del unused
-  return data
-
-
-class _TorchUnpickler(pickle.Unpickler):
-  """Unpickles ``data.pkl`` of a torch zip; only tensors, dicts and plain
-  values: any other class is refused, so no code from the file runs."""
-
-  _CLASSES = {
-      ("collections", "OrderedDict"): collections.OrderedDict,
-      ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-      ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-  }
-
-  def __init__(self, file, read_record):
-    super().__init__(file)
-    self._read_record = read_record
-
-  def find_class(self, module, name):
-    if (module, name) in self._CLASSES:
-      return self._CLASSES[(module, name)]
-    if module == "torch" and name in _TORCH_STORAGES:
-      return np.dtype(_TORCH_STORAGES[name])
-    raise pickle.UnpicklingError(
-        f"{module}.{name} is not allowed in a state_dict read without torch; "
-        "install torch to read this file, or save its state_dict as .npz")
-
-  def persistent_load(self, pid):
-    kind, dtype, key, _, numel = pid  # ('storage', type, key, device, numel)
-    if kind != "storage":
-      raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
-    return np.frombuffer(self._read_record(key), dtype, count=numel)
-
-
-def read_torch_zip(path: str) -> Any:
-  """Reads what ``torch.save`` wrote (its zip format), without torch.
-
-  Tensors become numpy arrays; dicts (and ``OrderedDict``) and plain values
-  stay as they are.
-
-  Raises:
-    ValueError: the file is not a torch zip (e.g. the legacy format of
-      torch < 1.6), or holds objects other than tensors and plain values.
-  """
-  if not zipfile.is_zipfile(path):
-    raise ValueError(
-        f"{path} is not in torch's zip format (torch >= 1.6); install torch "
-        "to read it, or re-save it with a current torch")
-  with zipfile.ZipFile(path) as z:
-    names = z.namelist()
-    pkl = next((n for n in names if n.endswith("/data.pkl")), None)
-    if pkl is None:
-      raise ValueError(f"{path} holds no data.pkl: not a torch checkpoint")
-    root = pkl[:-len("data.pkl")]
-    byteorder = root + "byteorder"
-    if byteorder in names and z.read(byteorder) != b"little":
-      raise ValueError(f"{path} was saved on a big-endian machine")
-    read_record = lambda key: z.read(f"{root}data/{key}")
-    with z.open(pkl) as f:
-      try:
-        return _TorchUnpickler(f, read_record).load()
-      except pickle.UnpicklingError as e:
-        raise ValueError(f"cannot read {path} without torch: {e}") from None
 
 
 def save_variables(directory: str, variables: Variables) -> None:

@@ -19,7 +19,7 @@ import pytest
 import tensorflow as tf
 
 import train_utils
-from ir2net_jax import convert, data, losses, models, objective, optim
+from ir2net_jax import convert, data, losses, models, objective, optim, pth
 from ir2net_jax import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
@@ -113,11 +113,11 @@ def test_pth_reader_refuses_anything_but_tensors(tmp_path):
   path = tmp_path / "evil.pth"
   with zipfile.ZipFile(path, "w") as z:
     z.writestr("archive/data.pkl", pickle.dumps({"x": os.getcwd}))
-  with pytest.raises(ValueError, match="posix.getcwd is not allowed"):
-    convert.read_torch_zip(str(path))
+  with pytest.raises(pth.ConversionError, match="posix.getcwd is not allowed"):
+    pth.read_torch_zip(str(path))
   (tmp_path / "legacy.pth").write_bytes(pickle.dumps({}))
-  with pytest.raises(ValueError, match="not in torch's zip format"):
-    convert.read_torch_zip(str(tmp_path / "legacy.pth"))
+  with pytest.raises(pth.ConversionError, match="not in torch's zip format"):
+    pth.read_torch_zip(str(tmp_path / "legacy.pth"))
 
 
 def test_init_from_a_converted_pth(tmp_path, digits_dir):

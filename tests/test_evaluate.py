@@ -21,7 +21,7 @@ import sign_margins
 import torch_zip
 import train_utils
 from ir2net_jax import checkpoints, config_checks, convert, data, evaluate
-from ir2net_jax import layers, models, parallel, train
+from ir2net_jax import layers, models, parallel, pth, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 import make_pth_fixture  # noqa: E402
@@ -69,7 +69,7 @@ def test_writer_matches_a_file_torch_wrote(tmp_path):
     assert names(a) == names(b)
     for n in names(a):
       assert a.read(n) == b.read(n), n
-  real, written = (convert.read_torch_zip(p)
+  real, written = (pth.read_torch_zip(p)
                    for p in (make_pth_fixture.PATH, mine))
   assert real.keys() == written.keys() and real["epoch"] == written["epoch"]
   assert real["state_dict"].keys() == written["state_dict"].keys()

@@ -30,12 +30,19 @@ _STORAGES = {
 
 class Tensor:
   """A tensor to save: ``value`` (numpy), on device ``location``; a
-  ``transposed`` 2-D tensor is saved as a strided view (non-contiguous)."""
+  ``transposed`` 2-D tensor is saved as a strided view (non-contiguous).
 
-  def __init__(self, value, location: str = "cpu", transposed: bool = False):
+  ``view`` writes ``value`` as a raw storage and the tensor as the given
+  ``(offset, shape, stride)`` of it, unchecked, and ``numel`` the storage's
+  claimed size (default: its real one): how hostile files are made.
+  """
+
+  def __init__(self, value, location: str = "cpu", transposed: bool = False,
+               view=None, numel=None):
     self.value = np.asarray(value)
     self.location = location
     self.transposed = transposed
+    self.view, self.numel = view, numel
 
 
 class _Global:
@@ -49,8 +56,8 @@ class _Global:
 
 
 class _Storage:
-  def __init__(self, key: str, data: np.ndarray, location: str):
-    self.key, self.data, self.location = key, data, location
+  def __init__(self, key: str, data: np.ndarray, location: str, numel: int):
+    self.key, self.data, self.location, self.numel = key, data, location, numel
 
 
 class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
@@ -70,17 +77,22 @@ class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
 
   def _save_tensor(self, t):
     value = t.value
-    if t.transposed:
+    if t.view is not None:
+      data = value.reshape(-1)
+      offset, shape, stride = t.view
+    elif t.transposed:
       # Storage holds value.T contiguous; the tensor views it transposed.
       data = np.ascontiguousarray(value.T).reshape(-1)
-      stride = (1, value.shape[0])
+      offset, shape, stride = 0, tuple(value.shape), (1, value.shape[0])
     else:
       data = np.ascontiguousarray(value).reshape(-1)
+      offset, shape = 0, tuple(value.shape)
       stride = tuple(int(np.prod(value.shape[i + 1:]))
                      for i in range(value.ndim))
-    storage = _Storage(str(len(self.storages)), data, t.location)
+    storage = _Storage(str(len(self.storages)), data, t.location,
+                       data.size if t.numel is None else t.numel)
     self.storages.append(storage)
-    self.save_reduce(self._rebuild, (storage, 0, tuple(value.shape), stride,
+    self.save_reduce(self._rebuild, (storage, offset, shape, stride,
                                      False, collections.OrderedDict()),
                      obj=t)
 
@@ -91,7 +103,7 @@ class _Pickler(pickle._Pickler):  # pylint: disable=protected-access
     if isinstance(obj, _Storage):
       kind = self._kinds.setdefault(
           obj.data.dtype, _Global("torch", _STORAGES[obj.data.dtype]))
-      return ("storage", kind, obj.key, obj.location, obj.data.size)
+      return ("storage", kind, obj.key, obj.location, obj.numel)
     return None
 
 
