@@ -124,6 +124,21 @@ class _DatasetName:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Fractions:
+  """None (the recipe's own) or (low, high) with 0 < low <= high <= 1."""
+
+  def accepts(self, value) -> bool:
+    if value is None:
+      return True
+    unit = _Number(float, 0, 1, low_open=True)
+    return (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(unit.accepts(v) for v in value) and value[0] <= value[1])
+
+  def describe(self) -> str:
+    return "None (the recipe's own) or (low, high) with 0 < low <= high <= 1"
+
+
+@dataclasses.dataclass(frozen=True)
 class _Mapping:
   """Keyword arguments (a ConfigDict); the model checks their names."""
 
@@ -169,6 +184,12 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
                    "validation split"),
     "augment": (_OneOf(("auto", "cifar", "imagenet")), "the augmentation "
                 "of tfds: and folder: data sets"),
+    "flip": (_OneOf((None, True, False)), "mirror train images left-right; "
+             "None: the data set's recipe (no flip for digits)"),
+    "crop_padding": (_Number(int, 0, optional=True), "zero padding of the "
+                     "pad-and-crop recipes (digits, cifar10, augment='cifar')"),
+    "crop_scale": (_Fractions(), "area range of RandomResizedCrop "
+                   "(imagenet2012, augment='imagenet')"),
     "shuffle_buffer": (_Number(int, 1, optional=True), ""),
     "dtype": (_OneOf(("float32", "bfloat16")), "the conv / dense compute "
               "dtype (mixed precision: parameters stay float32)"),

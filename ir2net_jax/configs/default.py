@@ -51,6 +51,15 @@ def get_config() -> ml_collections.ConfigDict:
   # (random-resized-crop, flip); 'auto' picks 'cifar' for images of one
   # size at most 64 pixels a side.
   c.augment = "auto"
+  # The train recipe's random choices; None keeps the data set's own. Turn
+  # the flip off for data that are not mirror-invariant (digits, text,
+  # documents, many medical images). crop_padding applies to the
+  # pad-and-crop recipes (digits, cifar10, augment='cifar'), crop_scale,
+  # (low, high) area fractions, to RandomResizedCrop (imagenet2012,
+  # augment='imagenet').
+  c.flip = config_dict.placeholder(bool)
+  c.crop_padding = config_dict.placeholder(int)
+  c.crop_scale = config_dict.placeholder(tuple)
   c.shuffle_buffer = config_dict.placeholder(int)  # None: per data set
   c.prefetch = 2
 

@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
   c.dataset = "digits"
   c.image_size = 32
   c.eval_split = "test"
+  c.flip = False  # Digits are not mirror-invariant, whatever data it reads.
   c.optimizer = "sgd"
   c.learning_rate = 0.1
   c.weight_decay = 1e-4

@@ -175,7 +175,8 @@ def _make_spec(*, tfds_name: str, where: str, num_classes: int,
       train_recipe=train, eval_recipe=evaluate,
       value_range=recipes.normalized_range(recipes.IMAGENET_MEAN,
                                            recipes.IMAGENET_STD),
-      recipe=recipe, image_key=image_key, label_key=label_key, folder=folder)
+      recipe=recipe, image_key=image_key, label_key=label_key, folder=folder,
+      crop="pad" if recipe == "cifar" else "resized")
 
 
 # ------------------------------------------------------------- tfds:NAME ---

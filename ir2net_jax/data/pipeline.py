@@ -262,7 +262,8 @@ def _train_dataset(source: sources.HostSplit, settings: sources.Settings,
   def preprocess(example_index, example):
     example_seed = tf.stack([tf.constant(augment_key, tf.int64), example_index])
     image = settings.spec.train_recipe(example["image"], example_seed,
-                                       settings.image_size)
+                                       settings.image_size,
+                                       settings.augmentation)
     return {"image": tf.cast(image, settings.dtype),
             "label": tf.cast(example["label"], tf.int32)}
 

@@ -29,6 +29,13 @@ Each recipe maps one stored image to the model's input, float32
     RandomHorizontalFlip; eval = Resize(round(image_size * 256 / 224)) +
     CenterCrop(image_size).
 
+What a config may change in every train recipe is an :class:`Augmentation`:
+the flip (``config.flip``; digits are not mirror-invariant, nor are text,
+documents and many medical images), the pad-and-crop padding
+(``config.crop_padding``) and RandomResizedCrop's scale range
+(``config.crop_scale``). Turning the flip off keeps every crop as it was: the
+seeds are split the same way.
+
 Lighting, as ReActNet's ``Lighting`` (the transform the reference uses) does
 it: the offset ``eigvec @ (alpha * eigval)``, alpha ~ N(0, 0.1), is added to
 the uint8 PIL image on the 0..255 scale with the eigenvalues as given (not
@@ -39,6 +46,7 @@ offset). We mirror that exactly, truncation included, so the augmentation
 distribution is the reference's; it is nearly a no-op, as there.
 """
 
+import dataclasses
 from typing import Optional, Tuple
 
 import tensorflow as tf
@@ -62,6 +70,39 @@ DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
 
 
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """The random choices of a train recipe that a config may change.
+
+  Attributes:
+    flip: mirror left-right with probability 1/2.
+    crop_padding: zero padding of the pad-and-crop recipes (digits, CIFAR and
+      'cifar' for any data); None: the recipe's own (2 for digits, 4 at 32
+      pixels for CIFAR, in proportion at other sizes).
+    crop_scale: (min, max) area fraction of RandomResizedCrop (ImageNet and
+      'imagenet' for any data).
+  """
+  flip: bool = True
+  crop_padding: Optional[int] = None
+  crop_scale: Tuple[float, float] = CROP_SCALE
+
+
+REFERENCE = Augmentation()
+
+
+def _padding(augmentation: Augmentation, default: int) -> int:
+  if augmentation.crop_padding is None:
+    return default
+  return augmentation.crop_padding
+
+
+def _maybe_flip(image: tf.Tensor, seed: tf.Tensor,
+                augmentation: Augmentation) -> tf.Tensor:
+  if not augmentation.flip:
+    return image
+  return augment.random_flip_left_right(image, seed)
+
+
 def eval_resize_size(image_size: int) -> int:
   """Shorter side before the eval centre crop: 256 for 224."""
   return int(round(image_size * 256 / 224))
@@ -75,13 +116,14 @@ def normalized_range(mean: Tuple[float, ...],
   return min(lows), max(highs)
 
 
-def cifar10_train(image: tf.Tensor, seed: tf.Tensor,
-                  image_size: int) -> tf.Tensor:
+def cifar10_train(image: tf.Tensor, seed: tf.Tensor, image_size: int,
+                  augmentation: Augmentation = REFERENCE) -> tf.Tensor:
   """uint8 (32, 32, 3) -> float32 (32, 32, 3): crop, flip, normalise."""
   del image_size  # Always 32, checked when the config is read.
   crop_seed, flip_seed = tf.unstack(augment.split_seed(seed, 2))
-  image = augment.random_crop_with_padding(image, crop_seed, CIFAR_PADDING)
-  image = augment.random_flip_left_right(image, flip_seed)
+  image = augment.random_crop_with_padding(
+      image, crop_seed, _padding(augmentation, CIFAR_PADDING))
+  image = _maybe_flip(image, flip_seed, augmentation)
   return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -102,17 +144,17 @@ def pil_lighting(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.floor(tf.clip_by_value(image, 0.0, 255.0))
 
 
-def imagenet_train(jpeg: tf.Tensor, seed: tf.Tensor,
-                   image_size: int) -> tf.Tensor:
+def imagenet_train(jpeg: tf.Tensor, seed: tf.Tensor, image_size: int,
+                   augmentation: Augmentation = REFERENCE) -> tf.Tensor:
   """JPEG bytes -> float32 (image_size, image_size, 3).
 
   Fused decode + RandomResizedCrop, Lighting, flip, normalise.
   """
   crop_seed, light_seed, flip_seed = tf.unstack(augment.split_seed(seed, 3))
   image = augment.decode_and_random_resized_crop(
-      jpeg, crop_seed, image_size, CROP_SCALE, CROP_RATIO)
+      jpeg, crop_seed, image_size, augmentation.crop_scale, CROP_RATIO)
   image = pil_lighting(image, light_seed)
-  image = augment.random_flip_left_right(image, flip_seed)
+  image = _maybe_flip(image, flip_seed, augmentation)
   return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -129,11 +171,17 @@ def _digits_upsample(image: tf.Tensor, image_size: int) -> tf.Tensor:
   return tf.image.grayscale_to_rgb(image)
 
 
-def digits_train(image: tf.Tensor, seed: tf.Tensor,
-                 image_size: int) -> tf.Tensor:
-  """uint8 (8, 8, 1) -> float32 (image_size, image_size, 3): crop, normalise."""
+def digits_train(image: tf.Tensor, seed: tf.Tensor, image_size: int,
+                 augmentation: Augmentation = Augmentation(flip=False)
+                 ) -> tf.Tensor:
+  """uint8 (8, 8, 1) -> float32 (image_size, image_size, 3): crop, normalise
+  (and flip, only where ``augmentation`` asks for it)."""
   image = _digits_upsample(image, image_size)
-  image = augment.random_crop_with_padding(image, seed, DIGITS_PADDING)
+  image = augment.random_crop_with_padding(
+      image, seed, _padding(augmentation, DIGITS_PADDING))
+  if augmentation.flip:  # A seed of its own; the crop's stays as it was.
+    image = augment.random_flip_left_right(
+        image, augment.split_seed(seed, 2)[1])
   return augment.normalize(image, DIGITS_MEAN, DIGITS_STD)
 
 
@@ -160,6 +208,7 @@ def _decode_small(encoded: tf.Tensor, image_size: int,
 
 
 def small_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
+                augmentation: Augmentation = REFERENCE,
                 stored_size: Optional[Tuple[int, int]] = None) -> tf.Tensor:
   """The CIFAR recipe for any data: encoded image -> float32 (S, S, 3).
 
@@ -167,13 +216,14 @@ def small_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
     encoded: scalar string tensor, a PNG or JPEG.
     seed: (2,) stateless seed.
     image_size: S.
+    augmentation: flip and padding.
     stored_size: (height, width) of every stored image; None resizes always.
   """
   crop_seed, flip_seed = tf.unstack(augment.split_seed(seed, 2))
   image = _decode_small(encoded, image_size, stored_size)
-  image = augment.random_crop_with_padding(image, crop_seed,
-                                           small_padding(image_size))
-  image = augment.random_flip_left_right(image, flip_seed)
+  image = augment.random_crop_with_padding(
+      image, crop_seed, _padding(augmentation, small_padding(image_size)))
+  image = _maybe_flip(image, flip_seed, augmentation)
   return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
 
 
@@ -184,13 +234,14 @@ def small_eval(encoded: tf.Tensor, image_size: int,
                            IMAGENET_MEAN, IMAGENET_STD)
 
 
-def large_train(encoded: tf.Tensor, seed: tf.Tensor,
-                image_size: int) -> tf.Tensor:
+def large_train(encoded: tf.Tensor, seed: tf.Tensor, image_size: int,
+                augmentation: Augmentation = REFERENCE) -> tf.Tensor:
   """The ImageNet recipe for any data: encoded image -> float32 (S, S, 3)."""
   crop_seed, flip_seed = tf.unstack(augment.split_seed(seed, 2))
   image = augment.random_resized_crop(augment.decode_rgb(encoded), crop_seed,
-                                      image_size, CROP_SCALE, CROP_RATIO)
-  image = augment.random_flip_left_right(image, flip_seed)
+                                      image_size, augmentation.crop_scale,
+                                      CROP_RATIO)
+  image = _maybe_flip(image, flip_seed, augmentation)
   return augment.normalize(image, IMAGENET_MEAN, IMAGENET_STD)
 
 

@@ -32,14 +32,16 @@ DATASETS: Dict[str, DatasetSpec] = {
         shuffle_buffer=digits.NUM_TRAIN, cache=True, decoders=None,
         train_recipe=recipes.digits_train, eval_recipe=recipes.digits_eval,
         value_range=recipes.normalized_range(recipes.DIGITS_MEAN,
-                                             recipes.DIGITS_STD)),
+                                             recipes.DIGITS_STD),
+        recipe="digits", flip=False),
     "cifar10": DatasetSpec(
         tfds_name="cifar10", num_classes=10, image_size=32,
         fixed_image_size=True, eval_split="test", shuffle_buffer=50_000,
         cache=True, decoders=None,
         train_recipe=recipes.cifar10_train, eval_recipe=recipes.cifar10_eval,
         value_range=recipes.normalized_range(recipes.IMAGENET_MEAN,
-                                             recipes.IMAGENET_STD)),
+                                             recipes.IMAGENET_STD),
+        recipe="cifar10"),
     "imagenet2012": DatasetSpec(
         tfds_name="imagenet2012", num_classes=1000, image_size=224,
         fixed_image_size=False, eval_split="validation",
@@ -47,7 +49,8 @@ DATASETS: Dict[str, DatasetSpec] = {
         decoders={"image": tfds.decode.SkipDecoding()},
         train_recipe=recipes.imagenet_train, eval_recipe=recipes.imagenet_eval,
         value_range=recipes.normalized_range(recipes.IMAGENET_MEAN,
-                                             recipes.IMAGENET_STD)),
+                                             recipes.IMAGENET_STD),
+        recipe="imagenet2012", crop="resized"),
 }
 
 _DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
@@ -93,6 +96,36 @@ class Settings:
   eval_split: str
   shuffle_buffer: int
   dtype: tf.DType
+  augmentation: recipes.Augmentation
+
+
+_CROP_FIELDS = {"pad": ("crop_padding", "pad-and-crop"),
+                "resized": ("crop_scale", "RandomResizedCrop")}
+
+
+def augmentation(config, spec: DatasetSpec) -> recipes.Augmentation:
+  """The train recipe's flip, padding and scale: the config's where it sets
+  them, else the data set's recipe's.
+
+  Raises:
+    DataError: a crop field that the data set's recipe does not use (it
+      would change nothing).
+  """
+  for crop, (field, what) in _CROP_FIELDS.items():
+    if crop != spec.crop and config.get(field) is not None:
+      used, used_what = _CROP_FIELDS[spec.crop]
+      raise DataError(
+          f"{field} applies to the {what} recipes, but {config.get('dataset')}"
+          f" is trained with the {spec.recipe or spec.tfds_name} recipe "
+          f"({used_what}): set {used} instead, or leave {field} unset "
+          f"(--config.{field}=None).")
+  flip = config.get("flip")
+  scale = config.get("crop_scale")
+  return recipes.Augmentation(
+      flip=spec.flip if flip is None else bool(flip),
+      crop_padding=config.get("crop_padding"),
+      crop_scale=recipes.CROP_SCALE if scale is None else tuple(
+          float(v) for v in scale))
 
 
 def read_settings(config) -> Settings:
@@ -129,7 +162,7 @@ def read_settings(config) -> Settings:
       manual_dir=config.get("manual_dir"), image_size=int(image_size),
       train_split=config.get("train_split") or "train",
       eval_split=eval_split, shuffle_buffer=int(shuffle_buffer),
-      dtype=_DTYPES[dtype])
+      dtype=_DTYPES[dtype], augmentation=augmentation(config, spec))
 
 
 def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:

@@ -33,7 +33,8 @@ class DatasetSpec:
     cache: whether each host's decoded split is small enough to keep in memory
       (then every host reads the whole training split: one global stream).
     decoders: tfds ``decoders`` argument (ImageNet keeps JPEG bytes).
-    train_recipe: ``(image, seed, image_size) -> float32 image``.
+    train_recipe: ``(image, seed, image_size, augmentation) -> float32
+      image`` (``augmentation``: a ``recipes.Augmentation``).
     eval_recipe: ``(image, image_size) -> float32 image``.
     value_range: smallest and largest normalised pixel value.
     recipe: name of the augmentation recipe, for logs and tests:
@@ -44,6 +45,10 @@ class DatasetSpec:
     folder: root of a class-per-subfolder tree, read with tfds' ImageFolder
       (which serves whole splits only: no ``'train[:90%]'``); None for a tfds
       builder.
+    flip: whether the train recipe flips unless the config says otherwise.
+    crop: the train recipe's crop: 'pad' (pad and random crop:
+      ``config.crop_padding`` applies) or 'resized' (RandomResizedCrop:
+      ``config.crop_scale`` applies).
   """
   tfds_name: str
   num_classes: int
@@ -60,3 +65,5 @@ class DatasetSpec:
   image_key: str = "image"
   label_key: str = "label"
   folder: Optional[str] = None
+  flip: bool = True
+  crop: str = "pad"
