@@ -2,7 +2,8 @@
 
 Data flows one way: config -> (data, model, teacher, optimizer) -> a
 ``shard_map``-ed train step over a ``('data',)`` mesh -> orbax checkpoints,
-clu metrics (TensorBoard files in the workdir) and ``summary.json``.
+TensorBoard files in the workdir (``metric_writer``, no TensorFlow needed)
+and ``summary.json``.
 
 Everything that can be wrong with a run (a config value that cannot work,
 missing data, a missing stage-1 checkpoint or teacher, a workdir that holds a
@@ -11,8 +12,8 @@ is touched and before anything is compiled.
 
 The compute path (``build_model``, ``create_train_state``,
 ``make_train_step``, ``sharded_train_step``) needs no TensorFlow: only
-``train_and_evaluate`` imports the input pipeline (``ir2net_jax.data``) and
-clu's metric writers, which do.
+``train_and_evaluate`` imports the input pipeline (``ir2net_jax.data``),
+which does.
 """
 
 import functools
@@ -35,8 +36,8 @@ from jax.sharding import PartitionSpec as P
 
 from ir2net_jax import checkpoints as ckpt_lib
 from ir2net_jax import (config_checks, convert, diagnostics, divergence,
-                        losses, models, objective, optim, parallel, policy,
-                        preemption)
+                        losses, metric_writer, models, objective, optim,
+                        parallel, policy, preemption)
 from ir2net_jax.config_checks import ConfigError, validate_config
 from ir2net_jax.config_checks import eval_batch_size as _eval_batch_size
 from ir2net_jax.divergence import DivergenceError
@@ -310,8 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     Preempted: SIGTERM or SIGINT arrived; a checkpoint of the step in flight
       was saved (and waited for) first. No ``summary.json`` is written.
   """
-  # The input pipeline and clu's writers import TensorFlow; the step does not.
-  from clu import metric_writers, periodic_actions  # pylint: disable=g-import-not-at-top
+  # The input pipeline imports TensorFlow; the step does not.
   from ir2net_jax import data  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   _quiet_library_logs()
@@ -381,11 +381,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   train_step = sharded_train_step(model, tx, config, mesh, teacher)
   eval_step = sharded_eval_step(model, mesh)
 
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=not is_host0 or finished, asynchronous=True)
+  writer = metric_writer.MetricWriter(
+      workdir, just_logging=not is_host0 or finished)
   if start_step == 0:
     writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
-  report = periodic_actions.ReportProgress(
+  report = metric_writer.ReportProgress(
       num_train_steps=num_steps, writer=writer,
       every_steps=config.log_every_steps)
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)

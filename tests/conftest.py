@@ -35,9 +35,6 @@ def workdir(tmp_path):
 def no_compile(monkeypatch):
   """Makes any compilation fail, so errors must come before it."""
   import jax  # pylint: disable=g-import-not-at-top
-  # train_and_evaluate imports these lazily (they need TensorFlow); clu
-  # decorates functions with jax.jit at import, which compiles nothing.
-  import clu.periodic_actions  # pylint: disable=g-import-not-at-top,unused-import
 
   def boom(*a, **k):
     raise AssertionError("compiled before reporting the error")

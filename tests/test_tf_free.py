@@ -44,6 +44,18 @@ batch = jax.device_put(
 step = train.sharded_train_step(model, tx, config, mesh, teacher)
 state, metrics = step(state, batch, teacher_vars)
 assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+# The run's TensorBoard files, written without TensorFlow.
+import os, tempfile
+from ir2net_jax import metric_writer, run_metrics
+logdir = tempfile.mkdtemp()
+writer = metric_writer.MetricWriter(logdir)
+writer.write_hparams({"model": config.model, "batch_size": 2})
+writer.write_scalars(1, {"train_loss": float(metrics["loss"])})
+writer.write_images(1, {"restriction": np.zeros((1, 4, 4, 3), np.uint8)})
+writer.write_histograms(1, {"kept": np.ones(8)})
+writer.close()
+assert run_metrics.read_scalars(logdir)["train_loss"][0][0] == 1
 hidden = sorted(m for m in sys.modules
                 if m.split(".")[0] in ("tensorflow", "tensorflow_datasets"))
 assert not hidden, hidden
