@@ -244,7 +244,10 @@ class _Archive:
   def storage(self, key: str, dtype: np.dtype, numel: int) -> _Storage:
     if key not in self._storages:
       data = self.read(f"data/{key}", min_size=numel * dtype.itemsize)
-      array = np.frombuffer(bytearray(data[:numel * dtype.itemsize]), dtype)
+      # Writable, as torch's tensors are; a memoryview slice copies nothing.
+      array = np.frombuffer(bytearray(
+          memoryview(data)[:numel * dtype.itemsize]), dtype)
+      del data
       self._storages[key] = _Storage(key, array)
     storage = self._storages[key]
     if storage.array.dtype != dtype or storage.array.size != numel:
