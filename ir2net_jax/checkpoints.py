@@ -8,14 +8,22 @@ Layout::
 
   workdir/corrupt_checkpoints/<step>-<time>/  latest ones that could not be
                                             read, set aside on resume
+  workdir/abandoned_best/<step>-<time>/     best ones of steps after the one
+                                            resumed from, set aside then
 
 ``state`` is the whole ``TrainState``; ``meta`` is JSON (model, stage,
 config name, eval metrics). The teacher is never saved with the student.
 Converted weights (``python -m ir2net_jax.convert``) are one orbax
 checkpoint of ``{params, batch_stats}``, read by ``restore_converted``.
+
+A checkpoint is read up to ``READ_TRIES`` times before it counts as
+unreadable. One whose every read fails to decode is corrupt; one whose reads
+fail with an I/O error (a network file system's EIO or stale handle) may be
+fine, so the run stops with an error rather than set it aside.
 """
 
 import os
+import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -33,16 +41,34 @@ __all__ = ["CheckpointError", "Checkpoints", "is_step_directory", "latest_step",
            "stage1_directory", "check_stage1", "restore_stage1_variables"]
 
 
+# Reads of a checkpoint before it counts as unreadable, and the wait before
+# the first retry (doubled before each next one): a network file system's
+# read errors often pass within seconds.
+READ_TRIES = 3
+READ_RETRY_S = 1.0
+
+# A process's offer in _agree_on_step: it can read no step / it failed.
+_NONE, _FAILED = -1, -2
+
+
 class CheckpointError(ValueError):
-  """A checkpoint that a run needs is missing or does not fit it."""
+  """A checkpoint that a run needs is missing, unreadable or does not fit."""
 
 
 def _manager(directory: str, keep: int, create: bool = True,
              read_only: bool = False,
              asynchronous: bool = True) -> ocp.CheckpointManager:
+  processes = ocp.options.MultiprocessingOptions()
+  if read_only:
+    # This process alone: orbax ends each restore that succeeds with a
+    # barrier of all processes, which hangs when they read different steps.
+    me = jax.process_index()
+    processes = ocp.options.MultiprocessingOptions(primary_host=me,
+                                                   active_processes={me})
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=create, read_only=read_only,
-      enable_async_checkpointing=asynchronous)
+      enable_async_checkpointing=asynchronous,
+      multiprocessing_options=processes)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
@@ -79,52 +105,103 @@ class Checkpoints:
     return _step_path(self.latest, step)
 
   def restore(self, abstract_state: Any) -> Tuple[Any, Dict[str, Any]]:
-    """Restores the newest *readable* checkpoint into ``abstract_state``'s
-    structure.
+    """Restores the newest checkpoint that every process can read into
+    ``abstract_state``'s structure (host-local arrays: each process reads
+    its own copy).
 
-    A checkpoint that cannot be read (truncated or missing files, or values
-    that are not finite, which a run never saves) is reported with its path
-    and moved aside to ``workdir/corrupt_checkpoints/<step>-<time>``, so that
-    the run can save that step again; the next older one is tried.
+    Each process reads its newest readable checkpoint (``_restore_newest``:
+    a corrupt one, truncated or missing files or values that are not
+    finite, which a run never saves, is reported with its path), then the
+    processes agree on the newest step all of them read
+    (``_agree_on_step``). Only then does process 0 move the checkpoints of
+    later steps aside, to ``workdir/corrupt_checkpoints/<step>-<time>``, so
+    that the run can save those steps again, and the best ones of later
+    steps to ``workdir/abandoned_best/<step>-<time>`` (``_set_aside``).
+    After that, the returned ``meta['best']`` is the best that ``best/``
+    holds (none: no ``'best'``), so that every later best is saved there.
 
     Raises:
-      CheckpointError: when no checkpoint can be read (they are left where
-        they are, for a look).
+      CheckpointError: when no step can be read by every process (they are
+        left where they are, for a look), or a read failed with an I/O
+        error (nothing is moved).
     """
+    reader = _read_only(self.latest.directory)
+
     def restore(step):
-      restored = self.latest.restore(step, args=ocp.args.Composite(
+      restored = reader.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           meta=ocp.args.JsonRestore()))
       _check_finite(restored.state)
       return restored
 
-    step, restored, corrupt = _restore_newest(self.latest, restore)
-    if corrupt:
-      if step is None:
-        raise CheckpointError(
-            f"none of the checkpoints in {self.latest.directory} (steps "
-            f"{sorted(corrupt)}) can be read; see the warnings above. Move "
-            f"them out of the way to train from the start, or use a new "
-            f"--workdir.")
-      self._set_aside(corrupt)
+    read = {}   # this process's last read, {step: restored}
+
+    def newest_at_most(bound):
+      if bound not in read:
+        read.clear()
+        step, restored, _ = _restore_newest(reader, restore, at_most=bound)
+        read.update({} if step is None else {step: restored})
+      return max(read, default=None)
+
+    try:
+      step = _agree_on_step(newest_at_most)
+    finally:
+      reader.close()
+    if step is None:
+      raise CheckpointError(
+          f"none of the checkpoints in {self.latest.directory} (steps "
+          f"{sorted(self.latest.all_steps())}) can be read; see the warnings "
+          f"above. Move them out of the way to train from the start, or use "
+          f"a new --workdir.")
+    restored = read[step]
+    newer = [s for s in self.latest.all_steps() if s > step]
+    abandoned = [s for s in self.best.all_steps() if s > step]
+    self._set_aside(step, restored.meta.get("best", {}).get("step"))
+    if newer:
       logging.warning("resuming from the checkpoint at step %d, the newest "
                       "readable one", step)
-    return restored.state, restored.meta
+    if not abandoned:
+      return restored.state, restored.meta
+    meta = {k: v for k, v in restored.meta.items() if k != "best"}
+    kept = self.best.latest_step()
+    best = (None if kept is None
+            else read_meta(self.best.directory, kept).get("best"))
+    if best is not None:
+      meta["best"] = best
+    logging.warning("best/ held the steps %s, after step %d; the run's best is "
+                    "now %s", abandoned, step, best or "none")
+    return restored.state, meta
 
-  def _set_aside(self, steps: List[int]) -> None:
-    """Moves unreadable checkpoints out of ``checkpoints/`` (host 0 moves)."""
-    aside = os.path.join(self.workdir, "corrupt_checkpoints")
+  def _set_aside(self, step: int, best_step: Optional[int]) -> None:
+    """Moves the checkpoints of steps after ``step`` out of
+    ``checkpoints/`` (a process cannot read them) and ``best/`` (the run no
+    longer has those steps); process 0 moves, the others wait.
+
+    When ``best/`` then lacks the run's best and that is ``step`` (whose
+    checkpoint is the same), ``checkpoints/<step>`` is copied there.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if jax.process_index() == 0:
-      os.makedirs(aside, exist_ok=True)
-      for step in steps:
-        target = os.path.join(aside, f"{step}-{stamp}")
-        os.replace(self.step_path(step), target)
-        logging.warning("moved the unreadable checkpoint of step %d to %s",
-                        step, target)
+      for manager, aside, what in (
+          (self.latest, "corrupt_checkpoints", "unreadable checkpoint"),
+          (self.best, "abandoned_best", "best checkpoint")):
+        for later in manager.all_steps():
+          if later > step:
+            target = os.path.join(self.workdir, aside, f"{later}-{stamp}")
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(_step_path(manager, later), target)
+            logging.warning("moved the %s of step %d, after step %d, to %s",
+                            what, later, step, target)
+      self.best.reload()
+      if best_step == step and step not in self.best.all_steps():
+        shutil.copytree(self.step_path(step),
+                        os.path.join(self.best.directory, str(step)))
+        logging.warning("copied the checkpoint of step %d, the run's best, "
+                        "to %s", step, self.best.directory)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices("checkpoints set aside")
     self.latest.reload()
+    self.best.reload()
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
@@ -152,28 +229,142 @@ def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
       manager.directory, step).path)
 
 
-def _restore_newest(manager: ocp.CheckpointManager,
-                    restore: Callable[[int], Any]
-                    ) -> Tuple[Optional[int], Any, List[int]]:
-  """``restore(step)`` of the newest step it succeeds on.
+def _is_io_error(error: BaseException) -> bool:
+  """Whether ``error``, or one it was raised from, is the operating system's
+  failure to read a file (EIO, a stale handle, a timeout, a permission),
+  which may pass, rather than a missing file or bytes that do not decode."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    text = str(error)
+    if isinstance(error, OSError) and not isinstance(
+        error, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+      return True
+    # TensorStore reports an OS error as a ValueError "... [OS error: ...]".
+    if "[OS error: " in text and "No such file" not in text:
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def _read(restore: Callable[[int], Any], step: int,
+          path: str) -> Tuple[Any, Optional[Exception]]:
+  """``restore(step)``, tried up to ``READ_TRIES`` times.
 
   Returns:
-    ``(step, restored, unreadable)``: the steps newer than ``step`` that
-    could not be read (each reported), and ``(None, None, all steps)``
-    when none could.
+    ``(restored, None)``, or ``(None, the last error)`` when every try
+    failed and none with an I/O error: the checkpoint is corrupt.
+
+  Raises:
+    CheckpointError: as ``restore`` does (not tried again), or when no try
+      succeeded and one failed with an I/O error.
   """
-  unreadable = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  errors = []
+  for tries in range(1, READ_TRIES + 1):
     try:
-      return step, restore(step), unreadable
+      restored = restore(step)
     except CheckpointError:  # readable, but not what the run needs
       raise
     except Exception as e:  # orbax, tensorstore and json raise many types
-      logging.warning("cannot read the checkpoint %s (%s: %s); trying the "
-                      "one before it", _step_path(manager, step),
-                      type(e).__name__, _first_line(e))
-      unreadable.append(step)
-  return None, None, unreadable
+      errors.append(e)
+      if tries < READ_TRIES:
+        time.sleep(READ_RETRY_S * 2 ** (tries - 1))
+      continue
+    if errors:
+      logging.warning("read the checkpoint %s on try %d of %d, after %s: a "
+                      "transient read error; nothing was moved", path, tries,
+                      READ_TRIES, _describe(errors[-1]))
+    return restored, None
+  io_errors = [e for e in errors if _is_io_error(e)]
+  if io_errors:
+    raise CheckpointError(
+        f"cannot read the checkpoint {path}: {READ_TRIES} tries failed with "
+        f"an I/O error ({_describe(io_errors[-1])}). Nothing was moved: the "
+        f"checkpoint may be fine, so no older one is taken in its place. "
+        f"Check the file system that holds the workdir, then start again."
+    ) from io_errors[-1]
+  return None, errors[-1]
+
+
+def _describe(error: Exception) -> str:
+  return f"{type(error).__name__}: {_first_line(error)}"
+
+
+def _restore_newest(manager: ocp.CheckpointManager,
+                    restore: Callable[[int], Any],
+                    at_most: Optional[int] = None
+                    ) -> Tuple[Optional[int], Any, List[int]]:
+  """``restore(step)`` of the newest step (no later than ``at_most``) that
+  is not corrupt (``_read``).
+
+  Returns:
+    ``(step, restored, corrupt)``: the steps tried before ``step`` were
+    corrupt (each reported); ``(None, None, corrupt)`` when every one was.
+
+  Raises:
+    CheckpointError: as ``_read`` does.
+  """
+  corrupt = []
+  for step in sorted(manager.all_steps(), reverse=True):
+    if at_most is not None and step > at_most:
+      continue
+    path = _step_path(manager, step)
+    restored, error = _read(restore, step, path)
+    if error is None:
+      return step, restored, corrupt
+    logging.warning("cannot read the checkpoint %s (%s): it failed in %d "
+                    "tries, none with an I/O error: it is corrupt; trying "
+                    "the one before it", path, _describe(error), READ_TRIES)
+    corrupt.append(step)
+  return None, None, corrupt
+
+
+def _gather(offer: int) -> List[int]:
+  """Every process's ``offer``, in process order."""
+  if jax.process_count() == 1:
+    return [offer]
+  return [int(x) for x in multihost_utils.process_allgather(np.int32(offer))]
+
+
+def _agree_on_step(newest_at_most: Callable[[Optional[int]], Optional[int]],
+                   gather: Callable[[int], List[int]] = _gather
+                   ) -> Optional[int]:
+  """The newest step that every process can read (None: there is none).
+
+  In each round every process offers its newest readable step no later than
+  the smallest offer of the round before (in the first, any step); the
+  rounds end when all offers are equal. No offer is ever below the newest
+  step all can read, so that is where they end. One round on one process.
+
+  Args:
+    newest_at_most: ``bound -> step``: this process's newest readable step
+      no later than ``bound`` (None: any), or None if there is none.
+    gather: ``offer -> offers``: every process's offer (a step, -1 for
+      none, -2 for a failure), in process order.
+
+  Raises:
+    what ``newest_at_most`` raised on this process, and CheckpointError on
+    the others, once every process knows.
+  """
+  bound = None
+  while True:
+    error = None
+    try:
+      step = newest_at_most(bound)
+      offer = _NONE if step is None else step
+    except Exception as e:  # raised below, once every process knows
+      error, offer = e, _FAILED
+    offers = gather(offer)
+    if error is not None:
+      raise error
+    if _FAILED in offers:
+      failed = [i for i, o in enumerate(offers) if o == _FAILED]
+      raise CheckpointError(
+          f"process(es) {failed} could not read the checkpoints (see their "
+          f"logs); nothing was moved")
+    bound = min(offers)
+    if bound == max(offers):
+      return None if bound == _NONE else bound
 
 
 def _read_only(directory: str) -> ocp.CheckpointManager:
@@ -268,12 +459,12 @@ def restore_variables(directory: str, abstract_variables: Any, model: str
   try:
     if manager.latest_step() is None:
       raise CheckpointError(f"there is no checkpoint in {directory}")
-    step, variables, unreadable = _restore_newest(manager, restore)
+    step, variables, corrupt = _restore_newest(manager, restore)
   finally:
     manager.close()
   if step is None:
     raise CheckpointError(f"none of the checkpoints in {directory} (steps "
-                          f"{sorted(unreadable)}) can be read; see the "
+                          f"{sorted(corrupt)}) can be read; see the "
                           f"warnings above")
   return step, jax.tree.map(lambda x, a: x.astype(a.dtype), variables,
                             abstract_variables)

@@ -296,13 +296,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> Dict[str, Any]:
   """Trains and evaluates one stage as the config says; returns the summary.
 
-  Resumes from the latest readable checkpoint in ``workdir`` if there is one
-  (``Checkpoints.restore``: unreadable newer ones are reported and set aside;
-  ``config_checks.check_resume`` says what may change); a finished run
-  started again only reports its result and writes nothing. A new run
-  starts from ``config.init_from``'s converted variables if set, else (stage
-  2 of an IR2Net model) from the last stage-1 checkpoint; a resumed one reads
-  neither.
+  Resumes from the newest checkpoint in ``workdir`` that every process can
+  read, if there is one (``Checkpoints.restore``: corrupt newer ones are
+  reported and set aside, and so are ``best/``'s of later steps; an I/O
+  error stops the run and moves nothing; ``config_checks.check_resume``
+  says what may change); a finished run started again only reports its
+  result and writes nothing. A new run starts from ``config.init_from``'s
+  converted variables if set, else (stage 2 of an IR2Net model) from the
+  last stage-1 checkpoint; a resumed one reads neither.
 
   Raises:
     DivergenceError: a step's loss, gradient or new state was not finite
@@ -368,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   skipped = 0   # steps that skip_nonfinite_updates skipped, over the run
   if checkpoints.latest_step() is not None:
     state, meta = checkpoints.restore(state)   # newest readable one
-    best = meta.get("best", best)
+    best = meta.get("best", best)   # the one best/ holds
     skipped = meta.get("skipped_steps", 0)
     logging.info("resumed from step %d", int(state.step))
   start_step = int(state.step)

@@ -1,14 +1,18 @@
 """Two local processes run ``launch.py`` like one process with as many devices.
 
 The whole loop: per-host input pipelines, a shared data_dir prepared once,
-orbax saves from both processes, a resumed run and the evaluation. Loopback
-addresses only.
+orbax saves from both processes, a resumed run and the evaluation; and two
+processes that resume from the step both can read. Loopback addresses only.
 """
 
 import json
 import os
+import re
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 import train_utils
 
@@ -84,3 +88,31 @@ def test_two_processes_run_launch_like_one(tmp_path):
   # Not vacuous: the resumed steps moved the parameters.
   assert max(float(np.max(np.abs(state_s[k] - state_first[k])))
              for k in state_s if k.startswith("['params']")) > 1e-2
+
+
+@pytest.mark.slow
+def test_processes_resume_from_the_newest_step_both_can_read(tmp_path):
+  """Process 1 cannot read step 6: both restore step 4, and process 0 alone
+  sets step 6 aside (and best/'s step 6, the abandoned future)."""
+  workdir = train_utils.tiny_run(tmp_path / "run", best_at=(4, 6))
+  worker = os.path.join(train_utils.ROOT, "tests", "checkpoint_worker.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  port = train_utils.free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, worker, str(i), "2", str(port), str(workdir), "6"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+           for i in range(2)]
+  try:
+    outs = [p.communicate(timeout=90)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 0, f"process {i}:\n{out[-3000:]}"
+  assert [re.findall(r"^RESTORED (\S+) (\S+)$", out, re.M)
+          for out in outs] == [[("4", "4")]] * 2, outs
+  names = lambda d: sorted(n.split("-")[0] for n in os.listdir(workdir / d))
+  assert names("checkpoints") == ["4"] and names("corrupt_checkpoints") == ["6"]
+  assert names("best") == ["4"] and names("abandoned_best") == ["6"]

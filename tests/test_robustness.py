@@ -146,24 +146,19 @@ def test_processes_agree_on_the_step_to_stop_at(signalled, signum):
 
 # A corrupt latest checkpoint -----------------------------------------------
 
-def _truncate_files(directory):
-  for d, _, files in os.walk(directory):
-    for f in files:
-      path = os.path.join(d, f)
-      os.truncate(path, os.path.getsize(path) // 2)
-
-
 def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
-                                                           digits_dir, caplog):
+                                                           digits_dir, caplog,
+                                                           monkeypatch):
+  monkeypatch.setattr(checkpoints, "READ_RETRY_S", 0.0)
   c = train_utils.tiny_digits_config(digits_dir)   # saves at steps 2, 4, 6
   train.train_and_evaluate(c, str(tmp_path))
   steps = c.num_train_steps
   _, good = train_utils.final_state(tmp_path)
   latest = tmp_path / "checkpoints" / str(steps)
-  _truncate_files(latest)
+  train_utils.truncate_files(latest)
   os.remove(tmp_path / "summary.json")
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(c, str(tmp_path))
+    summary = train.train_and_evaluate(c, str(tmp_path))
   log = caplog.text
   assert f"cannot read the checkpoint {latest}" in log
   assert f"resumed from step {steps - c.checkpoint_every_steps}" in log
@@ -174,10 +169,17 @@ def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
   assert step == steps and again.keys() == good.keys()
   for k in good:
     np.testing.assert_array_equal(again[k], good[k], err_msg=k)
+  # best/'s step of the abandoned run is set aside too; the new best lands.
+  aside = os.listdir(tmp_path / "abandoned_best")
+  assert [d.split("-")[0] for d in aside] == [str(steps)]
+  best_dir = str(tmp_path / "best")
+  assert checkpoints.latest_step(best_dir) == steps
+  assert (checkpoints.read_meta(best_dir, steps)["best"]["eval_top1"]
+          == summary["best_eval_top1"])
 
   # With none readable, a clear error, and they are left for a look.
   ckpt_dir = tmp_path / "checkpoints"
-  _truncate_files(ckpt_dir)
+  train_utils.truncate_files(ckpt_dir)
   os.remove(tmp_path / "summary.json")
   before = sorted(os.listdir(ckpt_dir))
   with pytest.raises(checkpoints.CheckpointError,

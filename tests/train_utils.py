@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -68,6 +69,40 @@ def final_state(workdir):
       {"params": state["params"], "batch_stats": state["batch_stats"],
        "opt_state": state["opt_state"]})[0]
   return step, {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
+
+
+def truncate_files(directory) -> None:
+  """Cuts every file under ``directory`` to half its size: a checkpoint that
+  no number of reads can decode."""
+  for d, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(d, f)
+      os.truncate(path, os.path.getsize(path) // 2)
+
+
+def tiny_state(value: float):
+  """A run's state in miniature, every parameter ``value``: what
+  ``checkpoints.Checkpoints`` saves and restores, without a model."""
+  return {"step": jnp.int32(value),
+          "params": {"w": jnp.full((3,), value, jnp.float32)},
+          "batch_stats": {"mean": jnp.zeros((2,), jnp.float32)}}
+
+
+def tiny_run(workdir, steps=(2, 4, 6), best_at=()):
+  """Saves ``tiny_state(step)`` at each of ``steps`` in ``workdir`` as the
+  train loop does: ``meta['best']`` is the best so far, and the steps in
+  ``best_at`` are new bests (top-1 ``step / 10``), saved in ``best/`` too.
+  Returns ``workdir``."""
+  from ir2net_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  best = {"eval_top1": -1.0, "eval_top5": -1.0}   # train.py's before any eval
+  ckpts = checkpoints.Checkpoints(str(workdir))
+  for step in steps:
+    if step in best_at:
+      best = {"eval_top1": step / 10, "eval_top5": 1.0, "step": step}
+    ckpts.save(step, tiny_state(step), {"best": best}, best=step in best_at)
+  ckpts.wait()
+  ckpts.close()
+  return workdir
 
 
 def free_port() -> int:
