@@ -24,7 +24,6 @@ import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 from absl import logging
 from flax import traverse_util
 
@@ -32,7 +31,8 @@ from ir2net_jax import models
 
 __all__ = ["ConfigError", "validate_config", "validate_eval_config",
            "check_num_classes", "check_resume", "record_config",
-           "read_recorded_config", "eval_batch_size", "RESUMABLE_FIELDS"]
+           "read_recorded_config", "eval_batch_size", "RESUMABLE_FIELDS",
+           "FIELDS_ADDED", "LAUNCH_FIELDS"]
 
 
 class ConfigError(ValueError):
@@ -173,7 +173,12 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
                      "erase_lambda x the mean attention (paper: 0.15)"),
     "zero_to_one": (_BOOL, ""),
     "sync_batch_stats": (_BOOL, ""),
-    "binary_compute_dtype": (_Text(optional=True), ""),
+    # Binary convolutions sum ±1 products in float32 (float operands) or
+    # int32 (int8 operands), exactly; an unsigned dtype makes -1 a 255.
+    "binary_compute_dtype": (_OneOf(("auto", "", None, "float32", "bfloat16",
+                                     "float16", "int8")),
+                             "the binary convolutions' operand dtype, one in "
+                             "which their ±1 products sum exactly"),
     "xla_cpu_flags": (_Text(), ""),
     "dataset": (_DatasetName(), ""),
     "data_dir": (_Text(optional=True), ""),
@@ -256,6 +261,23 @@ RESUMABLE_FIELDS = frozenset({
     "process_id", "restriction_images",
 })
 
+# Fields added since runs began recording config.json, with the value a run
+# from before the field behaved as (from `git log -p` of configs/default.py);
+# a config.json without one of them holds this value.
+FIELDS_ADDED = {
+    "xla_cpu_flags": "",               # 5a57b74: XLA's own flags
+    "skip_nonfinite_updates": False,   # a8b8fbb: every update applied
+    "remat": False,                    # 6d37473
+    "restriction_images": 0,           # 746bd2d: no pictures
+    "augment": "auto",                 # 4e4d7af: each data set's own
+    "diagnostics": False,              # cf184ac
+    "init_from_fresh": "",             # f059f53: every module from init_from
+}
+
+# How a run's processes were started: a recorded config's describe that run,
+# not another program (ir2net-eval) reading it.
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id")
+
 _MODEL_NAMES = f"choose one of {sorted(models.MODELS)}"
 
 
@@ -280,18 +302,6 @@ def eval_batch_size(config) -> int:
           else config.batch_size)
 
 
-def _check_binary_compute_dtype(config) -> None:
-  value = config.binary_compute_dtype
-  if value in ("auto", "", None):
-    return
-  try:
-    jnp.dtype(value)
-  except TypeError:
-    raise ConfigError(
-        f"config.binary_compute_dtype={value!r} is not a dtype; choose "
-        "'auto', '' (the inputs' dtype), 'int8' or 'bfloat16'") from None
-
-
 def validate_config(config) -> None:
   """Raises ConfigError for values that cannot work.
 
@@ -302,7 +312,6 @@ def validate_config(config) -> None:
   if config.model not in models.MODELS:
     raise ConfigError(f"config.model={config.model!r} is not a model; "
                       f"{_MODEL_NAMES}")
-  _check_binary_compute_dtype(config)
   if config.loss == "distillation":
     if config.teacher_model not in models.MODELS:
       raise ConfigError(f"config.teacher_model={config.teacher_model!r} is "
@@ -351,7 +360,6 @@ def validate_eval_config(config) -> None:
   if config.model not in models.MODELS:
     raise ConfigError(f"config.model={config.model!r} is not a model; "
                       f"{_MODEL_NAMES}")
-  _check_binary_compute_dtype(config)
   n = jax.device_count()
   if eval_batch_size(config) % n:
     raise ConfigError(f"config.eval_batch_size={eval_batch_size(config)} is "
@@ -401,9 +409,10 @@ def check_resume(workdir: str, config) -> None:
   """Refuses to resume a run whose results this config would change.
 
   The workdir's ``config.json`` (written when its run started) must match
-  ``config`` in every field but ``RESUMABLE_FIELDS``. A top-level field only
-  one side has (added to or removed from the project since that run
-  started) is logged, not refused.
+  ``config`` in every field but ``RESUMABLE_FIELDS``. A field of
+  ``FIELDS_ADDED`` that the workdir's run did not record is compared with
+  the value that run used; any other top-level field only one side has is
+  logged, not refused.
 
   Raises:
     ConfigError: listing each differing field as ``old -> new``.
@@ -413,11 +422,20 @@ def check_resume(workdir: str, config) -> None:
     return
   with open(path) as f:
     old = json.load(f)
+  implied = sorted(FIELDS_ADDED.keys() - old.keys())
+  if implied:
+    logging.info("%s records no %s: its run used %s", path,
+                 ", ".join(implied), {f: FIELDS_ADDED[f] for f in implied})
   changed, unrecorded = [], []
-  for field, before, after in _differences(old, _as_recorded(config)):
+  for field, before, after in _differences({**FIELDS_ADDED, **old},
+                                           _as_recorded(config)):
     if field.split(".")[0] in RESUMABLE_FIELDS:
       continue
-    if "." not in field and _UNSET in (before, after):
+    if field in implied:
+      changed.append(f"{field}: {before!r} (not recorded: its run predates "
+                     f"the field; pass --config.{field}={before!r}) -> "
+                     f"{after!r}")
+    elif "." not in field and _UNSET in (before, after):
       unrecorded.append(field)
     else:
       changed.append(f"{field}: {before!r} -> {after!r}")
@@ -436,8 +454,10 @@ def read_recorded_config(path: str):
   """The config a run recorded in ``path`` (its ``config.json``).
 
   Built on ``configs/default.py``, so fields keep their types (and
-  ``--config.field=`` overrides work); a recorded field the project no
-  longer has is logged and left out.
+  ``--config.field=`` overrides work); a field of ``FIELDS_ADDED`` it lacks
+  takes the value its run used. A recorded field the project no longer has
+  is logged and left out, and so are ``LAUNCH_FIELDS``: the config keeps
+  the default, one process.
 
   Raises:
     ConfigError: ``path`` is missing or is not a recorded config.
@@ -458,7 +478,9 @@ def read_recorded_config(path: str):
                       if isinstance(v, dict) else v)
   config = default.get_config()
   unknown = []
-  for field, value in recorded.items():
+  for field, value in {**FIELDS_ADDED, **recorded}.items():
+    if field in LAUNCH_FIELDS:
+      continue
     if field not in config:
       unknown.append(field)
     elif isinstance(value, dict):

@@ -13,6 +13,9 @@
 ``--config`` may be left out for a workdir or its ``best/`` when the workdir
 holds the ``config.json`` its run recorded; ``--config.field=value``
 overrides fields either way (e.g. ``--config.data_dir`` where the data moved).
+How the evaluation's processes start is its own to say
+(``--config.coordinator_address``, ``num_processes``, ``process_id``, or
+the cluster environment), never the recorded run's.
 It prints top-1, top-5 and the number of examples, and writes them as JSON
 to ``--output`` (default ``<checkpoint>/eval_<dataset>_<split>.json``).
 
@@ -132,6 +135,9 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
     DataError: the eval data are missing.
   """
   from ir2net_jax import data  # pylint: disable=g-import-not-at-top
+  # Before reading any checkpoint: orbax starts JAX's backends. A recorded
+  # config holds no launch settings (config_checks.LAUNCH_FIELDS).
+  parallel.init_distributed(config)
   source = find_checkpoint(checkpoint)
   if config is None:
     path = recorded_config(checkpoint)
@@ -140,7 +146,6 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
           f"{source.path} has no recorded config.json; pass "
           f"--config=<the recipe it was trained with>")
     config = config_checks.read_recorded_config(path)
-  parallel.init_distributed(config)
   config_checks.validate_eval_config(config)
   info = data.dataset_info(config)              # DataError if missing
   config_checks.check_num_classes(config, info)

@@ -39,12 +39,17 @@ def main(argv):
   added = xla_cpu.apply_flags(xla_cpu.resolve(FLAGS.config))
   if added:
     logging.info("XLA_FLAGS += %s", " ".join(added))
+  status = 0
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except train.Preempted as e:
     logging.warning("%s", e)
-    sys.exit(128 + e.signum)
+    status = 128 + e.signum
+  # Before exiting: leaving JAX's coordinator to exit's teardown aborted
+  # processes (status -6) instead of exiting with the signal's status.
   parallel.shutdown_distributed()
+  if status:
+    sys.exit(status)
 
 
 def run():

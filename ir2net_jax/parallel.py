@@ -26,9 +26,10 @@ def init_distributed(config) -> None:
   With ``config.coordinator_address`` set, the process count and id come from
   ``config.num_processes`` / ``config.process_id``; otherwise
   ``jax.distributed.initialize()`` reads the cluster environment (TPU pods,
-  SLURM, Open MPI) when one is detected. A single process does nothing.
+  SLURM, Open MPI) when one is detected; a config of None reads only the
+  environment. A single process does nothing.
   """
-  address = config.get("coordinator_address") or None
+  address = config.get("coordinator_address") if config is not None else None
   if address:
     jax.distributed.initialize(coordinator_address=address,
                                num_processes=config.num_processes,

@@ -72,7 +72,7 @@ def test_issue_settings_are_refused_and_leave_a_finished_run_intact(
     ({"batch_size": 12}, "not divisible by the 8 devices"),
     ({"loss": "distillation", "teacher_checkpoint": ""}, "needs a teacher"),
     ({"binary_compute_dtype": "int9"}, "config.binary_compute_dtype='int9' "
-                                       "is not a dtype"),
+                                       "is not one of"),
     ({"num_train_steps": 0}, "config.num_train_steps=0"),
     ({"process_id": 1}, "config.process_id=1 is not below"),
 ])
@@ -227,3 +227,52 @@ def test_a_field_the_old_record_lacks_does_not_block_resume(tmp_path):
   with pytest.raises(config_checks.ConfigError,
                      match=r"model_kwargs.num_blocks: \[1, 1, 1\] -> \(unset\)"):
     config_checks.check_resume(str(tmp_path), c)
+
+
+_EXACT = ("'auto', '', None, 'float32', 'bfloat16', 'float16', 'int8'")
+
+
+@pytest.mark.parametrize("value", ["uint8", "uint16"])
+def test_a_binary_compute_dtype_that_sums_wrongly_is_refused(
+    value, workdir, digits_dir, no_compile):
+  c = train_utils.tiny_digits_config(digits_dir, binary_compute_dtype=value)
+  _refused(c, workdir, rf"config\.binary_compute_dtype='{value}' is not one "
+           rf"of {_EXACT} .*pass --config\.binary_compute_dtype=")
+
+
+@pytest.mark.parametrize("value", ["auto", "", None, "float32", "bfloat16",
+                                   "float16", "int8"])
+def test_exact_binary_compute_dtypes_pass_the_checks(value, no_compile):
+  c = ml_collections.ConfigDict(digits.get_config("smoke").to_dict(),
+                                type_safe=False)
+  c.binary_compute_dtype = value
+  config_checks.validate_config(c)
+  config_checks.validate_eval_config(c)
+
+
+def test_a_field_the_old_record_lacks_is_compared_with_what_its_run_used(
+    tmp_path, caplog):
+  """A run from before the fields of FIELDS_ADDED resumes with the values
+  it used, or with resumable fields changed; other values are refused."""
+  c = digits.get_config("smoke")
+  config_checks.record_config(str(tmp_path), c)
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  for field in ("xla_cpu_flags", "skip_nonfinite_updates", "remat",
+                "restriction_images", "augment", "diagnostics",
+                "init_from_fresh"):   # added since runs record config.json
+    del recorded[field]
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  # diagnostics, restriction_images and xla_cpu_flags differ: resumable.
+  with caplog.at_level("WARNING"):
+    config_checks.check_resume(str(tmp_path), c)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+  for field, value, old in (("init_from_fresh", "fc", "''"),
+                            ("skip_nonfinite_updates", True, "False"),
+                            ("augment", "cifar", "'auto'")):
+    changed = c.copy_and_resolve_references()
+    changed[field] = value
+    with pytest.raises(config_checks.ConfigError) as e:
+      config_checks.check_resume(str(tmp_path), changed)
+    assert (f"{field}: {old} (not recorded: its run predates the field; "
+            f"pass --config.{field}={old}) -> {value!r}") in str(e.value)
+    assert "use a new --workdir" in str(e.value)

@@ -411,6 +411,28 @@ def test_cli_on_a_workdir_and_its_best(stage2_run, tmp_path):
   assert checkpoints.latest_step(str(workdir / "best")) == best["step"]
 
 
+@pytest.mark.slow
+def test_a_multi_host_runs_workdir_is_evaluated_in_one_process(stage2_run,
+                                                               tmp_path):
+  """Launch settings recorded in config.json are not the evaluation's."""
+  workdir = tmp_path / "multi"
+  shutil.copytree(stage2_run[0] / "stage2", workdir)
+  before = evaluate.evaluate(None, str(workdir))
+  recorded = json.loads((workdir / "config.json").read_text())
+  recorded.update(num_processes=2, process_id=0, coordinator_address=
+                  f"127.0.0.1:{train_utils.free_port()}")
+  (workdir / "config.json").write_text(json.dumps(recorded))
+  assert evaluate.evaluate(None, str(workdir)) == before
+  out = tmp_path / "eval.json"
+  p = subprocess.run(
+      [sys.executable, "-m", "ir2net_jax.evaluate", f"--checkpoint={workdir}",
+       f"--output={out}"], cwd=train_utils.ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+      timeout=300, check=False)
+  assert p.returncode == 0, p.stdout.decode()[-3000:]
+  assert json.loads(out.read_text()) == before
+
+
 def test_errors_come_before_compiling(tmp_path, workdir, stage2_run,
                                       released, digits_dir, no_compile):
   runs, config, _ = stage2_run

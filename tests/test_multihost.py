@@ -8,8 +8,10 @@ processes that resume from the step both can read. Loopback addresses only.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -20,15 +22,15 @@ STEPS_FIRST, STEPS = 4, 6  # the multi-host run stops at 4 and is resumed
 PREPARING = "preparing ir2net_digits"
 
 
-def _two_processes(workdir, data_dir, steps):
+def _two_processes(workdir, data_dir, steps, *overrides):
   """Starts processes 0 and 1 of a run, 2 devices each."""
   port = train_utils.free_port()
   return [train_utils.launch(
       workdir, f"--config.data_dir={data_dir}",
       f"--config.num_train_steps={steps}",
       f"--config.coordinator_address=127.0.0.1:{port}",
-      "--config.num_processes=2", f"--config.process_id={i}", devices=2)
-          for i in range(2)]
+      "--config.num_processes=2", f"--config.process_id={i}", *overrides,
+      devices=2) for i in range(2)]
 
 
 def _finish(procs):
@@ -116,3 +118,56 @@ def test_processes_resume_from_the_newest_step_both_can_read(tmp_path):
   names = lambda d: sorted(n.split("-")[0] for n in os.listdir(workdir / d))
   assert names("checkpoints") == ["4"] and names("corrupt_checkpoints") == ["6"]
   assert names("best") == ["4"] and names("abandoned_best") == ["6"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_at_one_step_and_resumes_bit_identically(
+    tmp_path, digits_dir):
+  # The signal is sent once step 1 is logged; JAX's preemption service
+  # agrees on a step one or two later.
+  steps = 30
+  args = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=1000")
+  ref = _two_processes(tmp_path / "ref", digits_dir, steps, *args)
+  procs = _two_processes(tmp_path / "run", digits_dir, steps, *args)
+  logs, stepping = [[], []], threading.Event()
+
+  def read(i):
+    for line in procs[i].stdout:
+      logs[i].append(line.decode())
+      if i == 0 and re.search(r"\[1\] .*train_loss=", logs[i][-1]):
+        stepping.set()
+  readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+  for r in readers:
+    r.start()
+  try:
+    assert stepping.wait(timeout=300), "".join(logs[0])[-3000:]
+    procs[1].send_signal(signal.SIGTERM)   # process 0 hears it from JAX
+    for p, r in zip(procs, readers):
+      p.wait(timeout=300)
+      r.join()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outs = ["".join(log) for log in logs]
+  stopped = []
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 128 + signal.SIGTERM, (
+        f"process {i} exited {p.returncode}:\n{out[-3000:]}")
+    stopped += re.findall(r"preempted at step (\d+) by SIGTERM", out)
+  assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
+  stopped = int(stopped[0])
+  assert 1 <= stopped < steps
+  assert train_utils.final_state(tmp_path / "run")[0] == stopped
+  assert not (tmp_path / "run" / "summary.json").exists()
+
+  for log in _finish(_two_processes(tmp_path / "run", digits_dir, steps,
+                                    *args)):
+    assert f"resumed from step {stopped}" in log
+  _finish(ref)
+  step_a, a = train_utils.final_state(tmp_path / "ref")
+  step_b, b = train_utils.final_state(tmp_path / "run")
+  assert step_a == step_b == steps
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

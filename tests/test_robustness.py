@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import types
 
 import jax
 import numpy as np
@@ -14,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train_utils
-from ir2net_jax import checkpoints, preemption, train
+from ir2net_jax import checkpoints, launch, parallel, preemption, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,6 +104,25 @@ def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path,
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_launch_leaves_jax_distributed_before_exiting_on_a_signal(
+    monkeypatch, tmp_path):
+  calls = []
+
+  def preempted(config, workdir):
+    calls.append("train")
+    raise train.Preempted(3, signal.SIGTERM, str(workdir))
+  monkeypatch.setattr(train, "train_and_evaluate", preempted)
+  monkeypatch.setattr(parallel, "shutdown_distributed",
+                      lambda: calls.append("shutdown"))
+  monkeypatch.setattr(launch, "FLAGS", types.SimpleNamespace(
+      config=train_utils.tiny_digits_config("", xla_cpu_flags=""),
+      workdir=str(tmp_path)))
+  with pytest.raises(SystemExit) as e:
+    launch.main(["launch.py"])
+  assert e.value.code == 128 + signal.SIGTERM
+  assert calls == ["train", "shutdown"]
 
 
 def test_stop_signals_restore_handlers_and_a_second_signal_stops_at_once():
