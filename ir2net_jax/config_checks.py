@@ -32,7 +32,7 @@ from ir2net_jax import models
 __all__ = ["ConfigError", "validate_config", "validate_eval_config",
            "check_num_classes", "check_resume", "record_config",
            "read_recorded_config", "eval_batch_size", "RESUMABLE_FIELDS",
-           "FIELDS_ADDED", "LAUNCH_FIELDS"]
+           "FIELDS_ADDED", "LAUNCH_FIELDS", "NO_FLIP_DATASETS"]
 
 
 class ConfigError(ValueError):
@@ -272,7 +272,14 @@ FIELDS_ADDED = {
     "augment": "auto",                 # 4e4d7af: each data set's own
     "diagnostics": False,              # cf184ac
     "init_from_fresh": "",             # f059f53: every module from init_from
+    "flip": None,                      # 2fa9048: each data set's own
+    "crop_padding": None,              # 2fa9048
+    "crop_scale": None,                # 2fa9048
 }
+
+# The data sets whose own train recipe does not flip (``flip=None`` there
+# means no flip; ``data.sources``' specs agree, which a test checks).
+NO_FLIP_DATASETS = frozenset({"digits"})
 
 # How a run's processes were started: a recorded config's describe that run,
 # not another program (ir2net-eval) reading it.
@@ -394,6 +401,14 @@ def _as_recorded(config) -> Dict[str, Any]:
   return json.loads(json.dumps(config.to_dict(), default=str))
 
 
+def _effective(recorded: Dict[str, Any]) -> Dict[str, Any]:
+  """``recorded`` with ``flip=None`` replaced by what it means for the data
+  set, so that an explicit value that does the same is no difference."""
+  if recorded.get("flip") is None and "dataset" in recorded:
+    return {**recorded, "flip": recorded["dataset"] not in NO_FLIP_DATASETS}
+  return recorded
+
+
 def _differences(old: Dict[str, Any], new: Dict[str, Any]
                  ) -> List[Tuple[str, Any, Any]]:
   """(field, old, new) of every differing field, nested ones dotted
@@ -427,8 +442,8 @@ def check_resume(workdir: str, config) -> None:
     logging.info("%s records no %s: its run used %s", path,
                  ", ".join(implied), {f: FIELDS_ADDED[f] for f in implied})
   changed, unrecorded = [], []
-  for field, before, after in _differences({**FIELDS_ADDED, **old},
-                                           _as_recorded(config)):
+  for field, before, after in _differences(
+      _effective({**FIELDS_ADDED, **old}), _effective(_as_recorded(config))):
     if field.split(".")[0] in RESUMABLE_FIELDS:
       continue
     if field in implied:

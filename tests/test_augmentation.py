@@ -6,6 +6,7 @@ not flip, whatever data set it trains on; a crop field that the data set's
 recipe does not use is refused before anything runs.
 """
 
+import json
 import os
 
 import ml_collections
@@ -183,3 +184,42 @@ def test_command_line_overrides_parse(monkeypatch):
   assert tuple(fv.config.crop_scale) == (0.35, 1.0)
   assert fv.config.flip is False
   assert isinstance(fv.config, ml_collections.ConfigDict)
+
+
+def test_registered_data_sets_flip_as_config_checks_says():
+  for name, spec in sources.DATASETS.items():
+    assert spec.flip == (name not in config_checks.NO_FLIP_DATASETS), name
+
+
+def _recorded_before_the_fields(workdir, config):
+  """``config.json`` as a run from before flip and the crop fields wrote it."""
+  config_checks.record_config(str(workdir), config)
+  path = workdir / "config.json"
+  recorded = json.loads(path.read_text())
+  for field in ("flip", "crop_padding", "crop_scale"):
+    del recorded[field]
+  path.write_text(json.dumps(recorded))
+
+
+def test_resume_compares_what_the_flip_does(tmp_path, caplog):
+  """An older digits run (which never flipped) resumes with the digits
+  config's flip=False; an older run of the digits config on a folder (which
+  flipped) does not: that would change its results."""
+  old_digits, old_folder = tmp_path / "digits", tmp_path / "folder"
+  old_digits.mkdir()
+  old_folder.mkdir()
+  config = digits_config.get_config("smoke")
+  before = config.copy_and_resolve_references()
+  before.flip = None
+  _recorded_before_the_fields(old_digits, before)
+  with caplog.at_level("WARNING"):
+    config_checks.check_resume(str(old_digits), config)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+  before.dataset = config.dataset = "folder:/data/glyphs"
+  _recorded_before_the_fields(old_folder, before)
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"flip: True \(not recorded.*--config.flip=True\) "
+                           r"-> False"):
+    config_checks.check_resume(str(old_folder), config)
+  config.flip = True
+  config_checks.check_resume(str(old_folder), config)
