@@ -1,10 +1,24 @@
+import atexit
+import gc
 import os
+import shutil
 import sys
+import tempfile
 
 # Eight fake CPU devices for the multi-device tests; set before JAX starts.
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                              " --xla_force_host_platform_device_count=8")
+# One persistent compilation cache for the session and the processes it
+# starts (launch.py runs, workers): the same train step, compiled for the
+# same devices and flags, is compiled once. The key covers the program, the
+# devices, the compile options and XLA_FLAGS, so a test still gets the
+# program it asked for. A fresh directory per session: nothing carries over.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE = tempfile.mkdtemp(prefix="ir2net_jax_test_cache_")
+  atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
@@ -39,3 +53,18 @@ def no_compile(monkeypatch):
   def boom(*a, **k):
     raise AssertionError("compiled before reporting the error")
   monkeypatch.setattr(jax, "jit", boom)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's in-memory caches after each test module.
+
+  Without this the session keeps every program it ever compiled (tens of
+  GB by the end of the suite); a later module that needs one again gets it
+  from the persistent cache above.
+  """
+  yield
+  jax = sys.modules.get("jax")
+  if jax is not None:
+    jax.clear_caches()
+  gc.collect()

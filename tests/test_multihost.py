@@ -1,7 +1,8 @@
 """Two local processes run ``launch.py`` like one process with as many devices.
 
 The whole loop: per-host input pipelines, a shared data_dir prepared once,
-orbax saves from both processes, a resumed run and the evaluation; and two
+orbax saves from both processes, the evaluation, a preemption that both
+processes stop at one step and resume from bit-identically; and two
 processes that resume from the step both can read. Loopback addresses only.
 """
 
@@ -18,7 +19,9 @@ import pytest
 
 import train_utils
 
-STEPS_FIRST, STEPS = 4, 6  # the multi-host run stops at 4 and is resumed
+# Long enough that the preemption (one or two steps after step 1) lands
+# before the end.
+STEPS = 30
 PREPARING = "preparing ir2net_digits"
 
 
@@ -45,51 +48,113 @@ def _summary(workdir):
   return json.loads((workdir / "summary.json").read_text())
 
 
-def test_two_processes_run_launch_like_one(tmp_path):
-  data_dir = tmp_path / "tfds"  # empty: the first run prepares digits
-  multi, single = tmp_path / "multi", tmp_path / "single"
+# In float32 a binary network's training is chaotic: one ulp of difference
+# (another order of the cross-device sums, another convolution kernel) flips
+# activations that sit at zero, and the flips grow. Measured on a 2-core AMD
+# EPYC: the smoke run's step-1 loss was 2.2490 on 1 device and 2.2535 on 4,
+# and after 6 steps at the recipe's learning rate parameters differed by up
+# to 0.5. So this test holds the parameters still (a learning rate of 1e-9)
+# and compares what depends on the data alone: the running statistics of
+# the first BatchNorm, which no sign precedes. They agreed to 4e-5 (relative)
+# across those kernels; a host that trains on another host's rows moves them
+# by 1.4-3.8%. That the sharded step computes what one device computes is
+# tested in float64 (test_claims.py).
+STILL = "--config.learning_rate=1e-9"
+FIRST_BN = "['batch_stats']['bn1']"
+# Every step logged (the signal waits for step 1); no checkpoint but the
+# final one and the one of the preemption.
+ARGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
+        STILL)
 
-  # The one-process reference, at the same time, prepares its own data_dir.
+
+def _preempt_after_step_1(procs):
+  """Sends SIGTERM to process 1 once process 0 logged step 1, and waits for
+  both. Returns their logs; each must have exited 128 + SIGTERM."""
+  logs, stepping = [[], []], threading.Event()
+
+  def read(i):
+    for line in procs[i].stdout:
+      logs[i].append(line.decode())
+      if i == 0 and re.search(r"\[1\] .*train_loss=", logs[i][-1]):
+        stepping.set()
+  readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+  for r in readers:
+    r.start()
+  try:
+    assert stepping.wait(timeout=300), "".join(logs[0])[-3000:]
+    procs[1].send_signal(signal.SIGTERM)   # process 0 hears it from JAX
+    for p, r in zip(procs, readers):
+      p.wait(timeout=300)
+      r.join()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outs = ["".join(log) for log in logs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 128 + signal.SIGTERM, (
+        f"process {i} exited {p.returncode}:\n{out[-3000:]}")
+  return outs
+
+
+@pytest.mark.slow
+def test_two_processes_run_launch_like_one_and_resume_after_preemption(
+    tmp_path):
+  data_dir = tmp_path / "tfds"  # empty: the first run prepares digits
+  ref, run, single = tmp_path / "ref", tmp_path / "run", tmp_path / "single"
+
+  # Two processes, uninterrupted; at the same time one process with as many
+  # devices, which prepares its own data_dir.
   one = train_utils.launch(single, f"--config.data_dir={tmp_path / 'tfds1'}",
-                           f"--config.num_train_steps={STEPS}", devices=4)
-  logs = _finish(_two_processes(multi, data_dir, STEPS_FIRST) + [one])
+                           f"--config.num_train_steps={STEPS}", *ARGS,
+                           devices=4)
+  logs = _finish(_two_processes(ref, data_dir, STEPS, *ARGS) + [one])
   assert PREPARING in logs[0] and PREPARING not in logs[1], (
       "process 0 alone prepares the shared data_dir")
   versions = os.listdir(data_dir / "ir2net_digits")
   assert versions == ["1.0.0"], versions  # no second, half-written copy
-  step_first, state_first = train_utils.final_state(multi)
-  assert step_first == STEPS_FIRST
 
-  for log in _finish(_two_processes(multi, data_dir, STEPS)):
-    assert f"resumed from step {STEPS_FIRST}" in log
-    assert PREPARING not in log
-
-  # Every process ran the pictures' forward pass; they were drawn at both
-  # evaluations (process 0 writes them).
-  assert sorted(os.listdir(multi / "restriction")) == [
-      f"step_{s:06d}.png" for s in (STEPS_FIRST, STEPS)]
-
-  step_m, state_m = train_utils.final_state(multi)
+  # Two processes like one.
+  step_m, state_m = train_utils.final_state(ref)
   step_s, state_s = train_utils.final_state(single)
   assert step_m == step_s == STEPS
   assert state_m.keys() == state_s.keys()
-  # Same data, same steps; only the order of the cross-device sums differs,
-  # which the momentum (a sum of gradients) shows at ~1e-4; two steps move
-  # the parameters by more than 1e-2 (checked below).
-  for k in state_s:
-    np.testing.assert_allclose(state_m[k], state_s[k], rtol=1e-3, atol=1e-3,
-                               err_msg=k)
-  sm, ss = _summary(multi), _summary(single)
+  first_bn = [k for k in state_s if k.startswith(FIRST_BN)]
+  assert len(first_bn) == 2, first_bn  # mean and var
+  for k in first_bn:  # the same images, in the same steps
+    np.testing.assert_allclose(state_m[k], state_s[k], rtol=1e-3, err_msg=k)
+  for k in state_s:  # the same initial parameters, held still
+    if k.startswith("['params']"):
+      np.testing.assert_allclose(state_m[k], state_s[k], atol=1e-6,
+                                 err_msg=k)
+  sm, ss = _summary(ref), _summary(single)
   assert (sm["processes"], sm["devices"]) == (2, 4)
   assert (ss["processes"], ss["devices"]) == (1, 4)
-  # (best_* differ: the multi-host run also evaluated at its first stop.)
-  # Within one of the 360 test digits: parameters that differ in the last
-  # bits may move one prediction that sits on a near-tie of two logits.
-  for k in ("final_eval_top1", "final_eval_top5"):
-    assert abs(sm[k] - ss[k]) <= 1 / 360 + 1e-9, (k, sm[k], ss[k])
-  # Not vacuous: the resumed steps moved the parameters.
-  assert max(float(np.max(np.abs(state_s[k] - state_first[k])))
-             for k in state_s if k.startswith("['params']")) > 1e-2
+  # Every process ran the pictures' forward pass (process 0 writes them).
+  assert os.listdir(ref / "restriction") == [f"step_{STEPS:06d}.png"]
+
+  # The same run, preempted: JAX's preemption service agrees on a step one
+  # or two after the signal; both processes save it and exit 143.
+  outs = _preempt_after_step_1(_two_processes(run, data_dir, STEPS, *ARGS))
+  stopped = [m for out in outs
+             for m in re.findall(r"preempted at step (\d+) by SIGTERM", out)]
+  assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
+  stopped = int(stopped[0])
+  assert 1 <= stopped < STEPS
+  step_p, state_p = train_utils.final_state(run)
+  assert step_p == stopped
+  assert not (run / "summary.json").exists()
+
+  for log in _finish(_two_processes(run, data_dir, STEPS, *ARGS)):
+    assert f"resumed from step {stopped}" in log
+    assert PREPARING not in log
+  step_r, state_r = train_utils.final_state(run)
+  assert step_r == STEPS and state_r.keys() == state_m.keys()
+  for k in state_m:  # bit-identical to the uninterrupted run
+    np.testing.assert_array_equal(state_r[k], state_m[k], err_msg=k)
+  # Not vacuous: the steps after the preemption moved the statistics.
+  for k in first_bn:
+    assert np.max(np.abs(state_r[k] / state_p[k] - 1)) > 1e-2, k
 
 
 @pytest.mark.slow
@@ -120,54 +185,3 @@ def test_processes_resume_from_the_newest_step_both_can_read(tmp_path):
   assert names("best") == ["4"] and names("abandoned_best") == ["6"]
 
 
-@pytest.mark.slow
-def test_sigterm_stops_both_processes_at_one_step_and_resumes_bit_identically(
-    tmp_path, digits_dir):
-  # The signal is sent once step 1 is logged; JAX's preemption service
-  # agrees on a step one or two later.
-  steps = 30
-  args = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=1000")
-  ref = _two_processes(tmp_path / "ref", digits_dir, steps, *args)
-  procs = _two_processes(tmp_path / "run", digits_dir, steps, *args)
-  logs, stepping = [[], []], threading.Event()
-
-  def read(i):
-    for line in procs[i].stdout:
-      logs[i].append(line.decode())
-      if i == 0 and re.search(r"\[1\] .*train_loss=", logs[i][-1]):
-        stepping.set()
-  readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
-  for r in readers:
-    r.start()
-  try:
-    assert stepping.wait(timeout=300), "".join(logs[0])[-3000:]
-    procs[1].send_signal(signal.SIGTERM)   # process 0 hears it from JAX
-    for p, r in zip(procs, readers):
-      p.wait(timeout=300)
-      r.join()
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outs = ["".join(log) for log in logs]
-  stopped = []
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 128 + signal.SIGTERM, (
-        f"process {i} exited {p.returncode}:\n{out[-3000:]}")
-    stopped += re.findall(r"preempted at step (\d+) by SIGTERM", out)
-  assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
-  stopped = int(stopped[0])
-  assert 1 <= stopped < steps
-  assert train_utils.final_state(tmp_path / "run")[0] == stopped
-  assert not (tmp_path / "run" / "summary.json").exists()
-
-  for log in _finish(_two_processes(tmp_path / "run", digits_dir, steps,
-                                    *args)):
-    assert f"resumed from step {stopped}" in log
-  _finish(ref)
-  step_a, a = train_utils.final_state(tmp_path / "ref")
-  step_b, b = train_utils.final_state(tmp_path / "run")
-  assert step_a == step_b == steps
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)

