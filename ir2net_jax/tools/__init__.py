@@ -6,5 +6,6 @@
 * ``costs``: ``ir2net-costs``.
 * ``visualize``: restriction pictures of image files.
 * ``benchmark``: ``ir2net-benchmark``, the training-step benchmark.
-* ``checkpoint_flags``: the flags of the commands that read a checkpoint.
+* ``checkpoint_cli``: the flags and start of the commands that read a
+  checkpoint.
 """

@@ -28,16 +28,15 @@ before anything is compiled.
 import json
 import os
 import re
-import sys
 
 import jax
 from absl import app, flags
 
-from ir2net_jax import configs
-from ir2net_jax.tools import checkpoint_flags
+from ir2net_jax.tools import checkpoint_cli
 from ir2net_jax.train import evaluate, parallel
 
 __all__ = ["default_output", "main", "run"]
+
 
 def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
@@ -50,8 +49,8 @@ def default_output(checkpoint: str, dataset: str, split: str) -> str:
 
 
 def _define_flags() -> None:
-  """The command line's flags; defined by ``run`` only."""
-  checkpoint_flags.define()
+  """The flags of this command alone (``checkpoint_cli.define`` has the
+  others)."""
   flags.DEFINE_string("output", None, "JSON file for the result (default: "
                       "<checkpoint>/eval_<dataset>_<split>.json).")
 
@@ -75,9 +74,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """The ``ir2net-eval`` console script."""
-  _define_flags()
-  app.run(main, argv=checkpoint_flags.with_recorded_config(
-      configs.expand_config_flag(sys.argv)))
+  checkpoint_cli.run(main, _define_flags)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,16 @@ image's maps depend on that image alone; ``--batch_stats=train`` reproduces
 the training objective's mode on the given images.
 """
 
-import sys
 from typing import Any, Dict, Tuple
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from ir2net_jax import configs
 from ir2net_jax.data import images as images_lib, sources
 from ir2net_jax.data.specs import DataError
 from ir2net_jax.nn import restriction
-from ir2net_jax.tools import checkpoint_flags
+from ir2net_jax.tools import checkpoint_cli
 from ir2net_jax.train import evaluate, grid, pictures, step
 
 __all__ = ["VisualizeError", "load_model", "main", "run"]
@@ -94,8 +92,8 @@ def main(argv) -> None:
 
 
 def _define_flags() -> None:
-  """The command line's flags; defined by ``run`` only."""
-  checkpoint_flags.define()
+  """The flags of this command alone (``checkpoint_cli.define`` has the
+  others)."""
   flags.DEFINE_string("images", None, "Comma-separated image files, glob "
                       "patterns or directories (.png, .jpg).")
   flags.DEFINE_string("output", "restriction.png", "The PNG to write.")
@@ -107,9 +105,7 @@ def _define_flags() -> None:
 
 def run() -> None:
   """Console entry point."""
-  _define_flags()
-  app.run(main, argv=checkpoint_flags.with_recorded_config(
-      configs.expand_config_flag(sys.argv)))
+  checkpoint_cli.run(main, _define_flags)
 
 
 if __name__ == "__main__":

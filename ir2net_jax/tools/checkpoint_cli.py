@@ -1,16 +1,19 @@
-"""The flags of the commands that read a checkpoint (``ir2net-eval``,
-``python -m ir2net_jax.tools.visualize``)."""
+"""What the commands that read a checkpoint share (``ir2net-eval``,
+``python -m ir2net_jax.tools.visualize``): their ``--config`` and
+``--checkpoint`` flags, and their start (``run``).
+"""
 
 import os
-from typing import List, Sequence
+import sys
+from typing import Callable, List, Sequence
 
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 from ir2net_jax import configs
 from ir2net_jax.train import evaluate
 
-__all__ = ["define", "with_recorded_config", "RECORDED_RECIPE"]
+__all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE"]
 
 # The recipe file that reads a recorded config.json (``--config`` left out).
 RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(
@@ -19,9 +22,7 @@ RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(
 
 def define() -> None:
   """Defines ``--config`` (a recipe or a config file; default: the config
-  the checkpoint's workdir recorded) and the required ``--checkpoint``.
-  Called by each command's ``run``, so that importing a command's module
-  defines no absl flags in someone else's program."""
+  the checkpoint's workdir recorded) and the required ``--checkpoint``."""
   config_flags.DEFINE_config_file(
       "config", None, "Recipe (digits:smoke, imagenet:a,stage=2) or config "
       "file; default: the config recorded in the checkpoint's workdir.",
@@ -45,3 +46,19 @@ def with_recorded_config(argv: Sequence[str]) -> List[str]:
     return argv
   # Before any --config.field override, which needs the config parsed.
   return [argv[0], f"--config={RECORDED_RECIPE}:{path}", *argv[1:]]
+
+
+def run(main: Callable[[List[str]], None],
+        define_more: Callable[[], None]) -> None:
+  """Defines the flags (``define``, then the command's own
+  ``define_more``) and runs ``main`` under absl, with a recipe's name taken
+  for ``--config`` (``configs.expand_config_flag``) and the recorded config
+  where ``--config`` is left out (``with_recorded_config``).
+
+  The flags are defined here, when the command runs, so that importing a
+  command's module defines no absl flags in someone else's program.
+  """
+  define()
+  define_more()
+  app.run(main, argv=with_recorded_config(
+      configs.expand_config_flag(sys.argv)))
