@@ -5,7 +5,7 @@
 # ratio to the float ResNet-18 (goal for IR2Net-A: >= 0.33; for stage 2 in
 # bfloat16 on one H100: >= 2,500 img/s).
 #
-#   scripts/gpu_benchmark.sh [more python -m ir2net_jax.benchmark flags]
+#   scripts/gpu_benchmark.sh [more python -m ir2net_jax.tools.benchmark flags]
 #
 # Made to finish in 8 minutes on one H100 with the packages of a JAX CUDA
 # image (jax, flax, optax, orbax-checkpoint, chex, absl-py, PyYAML) plus
@@ -88,7 +88,7 @@ run() {
     fi
     limit=$((left < RECIPE_TIMEOUT ? left : RECIPE_TIMEOUT))
     echo "== $recipe $dtype, per-device batch $batch (timeout ${limit}s)"
-    if timeout "$limit" "$PYTHON" -m ir2net_jax.benchmark \
+    if timeout "$limit" "$PYTHON" -m ir2net_jax.tools.benchmark \
         --recipes="$recipe" --config.dtype="$dtype" \
         --per_device_batch="$batch" --steps="$STEPS" --warmup="$WARMUP" \
         --xla_cpu_flags= --skip_pipeline --skip_inference --json "$@" \
@@ -130,9 +130,9 @@ fi
 rows=$(printf '%s,' "$WORK"/*.json)
 rows=${rows%,}
 echo "== $runs runs in ${SECONDS}s"
-"$PYTHON" -m ir2net_jax.benchmark --from_json="$rows" | tee "$WORK/table.txt"
+"$PYTHON" -m ir2net_jax.tools.benchmark --from_json="$rows" | tee "$WORK/table.txt"
 if [[ -n "${OUT:-}" ]]; then
-  "$PYTHON" -m ir2net_jax.benchmark --from_json="$rows" --json \
+  "$PYTHON" -m ir2net_jax.tools.benchmark --from_json="$rows" --json \
       > "$OUT/gpu_benchmark.json"
   cp "$WORK/table.txt" "$OUT/gpu_benchmark.txt"
 fi

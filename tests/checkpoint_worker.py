@@ -15,7 +15,8 @@ import jax  # noqa: E402
 import orbax.checkpoint as ocp  # noqa: E402
 
 import train_utils  # noqa: E402
-from ir2net_jax import checkpoints, parallel  # noqa: E402
+from ir2net_jax.io import checkpoints  # noqa: E402
+from ir2net_jax.train import parallel  # noqa: E402
 
 
 def run(process_id, num_processes, port, workdir, unreadable):

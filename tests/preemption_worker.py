@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from ir2net_jax import preemption  # noqa: E402
+from ir2net_jax.train import preemption  # noqa: E402
 
 MAX_STEPS = 2000
 

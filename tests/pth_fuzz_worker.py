@@ -1,4 +1,4 @@
-"""Reads the ``.pth`` files of a manifest with ``ir2net_jax.pth``, one JSON
+"""Reads the ``.pth`` files of a manifest with ``ir2net_jax.io.pth``, one JSON
 line a file, under a cap on its address space (run by ``test_pth.py``).
 
 Manifest: ``{"memory_cap": bytes, "cases": [{"file", "expect"}]}`` where
@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ir2net_jax import pth  # noqa: E402  pylint: disable=g-import-not-at-top
+from ir2net_jax.io import pth  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
 def _compare(got, expected_npz: str) -> str:

@@ -16,7 +16,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 import weights as weights_lib
-from ir2net_jax import convert, models
+from ir2net_jax.io import torch_layout
+from ir2net_jax import models
 
 FIXTURE_DIR = os.path.join(os.path.dirname(__file__), "fixtures", "reference")
 
@@ -58,7 +59,7 @@ class Fixture:
     return models.create_model(name, **kwargs)
 
   def variables(self, dtype=np.float32):
-    return convert.torch_to_flax(self.state(), self.model(),
+    return torch_layout.torch_to_flax(self.state(), self.model(),
                                  self.meta["image_size"], dtype=dtype)
 
   def nhwc(self, key: str) -> np.ndarray:

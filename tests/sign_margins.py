@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ir2net_jax import layers
+from ir2net_jax.nn import layers
 
 UNIT_ROUNDOFF_F32 = 2.0 ** -24
 SAFETY = 4.0

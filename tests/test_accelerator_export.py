@@ -1,6 +1,6 @@
 """What a GPU or TPU would run, read on the CPU from ``jax.export``.
 
-The real train step (``train.sharded_train_step``: student, teacher,
+The real train step (``step.sharded_train_step``: student, teacher,
 optimizer, two passes) is built for the target backend with
 ``policy.resolve(config, backend)`` and lowered for ``cuda`` / ``tpu`` to
 StableHLO, whose convolution and dot operand types are read here. A CPU
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from ir2net_jax.configs import cifar10_resnet20, imagenet as imagenet_config
-from ir2net_jax import kernels, layers, losses, objective, optim, parallel
-from ir2net_jax import train
+from ir2net_jax.train import optim, parallel, step as step_lib
+from ir2net_jax import models
+from ir2net_jax.nn import kernels, layers, losses, objective
 
 NUM_CLASSES = 10
 BATCH = 2
@@ -43,9 +44,9 @@ def _lowered(recipe: str, dtype: str, platform: str) -> str:
   """StableHLO text of the sharded train step of ``recipe`` for
   ``platform``, built with that platform's policy."""
   config = _config(recipe, dtype)
-  model = train.build_model(config, NUM_CLASSES, parallel.AXIS,
+  model = step_lib.build_model(config, NUM_CLASSES, parallel.AXIS,
                             backend=platform)
-  teacher = (train.build_teacher(config, NUM_CLASSES, backend=platform)
+  teacher = (step_lib.build_teacher(config, NUM_CLASSES, backend=platform)
              if config.loss == "distillation" else None)
   size = config.image_size
   mesh = parallel.data_mesh(jax.devices()[:1])
@@ -53,10 +54,10 @@ def _lowered(recipe: str, dtype: str, platform: str) -> str:
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                      sharding=parallel.replicated(mesh)),
       tree)
-  variables = jax.eval_shape(lambda: train.init_variables(model, size, 0))
+  variables = jax.eval_shape(lambda: models.init_variables(model, size, 0))
   tx = optim.create_optimizer(config, variables["params"], model, 10)
-  state = jax.eval_shape(lambda v: train.create_train_state(v, tx), variables)
-  teacher_vars = (jax.eval_shape(lambda: train.init_variables(teacher, size,
+  state = jax.eval_shape(lambda v: step_lib.create_train_state(v, tx), variables)
+  teacher_vars = (jax.eval_shape(lambda: models.init_variables(teacher, size,
                                                               0))
                   if teacher else {})
   batch = jax.tree.map(
@@ -65,7 +66,7 @@ def _lowered(recipe: str, dtype: str, platform: str) -> str:
       {"image": (BATCH, size, size, 3), "label": (BATCH,)},
       {"image": jnp.dtype(config.dtype), "label": jnp.dtype(jnp.int32)},
       is_leaf=lambda x: isinstance(x, tuple))
-  step = train.sharded_train_step(model, tx, config, mesh, teacher)
+  step = step_lib.sharded_train_step(model, tx, config, mesh, teacher)
   exported = jax.export.export(step, platforms=[platform])(
       replicated(state), batch, replicated(teacher_vars))
   return exported.mlir_module()
@@ -166,11 +167,11 @@ def test_bfloat16_step_is_the_float32_step_within_tolerance():
     config = _config("ir2net_a_stage2", dtype)
     config.model = "ir2net_a"
     # The GPU's kernels (no int8), run here on the CPU.
-    student = train.build_model(config, NUM_CLASSES, backend="gpu")
-    teacher = train.build_teacher(config, NUM_CLASSES, backend="gpu")
+    student = step_lib.build_model(config, NUM_CLASSES, backend="gpu")
+    teacher = step_lib.build_teacher(config, NUM_CLASSES, backend="gpu")
     if variables is None:  # float32, the same for both dtypes
-      variables = (train.init_variables(student, 32, 0),
-                   train.init_variables(teacher, 32, 0))
+      variables = (models.init_variables(student, 32, 0),
+                   models.init_variables(teacher, 32, 0))
     v, tv = variables
     (loss, aux), grads = jax.jit(jax.value_and_grad(
         lambda p: objective.two_pass_objective(

@@ -15,9 +15,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ir2net_jax import config_checks, data
+from ir2net_jax import data
 from ir2net_jax.configs import default as default_config
 from ir2net_jax.configs import digits as digits_config
+from ir2net_jax.train import config_checks, resume
 from ir2net_jax.data import custom, recipes, sources
 
 NOFLIP = recipes.Augmentation(flip=False)
@@ -188,12 +189,12 @@ def test_command_line_overrides_parse(monkeypatch):
 
 def test_registered_data_sets_flip_as_config_checks_says():
   for name, spec in sources.DATASETS.items():
-    assert spec.flip == (name not in config_checks.NO_FLIP_DATASETS), name
+    assert spec.flip == (name not in resume.NO_FLIP_DATASETS), name
 
 
 def _recorded_before_the_fields(workdir, config):
   """``config.json`` as a run from before flip and the crop fields wrote it."""
-  config_checks.record_config(str(workdir), config)
+  resume.record_config(str(workdir), config)
   path = workdir / "config.json"
   recorded = json.loads(path.read_text())
   for field in ("flip", "crop_padding", "crop_scale"):
@@ -213,13 +214,13 @@ def test_resume_compares_what_the_flip_does(tmp_path, caplog):
   before.flip = None
   _recorded_before_the_fields(old_digits, before)
   with caplog.at_level("WARNING"):
-    config_checks.check_resume(str(old_digits), config)
+    resume.check_resume(str(old_digits), config)
   assert not [r for r in caplog.records if r.levelname == "WARNING"]
   before.dataset = config.dataset = "folder:/data/glyphs"
   _recorded_before_the_fields(old_folder, before)
   with pytest.raises(config_checks.ConfigError,
                      match=r"flip: True \(not recorded.*--config.flip=True\) "
                            r"-> False"):
-    config_checks.check_resume(str(old_folder), config)
+    resume.check_resume(str(old_folder), config)
   config.flip = True
-  config_checks.check_resume(str(old_folder), config)
+  resume.check_resume(str(old_folder), config)

@@ -15,8 +15,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ir2net_jax import benchmark, costs, models, train, xla_cpu
-from ir2net_jax.benchmark import hardware
+from ir2net_jax.train import step as step_lib
+from ir2net_jax import models
+from ir2net_jax.tools import benchmark
+from ir2net_jax.models import costs
+from ir2net_jax.backend import xla_cpu
+from ir2net_jax.tools.benchmark import hardware
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # In-process runs start after JAX did: they keep the tests' XLA_FLAGS.
@@ -110,7 +114,7 @@ def test_xla_memory_figure():
 
 def test_step_flops():
   c = benchmark.recipe_config("ir2net_a_stage1", batch_size=8, tiny=True)
-  student = train.build_model(c, 1000)
+  student = step_lib.build_model(c, 1000)
   teacher = models.create_model("teacher_resnet34", num_classes=1000,
                                 num_blocks=(1, 1, 1, 1))
   f = benchmark.train_step_flops(c, student, teacher)
@@ -230,7 +234,7 @@ _NO_TENSORFLOW = textwrap.dedent("""\
           raise ImportError(f"{name} is not installed here")
     sys.meta_path.insert(0, NoTensorFlow())
     sys.argv = ["benchmark"] + sys.argv[1:]
-    runpy.run_module("ir2net_jax.benchmark", run_name="__main__")
+    runpy.run_module("ir2net_jax.tools.benchmark", run_name="__main__")
     assert not any(m.startswith("tensorflow") for m in sys.modules)
     """)
 
@@ -253,12 +257,12 @@ def test_train_step_benchmark_runs_without_tensorflow():
 
 
 def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
-  """``python -m ir2net_jax.benchmark`` as users run it: recipes whose 'auto'
+  """``python -m ir2net_jax.tools.benchmark`` as users run it: recipes whose 'auto'
   flags differ run in their own processes, and each row says which."""
   env = dict(os.environ, PYTHONPATH=ROOT)
   env.pop("XLA_FLAGS", None)
   run = subprocess.run(
-      [sys.executable, "-m", "ir2net_jax.benchmark",
+      [sys.executable, "-m", "ir2net_jax.tools.benchmark",
        "--recipes=cifar_resnet20,ir2net_a_stage2", "--tiny", "--batch_size=4",
        "--steps=1", "--warmup=0", "--json", "--skip_pipeline",
        "--skip_inference"],
@@ -267,7 +271,7 @@ def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
   cifar, imagenet = out["rows"]
   assert (cifar["recipe"], imagenet["recipe"]) == ("cifar_resnet20",
                                                    "ir2net_a_stage2")
-  assert cifar["xla_flags"].split() == [xla_cpu.TUNED_FLAGS]
+  assert cifar["xla_flags"].split() == [xla_cpu.EIGEN_CONV_FLAGS]
   assert cifar["devices"] == 1
   two_cores = len(os.sched_getaffinity(0)) >= 2
   assert (xla_cpu.DATA_PARALLEL_FLAGS in imagenet["xla_flags"].split()

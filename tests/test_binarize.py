@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from ir2net_jax import binarize
+from ir2net_jax.nn import binarize
 
 POINTS = np.array([-2.0, -1.0 - 1e-3, -1.0, -1.0 + 1e-3, -0.5, -1e-3, 0.0,
                    1e-3, 0.5, 1.0 - 1e-3, 1.0, 1.0 + 1e-3, 2.0], np.float32)

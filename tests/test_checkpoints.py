@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train_utils
-from ir2net_jax import checkpoints
+from ir2net_jax.io import checkpoints
 
 
 @pytest.fixture(autouse=True)

@@ -19,8 +19,10 @@ import pytest
 import tensorflow as tf
 
 import train_utils
-from ir2net_jax import convert, data, losses, models, objective, optim, pth
-from ir2net_jax import train
+from ir2net_jax.train import loop, optim, step as step_lib
+from ir2net_jax.io import pth, torch_layout
+from ir2net_jax import data, models
+from ir2net_jax.nn import losses, objective
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 import make_pth_fixture  # noqa: E402
@@ -54,7 +56,7 @@ def _top1_on_one_device(config, variables):
   batch = next(data.eval_iterator(config, global_batch_size=NUM_EVAL,
                                   process_index=0, process_count=1))
   assert batch["mask"].all()
-  model = train.build_model(config, 10)
+  model = step_lib.build_model(config, 10)
   logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, batch["image"])
   return float(np.mean(np.argmax(logits, -1) == batch["label"]))
@@ -68,7 +70,7 @@ def test_best_checkpoint_and_eval_count(tmp_path, digits_dir):
       eval_batch_size=48, checkpoint_every_steps=4, log_every_steps=4)
   assert jax.device_count() == 8 and NUM_EVAL % config.eval_batch_size
   workdir = str(tmp_path / "run")
-  summary = train.train_and_evaluate(config, workdir)
+  summary = loop.train_and_evaluate(config, workdir)
 
   assert _scalars(workdir, "eval_count") == {4: NUM_EVAL, 8: NUM_EVAL,
                                              12: NUM_EVAL}
@@ -96,7 +98,7 @@ def _fixture_model():
 
 def test_pth_is_read_without_torch(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # import torch fails
-  loaded = convert.load_state_dict(make_pth_fixture.PATH)
+  loaded = torch_layout.load_state_dict(make_pth_fixture.PATH)
   expected = make_pth_fixture.expected_state_dict()
   assert set(loaded) == {"module." + k for k in expected} | {
       "module.bn1.num_batches_tracked"}
@@ -104,8 +106,8 @@ def test_pth_is_read_without_torch(monkeypatch):
     assert loaded["module." + k].dtype == np.float32
     np.testing.assert_array_equal(loaded["module." + k], v, err_msg=k)
   assert loaded["module.bn1.num_batches_tracked"] == 7
-  got = convert.torch_to_flax(loaded, _fixture_model(), 32)
-  want = convert.torch_to_flax(expected, _fixture_model(), 32)
+  got = torch_layout.torch_to_flax(loaded, _fixture_model(), 32)
+  want = torch_layout.torch_to_flax(expected, _fixture_model(), 32)
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -121,11 +123,11 @@ def test_pth_reader_refuses_anything_but_tensors(tmp_path):
 
 
 def test_init_from_a_converted_pth(tmp_path, digits_dir):
-  """``python -m ir2net_jax.convert`` on the .pth, then ``init_from``: with a
+  """``python -m ir2net_jax.tools.convert`` on the .pth, then ``init_from``: with a
   vanishing learning rate the first step's parameters are the file's."""
   out = tmp_path / "converted"
   subprocess.run(
-      [sys.executable, "-m", "ir2net_jax.convert",
+      [sys.executable, "-m", "ir2net_jax.tools.convert",
        f"--model={make_pth_fixture.MODEL}", "--num_blocks=1,1,1",
        f"--input={make_pth_fixture.PATH}", f"--output={out}"],
       check=True, cwd=train_utils.ROOT, capture_output=True,
@@ -134,10 +136,10 @@ def test_init_from_a_converted_pth(tmp_path, digits_dir):
       digits_dir, init_from=str(out), num_train_steps=1, learning_rate=1e-30,
       weight_decay=0.0, log_every_steps=1)
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir)
+  loop.train_and_evaluate(config, workdir)
   step, variables, _ = _restore(os.path.join(workdir, "checkpoints"))
   assert step == 1
-  want = convert.torch_to_flax(make_pth_fixture.expected_state_dict(),
+  want = torch_layout.torch_to_flax(make_pth_fixture.expected_state_dict(),
                                _fixture_model(), 32)["params"]
   got = flax.traverse_util.flatten_dict(variables["params"], sep="/")
   want = flax.traverse_util.flatten_dict(want, sep="/")
@@ -154,7 +156,7 @@ def _one_step(config, devices, batch):
 def _by_hand(config, halves, **objective_kwargs):
   """The same step computed per batch slice: per-slice gradients and
   BatchNorm statistics, both averaged (what each device would do alone)."""
-  model = train.build_model(config, 10)  # no cross-device BatchNorm
+  model = step_lib.build_model(config, 10)  # no cross-device BatchNorm
   variables = train_utils.float64_variables(model)
   halves = [train_utils.float64_batch(h) for h in halves]
   tx = optim.create_optimizer(config, variables["params"], model, 10)
@@ -208,7 +210,7 @@ def test_information_restriction_false_trains_the_clean_pass_alone():
   config = train_utils.tiny_digits_config(None, information_restriction=False)
   batch = train_utils.random_batch(1, 4)
   got = _one_step(config, jax.devices()[:1], batch)
-  model = train.build_model(config, 10)
+  model = step_lib.build_model(config, 10)
   variables = train_utils.float64_variables(model)
   batch = train_utils.float64_batch(batch)
   tx = optim.create_optimizer(config, variables["params"], model, 10)

@@ -13,7 +13,8 @@ import train_utils
 from ir2net_jax.configs import cifar10_resnet18, cifar10_resnet20, cifar10_vgg_small
 from ir2net_jax.configs import default, digits
 from ir2net_jax.configs import imagenet as imagenet_config
-from ir2net_jax import config_checks, data, train
+from ir2net_jax import data
+from ir2net_jax.train import config_checks, loop, resume
 # pylint: disable=unused-import
 
 
@@ -33,7 +34,7 @@ def finished_run(tmp_path_factory, digits_dir):
   """A finished ``configs/digits.py:smoke`` run: (config, workdir, summary)."""
   path = str(tmp_path_factory.mktemp("finished"))
   config = train_utils.tiny_digits_config(digits_dir)
-  summary = train.train_and_evaluate(config, path)
+  summary = loop.train_and_evaluate(config, path)
   return config, path, summary
 
 
@@ -41,8 +42,8 @@ def _refused(config, workdir, message) -> str:
   """Runs ``config`` in ``workdir``; it must raise ConfigError matching
   ``message`` and leave every file as it was. Returns the message."""
   before = _hashes(workdir)
-  with pytest.raises(train.ConfigError, match=message) as e:
-    train.train_and_evaluate(config, str(workdir))
+  with pytest.raises(config_checks.ConfigError, match=message) as e:
+    loop.train_and_evaluate(config, str(workdir))
   assert _hashes(workdir) == before
   return str(e.value)
 
@@ -85,7 +86,7 @@ def test_bad_values_fail_early_and_leave_workdir(override, message, workdir,
 def test_every_field_of_the_default_config_has_a_rule():
   fields = set(default.get_config().keys())
   assert set(config_checks._FIELDS) == fields  # pylint: disable=protected-access
-  assert config_checks.RESUMABLE_FIELDS <= fields
+  assert resume.RESUMABLE_FIELDS <= fields
 
 
 def test_every_recipe_passes(tmp_path):
@@ -171,7 +172,7 @@ def test_rerunning_a_finished_run_only_reports_its_result(finished_run):
   before = _hashes(path)
   c = config.copy_and_resolve_references()
   c.log_every_steps = 3   # allowed, but nothing is trained to record it for
-  again = train.train_and_evaluate(c, path)
+  again = loop.train_and_evaluate(c, path)
   after = _hashes(path)
   assert after == before
   assert again["steps"] == summary["steps"]
@@ -188,7 +189,7 @@ def test_resume_with_only_allowed_differences_extends_the_run(
   c.update(num_train_steps=8, name="extended", log_every_steps=1, prefetch=0,
            eval_batch_size=8, checkpoint_every_steps=1, keep_checkpoints=3,
            eval_every_epochs=3)
-  extended = train.train_and_evaluate(c, path)
+  extended = loop.train_and_evaluate(c, path)
   assert extended["steps"] == 8 and summary["steps"] == 6
   with open(os.path.join(path, "summary.json")) as f:
     assert json.load(f) == extended
@@ -203,14 +204,14 @@ def test_resume_with_only_allowed_differences_extends_the_run(
 
 def test_record_config_never_overwrites(tmp_path):
   c = digits.get_config("smoke")
-  config_checks.record_config(str(tmp_path), c)
+  resume.record_config(str(tmp_path), c)
   first = _hashes(tmp_path)
   assert list(first) == ["config.json"]
-  config_checks.record_config(str(tmp_path), c)       # the same: nothing
+  resume.record_config(str(tmp_path), c)       # the same: nothing
   assert _hashes(tmp_path) == first
   c.log_every_steps = 1
-  config_checks.record_config(str(tmp_path), c)       # changed: beside it
-  config_checks.record_config(str(tmp_path), c)       # the same again
+  resume.record_config(str(tmp_path), c)       # changed: beside it
+  resume.record_config(str(tmp_path), c)       # the same again
   after = _hashes(tmp_path)
   assert after["config.json"] == first["config.json"] and len(after) == 2
 
@@ -218,15 +219,15 @@ def test_record_config_never_overwrites(tmp_path):
 def test_a_field_the_old_record_lacks_does_not_block_resume(tmp_path):
   """A field added to the project since the run started is no difference."""
   c = digits.get_config("smoke")
-  config_checks.record_config(str(tmp_path), c)
+  resume.record_config(str(tmp_path), c)
   recorded = json.loads((tmp_path / "config.json").read_text())
   del recorded["zero_to_one"]
   (tmp_path / "config.json").write_text(json.dumps(recorded))
-  config_checks.check_resume(str(tmp_path), c)
+  resume.check_resume(str(tmp_path), c)
   del c.model_kwargs["num_blocks"]   # a nested field is a difference
   with pytest.raises(config_checks.ConfigError,
                      match=r"model_kwargs.num_blocks: \[1, 1, 1\] -> \(unset\)"):
-    config_checks.check_resume(str(tmp_path), c)
+    resume.check_resume(str(tmp_path), c)
 
 
 _EXACT = ("'auto', '', None, 'float32', 'bfloat16', 'float16', 'int8'")
@@ -255,7 +256,7 @@ def test_a_field_the_old_record_lacks_is_compared_with_what_its_run_used(
   """A run from before the fields of FIELDS_ADDED resumes with the values
   it used, or with resumable fields changed; other values are refused."""
   c = digits.get_config("smoke")
-  config_checks.record_config(str(tmp_path), c)
+  resume.record_config(str(tmp_path), c)
   recorded = json.loads((tmp_path / "config.json").read_text())
   for field in ("xla_cpu_flags", "skip_nonfinite_updates", "remat",
                 "restriction_images", "augment", "diagnostics",
@@ -264,7 +265,7 @@ def test_a_field_the_old_record_lacks_is_compared_with_what_its_run_used(
   (tmp_path / "config.json").write_text(json.dumps(recorded))
   # diagnostics, restriction_images and xla_cpu_flags differ: resumable.
   with caplog.at_level("WARNING"):
-    config_checks.check_resume(str(tmp_path), c)
+    resume.check_resume(str(tmp_path), c)
   assert not [r for r in caplog.records if r.levelname == "WARNING"]
   for field, value, old in (("init_from_fresh", "fc", "''"),
                             ("skip_nonfinite_updates", True, "False"),
@@ -272,7 +273,7 @@ def test_a_field_the_old_record_lacks_is_compared_with_what_its_run_used(
     changed = c.copy_and_resolve_references()
     changed[field] = value
     with pytest.raises(config_checks.ConfigError) as e:
-      config_checks.check_resume(str(tmp_path), changed)
+      resume.check_resume(str(tmp_path), changed)
     assert (f"{field}: {old} (not recorded: its run predates the field; "
             f"pass --config.{field}={old}) -> {value!r}") in str(e.value)
     assert "use a new --workdir" in str(e.value)

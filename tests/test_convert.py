@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
-from ir2net_jax import convert
+from ir2net_jax.io import torch_layout, weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATHS = rf.fixture_paths()
@@ -21,10 +21,10 @@ def test_round_trip_with_and_without_module_prefix(path):
   state = fx.state()
   model = fx.model()
   prefixed = {"module." + k: v for k, v in state.items()}
-  a = convert.torch_to_flax(state, model, fx.meta["image_size"])
-  b = convert.torch_to_flax(prefixed, model, fx.meta["image_size"])
+  a = torch_layout.torch_to_flax(state, model, fx.meta["image_size"])
+  b = torch_layout.torch_to_flax(prefixed, model, fx.meta["image_size"])
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  back = convert.flax_to_torch(a, model)
+  back = torch_layout.flax_to_torch(a, model)
   expected = {k: v for k, v in state.items()
               if not k.endswith("num_batches_tracked")}
   assert set(back) == set(expected)
@@ -43,27 +43,27 @@ def test_errors_name_the_key():
   state, model = fx.state(), fx.model()
   key = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
   missing = {k: v for k, v in state.items() if k != key}
-  with pytest.raises(convert.ConversionError, match=f"missing key '{key}'"):
-    convert.torch_to_flax(missing, model, fx.meta["image_size"])
-  with pytest.raises(convert.ConversionError, match="unexpected keys.*extra"):
-    convert.torch_to_flax(state | {"extra.weight": np.zeros(3)}, model,
+  with pytest.raises(torch_layout.ConversionError, match=f"missing key '{key}'"):
+    torch_layout.torch_to_flax(missing, model, fx.meta["image_size"])
+  with pytest.raises(torch_layout.ConversionError, match="unexpected keys.*extra"):
+    torch_layout.torch_to_flax(state | {"extra.weight": np.zeros(3)}, model,
                           fx.meta["image_size"])
   bad = dict(state)
   bad[key] = bad[key][:1]
-  with pytest.raises(convert.ConversionError, match=f"key '{key}' has shape"):
-    convert.torch_to_flax(bad, model, fx.meta["image_size"])
+  with pytest.raises(torch_layout.ConversionError, match=f"key '{key}' has shape"):
+    torch_layout.torch_to_flax(bad, model, fx.meta["image_size"])
 
 
 def _run_command(fx, input_path, out_dir):
   name = fx.meta["model"]
-  args = [sys.executable, "-m", "ir2net_jax.convert", f"--input={input_path}",
+  args = [sys.executable, "-m", "ir2net_jax.tools.convert", f"--input={input_path}",
           f"--output={out_dir}"]
   m = __import__("re").fullmatch(r"imagenet_ir2net_([a-d])_step([12])", name)
   args += ([f"--model=ir2net_{m.group(1)}", f"--stage={m.group(2)}"] if m
            else [f"--model={name}"])
   subprocess.run(args, check=True, cwd=ROOT, capture_output=True,
                  env=dict(os.environ, JAX_PLATFORMS="cpu"))
-  variables = convert.load_variables(str(out_dir))
+  variables = weights.load_variables(str(out_dir)).variables
   x = fx.nhwc("input")
   logits, _ = jax.jit(lambda v, x: fx.model().apply(v, x, train=False))(
       variables, x)
@@ -92,7 +92,7 @@ def test_command_refuses_existing_output(tmp_path):
   npz = tmp_path / "state.npz"
   np.savez(npz, **fx.state())
   (tmp_path / "exists").mkdir()
-  r = subprocess.run([sys.executable, "-m", "ir2net_jax.convert",
+  r = subprocess.run([sys.executable, "-m", "ir2net_jax.tools.convert",
                       f"--model={fx.meta['model']}", f"--input={npz}",
                       f"--output={tmp_path / 'exists'}"], cwd=ROOT,
                      capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""Cost accounting (ir2net_jax.costs) against SPEC section 6."""
+"""Cost accounting (ir2net_jax.models.costs) against SPEC section 6."""
 
 import functools
 import math
@@ -10,9 +10,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from ir2net_jax import costs
-from ir2net_jax.layers import BatchNorm, BinaryConv
-from ir2net_jax.models import create_model
+from ir2net_jax.models import costs, create_model
+from ir2net_jax.nn.layers import BatchNorm, BinaryConv
 
 IMAGENET = (1, 224, 224, 3)
 CIFAR = (1, 32, 32, 3)
@@ -133,11 +132,11 @@ def test_format_summary_contains_totals():
 
 def test_command_line():
   out = subprocess.run(
-      [sys.executable, "-m", "ir2net_jax.costs", "--model=ir2net_c",
+      [sys.executable, "-m", "ir2net_jax.tools.costs", "--model=ir2net_c",
        "--stage=2", "--image_size=224"],
       capture_output=True, text=True, timeout=60, check=True).stdout
   assert "1.731e+08" in out and "fusion/cheap_operation/conv" in out
   bad = subprocess.run(
-      [sys.executable, "-m", "ir2net_jax.costs", "--model=cifar_resnet20",
+      [sys.executable, "-m", "ir2net_jax.tools.costs", "--model=cifar_resnet20",
        "--stage=2"], capture_output=True, text=True, timeout=60)
   assert bad.returncode == 2 and "stage" in bad.stderr

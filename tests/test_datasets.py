@@ -16,7 +16,8 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ir2net_jax import config_checks, data
+from ir2net_jax.train import config_checks, loop
+from ir2net_jax import data
 from ir2net_jax.configs import default
 from ir2net_jax.data import custom, recipes, sources
 
@@ -372,7 +373,6 @@ def test_config_checks_accept_the_prefixes():
 
 def test_train_and_evaluate_on_a_folder(tmp_path):
   """End to end: trains the smoke model on a folder, evaluates every image."""
-  from ir2net_jax import train  # pylint: disable=g-import-not-at-top
   from ir2net_jax.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   root = write_tree(tmp_path / "shapes", {
       "train": {"a": [(16, 16)] * 6, "b": [(16, 16)] * 6, "c": [(16, 16)] * 6},
@@ -382,7 +382,7 @@ def test_train_and_evaluate_on_a_folder(tmp_path):
                      num_train_steps=1, num_epochs=1,
                      checkpoint_every_steps=1))
   workdir = str(tmp_path / "work")
-  summary = train.train_and_evaluate(config, workdir)
+  summary = loop.train_and_evaluate(config, workdir)
   assert summary["dataset"] == f"folder:{root}" and summary["steps"] == 1
   counts = {}
   for path in glob.glob(os.path.join(workdir, "events.out.tfevents*")):

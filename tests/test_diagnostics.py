@@ -1,4 +1,4 @@
-"""BNN diagnostics (ir2net_jax.diagnostics): each value against a direct
+"""BNN diagnostics (ir2net_jax.nn.diagnostics): each value against a direct
 computation from the same step's inputs and outputs, the switch, and the
 TensorBoard events of a digits run.
 
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import train_utils
-from ir2net_jax import (binarize, diagnostics, layers, losses, objective,
-                        optim, parallel, train)
+from ir2net_jax.train import loop, optim, parallel, step as step_lib
+from ir2net_jax import models
+from ir2net_jax.nn import binarize, diagnostics, layers, losses, objective
 from ir2net_jax.configs import imagenet as imagenet_config
 
 DEVICES = 2
@@ -77,11 +78,11 @@ def _with_kernels(params, paths, rng):
 
 def _one_step(config, variables, batch):
   """One sharded float64 step: ``(params after, metrics)`` on the host."""
-  model = train.build_model(config, 10, parallel.AXIS)
+  model = step_lib.build_model(config, 10, parallel.AXIS)
   tx = optim.create_optimizer(config, variables["params"], model, 10)
   mesh = parallel.data_mesh(jax.devices()[:DEVICES])
-  state = parallel.replicate(train.create_train_state(variables, tx), mesh)
-  step = train.sharded_train_step(model, tx, config, mesh)
+  state = parallel.replicate(step_lib.create_train_state(variables, tx), mesh)
+  step = step_lib.sharded_train_step(model, tx, config, mesh)
   state, metrics = step(state, jax.device_put(
       batch, parallel.batch_sharding(mesh)), {})
   return jax.device_get((state.params, metrics))
@@ -94,7 +95,7 @@ def stepped():
     config = _config()
     # The global batch at once; not rematerialised, so the layers' inputs
     # are concrete values the interceptor can read.
-    plain = train.build_model(_config(remat=False), 10, None)
+    plain = step_lib.build_model(_config(remat=False), 10, None)
     variables = train_utils.float64_variables(plain, config.image_size)
     batch = train_utils.float64_batch(
         train_utils.random_batch(0, BATCH, config.image_size))
@@ -192,8 +193,8 @@ def test_switched_off_the_step_is_the_same_without_diagnostics(stepped):
 
 def test_stage1_reports_activations_only():
   config = _config(stage=1, remat=False)
-  model = train.build_model(config, 10, None)
-  variables = jax.eval_shape(lambda: train.init_variables(model, 32, 0))
+  model = step_lib.build_model(config, 10, None)
+  variables = jax.eval_shape(lambda: models.init_variables(model, 32, 0))
   images = jax.ShapeDtypeStruct((2, 32, 32, 3), np.float32)
   _, state = jax.eval_shape(functools.partial(
       model.apply, train=True,
@@ -232,7 +233,7 @@ def test_digits_run_writes_diagnostics_to_tensorboard(tmp_path, digits_dir):
   from tensorboard.backend.event_processing import event_accumulator
   from tensorboard.util import tensor_util
   config = train_utils.tiny_digits_config(digits_dir, log_every_steps=3)
-  train.train_and_evaluate(config, str(tmp_path))
+  loop.train_and_evaluate(config, str(tmp_path))
   events = event_accumulator.EventAccumulator(
       str(tmp_path), size_guidance={event_accumulator.TENSORS: 0})
   events.Reload()

@@ -1,4 +1,4 @@
-"""Evaluating without training (``ir2net_jax.evaluate``), released PyTorch
+"""Evaluating without training (``ir2net_jax.tools.eval``), released PyTorch
 checkpoints (convert, evaluate, fine-tune with ``init_from``) and stage 2
 without its stage-1 run."""
 
@@ -20,8 +20,12 @@ import pytest
 import sign_margins
 import torch_zip
 import train_utils
-from ir2net_jax import checkpoints, config_checks, convert, data, evaluate
-from ir2net_jax import layers, models, parallel, pth, train
+from ir2net_jax.io import checkpoints, pth, torch_layout
+from ir2net_jax.tools import convert as convert_tool
+from ir2net_jax.train import config_checks, evaluate, loop, parallel
+from ir2net_jax.train import step as step_lib
+from ir2net_jax import data, models
+from ir2net_jax.nn import layers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
 import make_pth_fixture  # noqa: E402
@@ -115,7 +119,7 @@ def _released_weights(model, images, seed=12):
   fc = variables["params"]["fc"]
   fc["kernel"][:, 10:] = 0.0
   fc["bias"][10:] = -1000.0
-  return convert.flax_to_torch(variables, model)
+  return torch_layout.flax_to_torch(variables, model)
 
 
 def _write_released(path, state_dict):
@@ -156,15 +160,15 @@ def released(tmp_path_factory, digits_dir):
   pth = str(tmp / "model_best.pth.tar")
   _write_released(pth, state_dict)
   out = str(tmp / "ir2net_a")
-  convert.main(["--model=ir2net_a", "--stage=2", "--num_blocks=1,1,1,1",
+  convert_tool.main(["--model=ir2net_a", "--stage=2", "--num_blocks=1,1,1,1",
                 "--image_size=32", f"--input={pth}", f"--output={out}"])
   return {"pth": pth, "state_dict": state_dict, "converted": out,
-          "variables": convert.torch_to_flax(state_dict, model, 32)}
+          "variables": torch_layout.torch_to_flax(state_dict, model, 32)}
 
 
 def test_released_layout_is_unwrapped_and_anything_else_refused(
     tmp_path, released):
-  loaded = convert.load_state_dict(released["pth"])
+  loaded = torch_layout.load_state_dict(released["pth"])
   state_dict = released["state_dict"]
   assert {k for k in loaded if not k.endswith("num_batches_tracked")} == {
       f"module.{k}" for k in state_dict}
@@ -179,8 +183,8 @@ def test_released_layout_is_unwrapped_and_anything_else_refused(
       ([torch_zip.Tensor(np.zeros(2))], "holds a list")]:
     path = str(tmp_path / "other.pth")
     torch_zip.save(obj, path)
-    with pytest.raises(convert.ConversionError, match=message):
-      convert.load_state_dict(path)
+    with pytest.raises(torch_layout.ConversionError, match=message):
+      torch_layout.load_state_dict(path)
 
 
 def _direct_hits(model, variables, config, unit_roundoff):
@@ -246,12 +250,12 @@ def test_evaluate_a_released_checkpoint(released, digits_dir):
   assert result["checkpoint"] == out
   assert (result["dataset"], result["split"]) == ("digits", "test")
 
-  model = train.build_model(config, 1000, parallel.AXIS)
+  model = step_lib.build_model(config, 1000, parallel.AXIS)
   top1, top5, doubt64 = _direct_hits(model, variables, config, 2.0 ** -53)
   assert not doubt64.any()
   with jax.enable_x64(True):
     mesh = parallel.data_mesh()
-    sums = train.evaluate_split(train.sharded_eval_step(model, mesh),
+    sums = evaluate.evaluate_split(step_lib.sharded_eval_step(model, mesh),
                                 parallel.replicate(_float64(variables), mesh),
                                 config, mesh)
   assert sums["eval_count"] == NUM_EVAL
@@ -289,7 +293,7 @@ def test_fine_tune_a_released_checkpoint_without_stage1(tmp_path, released,
                           learning_rate=1e-30, weight_decay=0.0,
                           log_every_steps=1, **FEW)
   workdir = tmp_path / "ir2net_a" / "stage2"
-  summary = train.train_and_evaluate(config, str(workdir))
+  summary = loop.train_and_evaluate(config, str(workdir))
   assert summary["stage"] == 2 and summary["steps"] == 1
   assert not (tmp_path / "ir2net_a" / "stage1").exists()
   step, got = train_utils.final_state(str(workdir))
@@ -312,16 +316,16 @@ def test_fine_tune_on_other_classes_with_a_fresh_classifier(tmp_path,
                           weight_decay=0.0, log_every_steps=1, **FEW)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"--config.init_from_fresh=fc$"):
-    train.train_and_evaluate(config, str(tmp_path / "refused"))
+    loop.train_and_evaluate(config, str(tmp_path / "refused"))
   assert not (tmp_path / "refused").exists()
   config.init_from_fresh = "head"
   with pytest.raises(checkpoints.CheckpointError, match=r"\['head'\].*'fc'"):
-    train.train_and_evaluate(config, str(tmp_path / "refused"))
+    loop.train_and_evaluate(config, str(tmp_path / "refused"))
   config.init_from_fresh = "fc"
-  summary = train.train_and_evaluate(config, str(tmp_path / "finetune"))
+  summary = loop.train_and_evaluate(config, str(tmp_path / "finetune"))
   assert summary["steps"] == 1
   _, got = train_utils.final_state(str(tmp_path / "finetune"))
-  fresh = train.init_variables(train.build_model(config, 10), 32, config.seed)
+  fresh = models.init_variables(step_lib.build_model(config, 10), 32, config.seed)
   want = {**{k: v for k, v in _flat(variables["params"]).items()
              if not k.startswith("fc/")},
           **{f"fc/{k}": v for k, v in _flat(fresh["params"]["fc"]).items()}}
@@ -343,19 +347,19 @@ def stage2_run(tmp_path_factory, digits_dir):
   the stage-1 workdir was deleted: ``(runs dir, config, summaries)``."""
   runs = tmp_path_factory.mktemp("stage2") / "runs"
   c1 = _ir2net_config(digits_dir, stage=1)
-  stage1 = jax.device_get(train.init_variables(train.build_model(c1, 1000),
+  stage1 = jax.device_get(models.init_variables(step_lib.build_model(c1, 1000),
                                                32, 3))
   s1 = checkpoints.Checkpoints(str(runs / "stage1"))
-  s1.save(5, train.create_train_state(stage1, optax.sgd(0.1)),
+  s1.save(5, step_lib.create_train_state(stage1, optax.sgd(0.1)),
           {"model": "ir2net_a", "stage": 1, "name": "stage 1"})
   s1.wait()
   s1.close()
   c2 = _ir2net_config(digits_dir, num_train_steps=1, num_epochs=2,
                       log_every_steps=1, checkpoint_every_steps=1, **FEW)
-  first = train.train_and_evaluate(c2, str(runs / "stage2"))
+  first = loop.train_and_evaluate(c2, str(runs / "stage2"))
   shutil.rmtree(runs / "stage1")
   c2.num_train_steps = 3
-  return runs, c2, (first, train.train_and_evaluate(c2, str(runs / "stage2")))
+  return runs, c2, (first, loop.train_and_evaluate(c2, str(runs / "stage2")))
 
 
 def test_stage2_resumes_after_stage1_is_gone(stage2_run):
@@ -366,7 +370,7 @@ def test_stage2_resumes_after_stage1_is_gone(stage2_run):
   # A new stage-2 run still needs its stage 1, and says where it looked.
   with pytest.raises(checkpoints.CheckpointError,
                      match=str(runs / "stage1")):
-    train.train_and_evaluate(config, str(runs / "stage2b"))
+    loop.train_and_evaluate(config, str(runs / "stage2b"))
   assert not (runs / "stage2b").exists()
 
 
@@ -383,14 +387,14 @@ def test_init_from_and_stage1_checkpoint_together_are_refused(tmp_path,
 
 
 def test_cli_on_a_workdir_and_its_best(stage2_run, tmp_path):
-  """``python -m ir2net_jax.evaluate`` without --config (it reads the
+  """``python -m ir2net_jax.tools.eval`` without --config (it reads the
   recorded one, and takes overrides) reproduces the run's final and best
   eval numbers."""
   workdir = stage2_run[0] / "stage2"
   summary = json.loads((workdir / "summary.json").read_text())
   out = tmp_path / "best.json"
   procs = [subprocess.Popen(
-      [sys.executable, "-m", "ir2net_jax.evaluate", f"--checkpoint={ckpt}",
+      [sys.executable, "-m", "ir2net_jax.tools.eval", f"--checkpoint={ckpt}",
        *extra], cwd=train_utils.ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
       for ckpt, extra in ((workdir, ["--config.prefetch=1"]),  # an override
@@ -425,7 +429,7 @@ def test_a_multi_host_runs_workdir_is_evaluated_in_one_process(stage2_run,
   assert evaluate.evaluate(None, str(workdir)) == before
   out = tmp_path / "eval.json"
   p = subprocess.run(
-      [sys.executable, "-m", "ir2net_jax.evaluate", f"--checkpoint={workdir}",
+      [sys.executable, "-m", "ir2net_jax.tools.eval", f"--checkpoint={workdir}",
        f"--output={out}"], cwd=train_utils.ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
       timeout=300, check=False)

@@ -14,8 +14,8 @@ import venv
 
 import pytest
 
-from ir2net_jax import configs, costs
-from ir2net_jax.models import create_model
+from ir2net_jax import configs
+from ir2net_jax.models import costs, create_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ("ir2net-train", "ir2net-eval", "ir2net-convert", "ir2net-costs",
@@ -158,8 +158,8 @@ def test_wheel_holds_every_module_and_nothing_else(install, source):
       str(p.relative_to(root)) for p in (root / "ir2net_jax").rglob("*.py"))
   assert modules(site) == modules(src)
   assert {"ir2net_jax/configs/digits.py", "ir2net_jax/models/cifar.py",
-          "ir2net_jax/benchmark/cli.py",
-          "ir2net_jax/launch.py"} <= set(modules(site))
+          "ir2net_jax/tools/benchmark/cli.py",
+          "ir2net_jax/tools/train.py"} <= set(modules(site))
   record = (site / "ir2net_jax-0.1.0.dist-info" / "RECORD").read_text()
   tops = {line.split("/")[0] for line in record.splitlines()}
   assert tops == {"ir2net_jax", "ir2net_jax-0.1.0.dist-info", ".."}, tops

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ir2net_jax import kernels, layers
+from ir2net_jax.nn import kernels, layers
 from test_layers import _data_mesh
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ir2net_jax import layers
+from ir2net_jax.nn import layers
 
 
 def test_batchnorm_train_normalises_biased_and_tracks_unbiased():

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ir2net_jax import metric_writer, run_metrics
+from ir2net_jax.train import metric_writer, run_metrics
 
 
 def _write_all(writer, rng):

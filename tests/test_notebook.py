@@ -112,7 +112,7 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   assert "CpuDevice" in devices
 
   summary = json.loads((workdir / "summary.json").read_text())
-  train_out = _text(_cell(nb, "train.train_and_evaluate"))
+  train_out = _text(_cell(nb, "loop.train_and_evaluate"))
   assert f"trained {summary['steps']} steps" in train_out
   assert f"test top-1 {summary['final_eval_top1']:.2%}" in train_out
 
@@ -133,7 +133,7 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   assert params["RELEASED_CHECKPOINT"] in released
   assert not os.path.exists(params["CONVERTED_DIR"])
 
-  from ir2net_jax import costs  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.models import costs  # pylint: disable=g-import-not-at-top
   from ir2net_jax.models import create_model  # pylint: disable=g-import-not-at-top
   cost_out = _text(_cell(nb, "costs.print_summary"))
   a = costs.summarize(create_model("ir2net_a", stage=2), (1, 224, 224, 3))
@@ -152,18 +152,19 @@ def test_released_checkpoint_cell_converts(tmp_path, monkeypatch):
   exactly and, without ImageNet, says what is missing."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from ir2net_jax import convert  # pylint: disable=g-import-not-at-top
+  from ir2net_jax import models  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.io import torch_layout, weights  # pylint: disable=g-import-not-at-top
   from ir2net_jax.models import create_model  # pylint: disable=g-import-not-at-top
 
   model = create_model("ir2net_a", stage=2)
-  abstract = convert._abstract_variables(model, 224)  # pylint: disable=protected-access
+  abstract = models.abstract_variables(model, 224)
   rng = np.random.default_rng(0)
   variables = {c: jax.tree.map(
       lambda s: rng.standard_normal(s.shape).astype(s.dtype), abstract[c])
                for c in ("params", "batch_stats")}
   released = tmp_path / "model_best.npz"
   np.savez(released, **{"module." + k: v for k, v in
-                        convert.flax_to_torch(variables, model).items()})
+                        torch_layout.flax_to_torch(variables, model).items()})
 
   nb = _read()
   nb.cells = [c for c in nb.cells if c.cell_type == "code" and (
@@ -176,7 +177,7 @@ def test_released_checkpoint_cell_converts(tmp_path, monkeypatch):
   out = _text(_cell(nb, "convert.main"))
   assert f"wrote {params['CONVERTED_DIR']}: ir2net_a" in out
   assert "Skipped the ImageNet evaluation: IMAGENET_DATA_DIR is None" in out
-  restored = convert.load_variables(params["CONVERTED_DIR"])
+  restored = weights.load_variables(params["CONVERTED_DIR"]).variables
   for c in ("params", "batch_stats"):
     jax.tree.map(np.testing.assert_array_equal, dict(restored[c]),
                  variables[c])

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from ir2net_jax import models, optim
+from ir2net_jax import models
+from ir2net_jax.train import optim
 
 
 def _config(**kw):

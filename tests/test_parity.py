@@ -28,7 +28,8 @@ import numpy as np
 import pytest
 
 import reference_fixtures as rf
-from ir2net_jax import convert, losses, objective, restriction
+from ir2net_jax.io import torch_layout
+from ir2net_jax.nn import losses, objective, restriction
 
 PATHS = rf.fixture_paths()
 STUDENTS = [p for p in PATHS if rf.load(p).meta["kind"] == "student"]
@@ -131,8 +132,8 @@ def _run(path, prec, train=True, compute_dtype=None):
         train_feature1=np.asarray(aux.feature),
         erase_mask=np.asarray(aux.mask),
         attention=np.asarray(restriction.attention_map(aux.feature)))
-    out["grads"] = convert.flax_to_torch({"params": grads}, model)
-    out["bn_after"] = convert.flax_to_torch(
+    out["grads"] = torch_layout.flax_to_torch({"params": grads}, model)
+    out["bn_after"] = torch_layout.flax_to_torch(
         {"batch_stats": aux.batch_stats}, model)
   return out
 

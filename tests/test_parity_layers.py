@@ -47,7 +47,7 @@ import pytest
 
 import reference_fixtures as rf
 import rounding_bounds
-from ir2net_jax import layers, losses, objective
+from ir2net_jax.nn import layers, losses, objective
 
 PATHS = rf.fixture_paths()
 # The fraction of comparisons (signs, estimator windows, hardtanh) that may be

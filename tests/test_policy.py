@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ir2net_jax.configs import cifar10_resnet20
-from ir2net_jax.configs import imagenet as imagenet_config
-from ir2net_jax import objective, losses, policy, train, xla_cpu
+from ir2net_jax.configs import cifar10_resnet20, imagenet as imagenet_config
+from ir2net_jax.train import config_checks, step as step_lib
+from ir2net_jax.backend import policy, xla_cpu
+from ir2net_jax import models
+from ir2net_jax.nn import objective, losses
 
 
 def test_auto_binary_compute_dtype_is_int8_only_for_imagenet_stage2_on_cpu():
@@ -27,10 +29,10 @@ def test_auto_binary_compute_dtype_is_int8_only_for_imagenet_stage2_on_cpu():
   assert pick(value="bfloat16") == "bfloat16"
   assert pick(value="") is None and pick(value=None) is None
   config = imagenet_config.get_config("a,stage=2")
-  assert train.build_model(config, 10).compute_dtype == (
+  assert step_lib.build_model(config, 10).compute_dtype == (
       "int8" if jax.default_backend() == "cpu" else None)
-  assert train.build_model(config, 10, backend="cuda").compute_dtype is None
-  assert train.binary_compute_dtype is policy.binary_compute_dtype
+  assert step_lib.build_model(config, 10, backend="cuda").compute_dtype is None
+  assert policy.binary_compute_dtype is policy.binary_compute_dtype
 
 
 def test_cpu_tricks_only_on_the_cpu():
@@ -54,7 +56,7 @@ def test_cpu_tricks_only_on_the_cpu():
   assert gpu.teacher_kwargs() == {"dtype": "bfloat16"}
   # The CPU flags of a config, whatever the backend that runs them.
   assert policy.xla_cpu_flags(cifar10_resnet20.get_config()) == (
-      xla_cpu.TUNED_FLAGS)
+      xla_cpu.EIGEN_CONV_FLAGS)
   with pytest.raises(ValueError, match="unknown backend 'metal'"):
     policy.resolve(c, "metal")
 
@@ -63,14 +65,14 @@ def test_remat_gives_the_same_gradients():
   """``config.remat`` recomputes each residual block: the same numbers."""
   c = cifar10_resnet20.get_config()
   c.model_kwargs.num_blocks = (1, 1, 1)
-  plain = train.build_model(c, 10)
+  plain = step_lib.build_model(c, 10)
   c.remat = True
-  remat = train.build_model(c, 10)
+  remat = step_lib.build_model(c, 10)
   assert remat.remat and not plain.remat
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(4, 32, 32, 3)), jnp.float32)
   y = jnp.asarray(rng.integers(0, 10, 4))
-  v = train.init_variables(plain, 32, 0)
+  v = models.init_variables(plain, 32, 0)
 
   def grads(model):
     f = lambda p: objective.two_pass_objective(
@@ -88,5 +90,5 @@ def test_remat_gives_the_same_gradients():
 def test_remat_without_residual_blocks_is_a_config_error():
   c = cifar10_resnet20.get_config()
   c.model, c.remat = "cifar_vgg_small", True
-  with pytest.raises(train.ConfigError, match="config.remat=True"):
-    train.build_model(c, 10)
+  with pytest.raises(config_checks.ConfigError, match="config.remat=True"):
+    step_lib.build_model(c, 10)

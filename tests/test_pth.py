@@ -1,4 +1,4 @@
-"""``ir2net_jax.pth``: hostile ``.pth`` files are refused, never obeyed.
+"""``ir2net_jax.io.pth``: hostile ``.pth`` files are refused, never obeyed.
 
 Crafted files (each of the attacks we know, by name) and a fuzz of the
 torch-written fixture: random byte flips, truncations, edited shapes,
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import torch_zip
-from ir2net_jax import pth
+from ir2net_jax.io import pth
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "tiny_resnet20.pth")

@@ -48,7 +48,7 @@ def test_modules_example_runs_and_does_what_it_says():
                                 np.asarray(images) * m[..., None])
   # The mask keeps pixels whose attention is above lam x its mean: the kept
   # pixels' upsampled attention is higher on average than the erased ones'.
-  from ir2net_jax import restriction  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.nn import restriction  # pylint: disable=g-import-not-at-top
   up = np.asarray(restriction.upsample_bilinear_align_corners(
       restriction.attention_map(feature), (h, w)))
   for i in range(b):

@@ -15,7 +15,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train_utils
-from ir2net_jax import checkpoints, launch, parallel, preemption, train
+from ir2net_jax.train import divergence, loop, parallel, preemption
+from ir2net_jax.io import checkpoints
+from ir2net_jax.tools import train as launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,10 +47,10 @@ def test_divergence_stops_before_anything_nonfinite_is_saved(tmp_path,
   c = train_utils.tiny_digits_config(digits_dir, learning_rate=1e30,
                                      checkpoint_every_steps=1,
                                      log_every_steps=100)
-  with pytest.raises(train.DivergenceError,
+  with pytest.raises(divergence.DivergenceError,
                      match=r"diverged at step \d+: .*not finite.*"
                            r"config\.learning_rate") as e:
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
   diverged_at = int(re.search(r"step (\d+)", str(e.value)).group(1))
   saved = _checkpoint_states(tmp_path / "checkpoints")
   assert saved, "the steps before the divergence should have been saved"
@@ -62,7 +64,7 @@ def test_skip_nonfinite_updates_finishes_with_finite_state(tmp_path,
                                                            digits_dir):
   c = train_utils.tiny_digits_config(digits_dir, learning_rate=1e30,
                                      skip_nonfinite_updates=True)
-  summary = train.train_and_evaluate(c, str(tmp_path))
+  summary = loop.train_and_evaluate(c, str(tmp_path))
   assert 0 < summary["skipped_steps"] <= c.num_train_steps
   step, leaves = train_utils.final_state(tmp_path)
   assert step == c.num_train_steps
@@ -112,8 +114,8 @@ def test_launch_leaves_jax_distributed_before_exiting_on_a_signal(
 
   def preempted(config, workdir):
     calls.append("train")
-    raise train.Preempted(3, signal.SIGTERM, str(workdir))
-  monkeypatch.setattr(train, "train_and_evaluate", preempted)
+    raise preemption.Preempted(3, signal.SIGTERM, str(workdir))
+  monkeypatch.setattr(loop, "train_and_evaluate", preempted)
   monkeypatch.setattr(parallel, "shutdown_distributed",
                       lambda: calls.append("shutdown"))
   monkeypatch.setattr(launch, "FLAGS", types.SimpleNamespace(
@@ -180,14 +182,14 @@ def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
                                                            monkeypatch):
   monkeypatch.setattr(checkpoints, "READ_RETRY_S", 0.0)
   c = train_utils.tiny_digits_config(digits_dir)   # saves at steps 2, 4, 6
-  train.train_and_evaluate(c, str(tmp_path))
+  loop.train_and_evaluate(c, str(tmp_path))
   steps = c.num_train_steps
   _, good = train_utils.final_state(tmp_path)
   latest = tmp_path / "checkpoints" / str(steps)
   train_utils.truncate_files(latest)
   os.remove(tmp_path / "summary.json")
   with caplog.at_level(logging.INFO):
-    summary = train.train_and_evaluate(c, str(tmp_path))
+    summary = loop.train_and_evaluate(c, str(tmp_path))
   log = caplog.text
   assert f"cannot read the checkpoint {latest}" in log
   assert f"resumed from step {steps - c.checkpoint_every_steps}" in log
@@ -213,5 +215,5 @@ def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
   before = sorted(os.listdir(ckpt_dir))
   with pytest.raises(checkpoints.CheckpointError,
                      match=f"none of the checkpoints in {ckpt_dir}"):
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
   assert sorted(os.listdir(ckpt_dir)) == before

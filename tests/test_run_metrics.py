@@ -7,7 +7,7 @@ import pytest
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-from ir2net_jax import run_metrics
+from ir2net_jax.train import run_metrics
 
 
 def test_reads_clu_tensor_scalars_and_skips_images(tmp_path):

@@ -22,7 +22,9 @@ import jax
 import numpy as np
 
 import ir2net_jax
-from ir2net_jax import models, objective, optim, parallel, train
+from ir2net_jax import models
+from ir2net_jax.nn import objective
+from ir2net_jax.train import optim, parallel, step as step_lib
 from ir2net_jax.configs import imagenet
 
 config = imagenet.get_config("a,stage=2")
@@ -30,24 +32,24 @@ config.model_kwargs.num_blocks = (1, 1, 1, 1)
 config.teacher_kwargs.num_blocks = (1, 1, 1, 1)
 config.image_size, config.batch_size = 32, 2
 mesh = parallel.data_mesh(jax.devices()[:1])
-model = train.build_model(config, 10, parallel.AXIS)
-teacher = train.build_teacher(config, 10)
-variables = train.init_variables(model, 32, 0)
+model = step_lib.build_model(config, 10, parallel.AXIS)
+teacher = step_lib.build_teacher(config, 10)
+variables = models.init_variables(model, 32, 0)
 tx = optim.create_optimizer(config, variables["params"], model, 10)
-state = parallel.replicate(train.create_train_state(variables, tx), mesh)
-teacher_vars = parallel.replicate(train.init_variables(teacher, 32, 1), mesh)
+state = parallel.replicate(step_lib.create_train_state(variables, tx), mesh)
+teacher_vars = parallel.replicate(models.init_variables(teacher, 32, 1), mesh)
 rng = np.random.default_rng(0)
 batch = jax.device_put(
     {"image": rng.normal(size=(2, 32, 32, 3)).astype(np.float32),
      "label": rng.integers(0, 10, 2).astype(np.int32)},
     parallel.batch_sharding(mesh))
-step = train.sharded_train_step(model, tx, config, mesh, teacher)
+step = step_lib.sharded_train_step(model, tx, config, mesh, teacher)
 state, metrics = step(state, batch, teacher_vars)
 assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
 # The run's TensorBoard files, written without TensorFlow.
 import os, tempfile
-from ir2net_jax import metric_writer, run_metrics
+from ir2net_jax.train import metric_writer, run_metrics
 logdir = tempfile.mkdtemp()
 writer = metric_writer.MetricWriter(logdir)
 writer.write_hparams({"model": config.model, "batch_size": 2})

@@ -14,7 +14,9 @@ import tensorflow_datasets as tfds
 
 import train_utils
 from ir2net_jax.configs import imagenet as imagenet_config
-from ir2net_jax import checkpoints, convert, data, models, train
+from ir2net_jax import data, models
+from ir2net_jax.train import loop, step as step_lib
+from ir2net_jax.io import checkpoints, weights
 
 TINY_IR2NET = (1, 1, 1, 1)
 
@@ -42,8 +44,8 @@ def test_eight_devices_train_like_one():
   _assert_trees_close(eight, one, 1e-10)
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-10)
   # And the parameters did move (the comparison is not vacuous).
-  init = train.init_variables(
-      train.build_model(train_utils.tiny_digits_config(None), 10), 32, 0)
+  init = models.init_variables(
+      step_lib.build_model(train_utils.tiny_digits_config(None), 10), 32, 0)
   moved = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))),
                        one["params"], jax.device_get(init["params"]))
   assert max(jax.tree.leaves(moved)) > 1e-3
@@ -113,8 +115,8 @@ def _check_stage2_starts_from_stage1(run_dir, config):
   assert s1.keys() == s2.keys()
   for k in s1:
     np.testing.assert_allclose(s2[k], s1[k], atol=1e-9, err_msg=k)
-  fresh = flax.traverse_util.flatten_dict(jax.device_get(train.init_variables(
-      train.build_model(config, 10 if config.dataset == "cifar10" else 1000),
+  fresh = flax.traverse_util.flatten_dict(jax.device_get(models.init_variables(
+      step_lib.build_model(config, 10 if config.dataset == "cifar10" else 1000),
       config.image_size, config.seed)["params"]), sep="/")
   assert max(float(np.max(np.abs(s1[k] - fresh[k]))) for k in s1) > 1e-4
 
@@ -128,12 +130,12 @@ def test_stage1_then_stage2_cifar10_mock(tmp_path):
   with tfds.testing.mock_data(num_examples=12, data_dir=mock):
     c1 = _tiny_ir2net_config(train_utils.tiny_digits_config(mock), **base,
                              model="ir2net_c", stage=1)
-    s1 = train.train_and_evaluate(c1, str(tmp_path / "run" / "stage1"))
+    s1 = loop.train_and_evaluate(c1, str(tmp_path / "run" / "stage1"))
     c2 = _tiny_ir2net_config(train_utils.tiny_digits_config(mock), **base,
                              model="ir2net_c", stage=2)
     c2.learning_rate = 1e-30
     c2.weight_decay = 0.0
-    s2 = train.train_and_evaluate(c2, str(tmp_path / "run" / "stage2"))
+    s2 = loop.train_and_evaluate(c2, str(tmp_path / "run" / "stage2"))
   assert s1["stage"] == 1 and s2["stage"] == 2 and s2["steps"] == 2
   _check_stage2_starts_from_stage1(tmp_path / "run", c1)
 
@@ -142,8 +144,8 @@ def test_stage1_then_stage2_imagenet_mock_with_teacher(tmp_path):
   mock = train_utils.mock_data_dir(str(tmp_path / "tfds"))
   teacher = models.create_model("teacher_resnet34", num_blocks=TINY_IR2NET)
   teacher_dir = str(tmp_path / "teacher")
-  convert.save_variables(teacher_dir, jax.device_get(
-      train.init_variables(teacher, 32, 1)))
+  weights.save_variables(teacher_dir, jax.device_get(
+      models.init_variables(teacher, 32, 1)))
   runs = tmp_path / "ir2net_b"
   with tfds.testing.mock_data(num_examples=10, data_dir=mock):
     summaries = []
@@ -154,7 +156,7 @@ def test_stage1_then_stage2_imagenet_mock_with_teacher(tmp_path):
       c.teacher_kwargs = ml_collections.ConfigDict({"num_blocks": TINY_IR2NET})
       if stage == 2:
         c.learning_rate = 1e-30
-      summaries.append(train.train_and_evaluate(c, str(runs / f"stage{stage}")))
+      summaries.append(loop.train_and_evaluate(c, str(runs / f"stage{stage}")))
   assert [s["stage"] for s in summaries] == [1, 2]
   assert os.path.exists(runs / "stage2" / "summary.json")
   _check_stage2_starts_from_stage1(runs, c)
@@ -170,7 +172,7 @@ def _workdir_listing(path):
 def test_missing_data_fails_early(tmp_path, workdir, no_compile):
   c = train_utils.tiny_digits_config(str(tmp_path / "empty"), dataset="cifar10")
   with pytest.raises(data.DataError, match="tfds build cifar10"):
-    train.train_and_evaluate(c, str(workdir))
+    loop.train_and_evaluate(c, str(workdir))
   assert _workdir_listing(workdir) == ["notes.txt"]
 
 
@@ -180,18 +182,18 @@ def test_missing_stage1_checkpoint_names_the_path(tmp_path, workdir,
                           model="ir2net_a", stage=2)
   with pytest.raises(checkpoints.CheckpointError,
                      match=str(tmp_path / "stage1")):
-    train.train_and_evaluate(c, str(workdir))
+    loop.train_and_evaluate(c, str(workdir))
   assert _workdir_listing(workdir) == ["notes.txt"]
 
 
 def test_stage1_of_another_model_is_refused(tmp_path, digits_dir):
   c1 = _tiny_ir2net_config(train_utils.tiny_digits_config(digits_dir),
                            model="ir2net_a", stage=1, num_train_steps=1)
-  train.train_and_evaluate(c1, str(tmp_path / "stage1"))
+  loop.train_and_evaluate(c1, str(tmp_path / "stage1"))
   c2 = _tiny_ir2net_config(train_utils.tiny_digits_config(digits_dir),
                            model="ir2net_d", stage=2)
   with pytest.raises(checkpoints.CheckpointError, match="ir2net_a"):
-    train.train_and_evaluate(c2, str(tmp_path / "stage2"))
+    loop.train_and_evaluate(c2, str(tmp_path / "stage2"))
   assert not (tmp_path / "stage2").exists()
 
 

@@ -1,4 +1,4 @@
-"""Pictures of information restriction (ir2net_jax.visualize).
+"""Pictures of information restriction (ir2net_jax.tools.visualize).
 
 The maps against the training objective's own mask and a numpy derivation of
 the attention (float64: both are downstream of sign activations, see
@@ -19,7 +19,11 @@ import pytest
 from PIL import Image
 
 import train_utils
-from ir2net_jax import losses, objective, train, visualize
+from ir2net_jax.configs.record import read_recorded_config
+from ir2net_jax.train import evaluate, grid as grid_lib, loop, step as step_lib
+from ir2net_jax.nn import losses, objective, restriction
+from ir2net_jax.io import weights
+from ir2net_jax.tools import visualize
 
 LAM = 1.0  # erases about half of a random image: both mask values occur
 SCALE = 3  # 32 x 32 digits are drawn 96 x 96
@@ -27,7 +31,7 @@ SCALE = 3  # 32 x 32 digits are drawn 96 x 96
 
 def _model_and_variables():
   config = train_utils.tiny_digits_config("unused")
-  model = train.build_model(config, 10)
+  model = step_lib.build_model(config, 10)
   return model, train_utils.float64_variables(model)
 
 
@@ -53,7 +57,7 @@ def test_maps_are_the_objectives(batch_stats_mode):
     model, variables = _model_and_variables()
     batch = train_utils.float64_batch(train_utils.random_batch(0, 6))
     images = batch["image"]
-    maps = jax.jit(lambda v, x: visualize.restriction_maps(
+    maps = jax.jit(lambda v, x: restriction.restriction_maps(
         model, v, x, LAM, train=train_mode))(variables, images)
     maps = jax.device_get(maps)
     if train_mode:  # the objective's own clean pass and mask
@@ -83,10 +87,10 @@ def test_maps_are_the_objectives(batch_stats_mode):
 
 
 def _cell(grid, row, col, size=32, scale=SCALE, header=True):
-  top = visualize.HEADER if header else 0
+  top = grid_lib.HEADER if header else 0
   cell = size * scale
-  y = top + visualize.GAP + row * (cell + visualize.GAP)
-  x = visualize.GAP + col * (cell + visualize.GAP)
+  y = top + grid_lib.GAP + row * (cell + grid_lib.GAP)
+  x = grid_lib.GAP + col * (cell + grid_lib.GAP)
   return grid[y:y + cell, x:x + cell]
 
 
@@ -103,18 +107,18 @@ def test_grid_layout_and_columns():
   maps = {"attention": attention, "mask": mask,
           "erased": images * mask[..., None]}
   mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-  grid = visualize.restriction_grid(images, maps, mean=mean, std=std)
+  grid = grid_lib.restriction_grid(images, maps, mean=mean, std=std)
   cell = 32 * SCALE
   assert grid.dtype == np.uint8
-  assert grid.shape == (visualize.HEADER + visualize.GAP + n * (cell + visualize.GAP),
-                        visualize.GAP + 4 * (cell + visualize.GAP)
-                        + visualize.LABEL, 3)
+  assert grid.shape == (grid_lib.HEADER + grid_lib.GAP + n * (cell + grid_lib.GAP),
+                        grid_lib.GAP + 4 * (cell + grid_lib.GAP)
+                        + grid_lib.LABEL, 3)
   pixels = lambda x: np.round(np.clip(x * 0.5 + 0.5, 0, 1) * 255)
   for r in range(n):
     np.testing.assert_array_equal(_cell(grid, r, 0), _big(pixels(images))[r])
     peak = attention[r].max()
     np.testing.assert_array_equal(
-        _cell(grid, r, 1), _big(visualize.viridis(attention[r:r + 1] / peak))[0])
+        _cell(grid, r, 1), _big(grid_lib.viridis(attention[r:r + 1] / peak))[0])
     # The mask: pure white where kept, pure black where erased.
     want = np.where(_big(mask)[r][..., None] > 0, 255, 0)
     np.testing.assert_array_equal(_cell(grid, r, 2),
@@ -122,26 +126,26 @@ def test_grid_layout_and_columns():
     np.testing.assert_array_equal(_cell(grid, r, 3),
                                   _big(pixels(maps["erased"]))[r])
   # value_range instead of mean / std: the same for [-1, 1] data, no header.
-  plain = visualize.restriction_grid(images, maps, (-1.0, 1.0), header=False)
-  np.testing.assert_array_equal(plain[:-visualize.GAP, :-visualize.LABEL],
-                                grid[visualize.HEADER:-visualize.GAP,
-                                     :-visualize.LABEL])
+  plain = grid_lib.restriction_grid(images, maps, (-1.0, 1.0), header=False)
+  np.testing.assert_array_equal(plain[:-grid_lib.GAP, :-grid_lib.LABEL],
+                                grid[grid_lib.HEADER:-grid_lib.GAP,
+                                     :-grid_lib.LABEL])
 
 
 def test_viridis_matches_matplotlib():
   cm = pytest.importorskip("matplotlib").colormaps["viridis"]
   x = np.linspace(0, 1, 256)
   want = np.round(cm(x)[:, :3] * 255)
-  got = visualize.viridis(x).astype(float)
+  got = grid_lib.viridis(x).astype(float)
   assert np.max(np.abs(got - want)) <= 3  # anchors rounded to levels
-  np.testing.assert_array_equal(visualize.viridis(np.array([-1.0, 2.0])),
-                                visualize.viridis(np.array([0.0, 1.0])))
+  np.testing.assert_array_equal(grid_lib.viridis(np.array([-1.0, 2.0])),
+                                grid_lib.viridis(np.array([0.0, 1.0])))
 
 
 def test_save_png_round_trips(tmp_path):
   grid = np.random.default_rng(1).integers(0, 256, (7, 5, 3), np.uint8)
   path = tmp_path / "sub" / "g.png"
-  visualize.save_png(grid, str(path))
+  grid_lib.save_png(grid, str(path))
   np.testing.assert_array_equal(np.asarray(Image.open(path)), grid)
 
 
@@ -181,10 +185,10 @@ def test_training_writes_pictures_at_every_eval(smoke_run):
   cell = 32 * SCALE
   for s in EVAL_STEPS:
     png = np.asarray(Image.open(smoke_run / "restriction" / f"step_{s:06d}.png"))
-    assert png.shape == (visualize.HEADER + visualize.GAP
-                         + n * (cell + visualize.GAP),
-                         visualize.GAP + 4 * (cell + visualize.GAP)
-                         + visualize.LABEL, 3)
+    assert png.shape == (grid_lib.HEADER + grid_lib.GAP
+                         + n * (cell + grid_lib.GAP),
+                         grid_lib.GAP + 4 * (cell + grid_lib.GAP)
+                         + grid_lib.LABEL, 3)
     np.testing.assert_array_equal(tb[s], png)
     mask_column = np.stack([_cell(png, r, 2) for r in range(n)])
     assert set(np.unique(mask_column)) <= {0, 255}
@@ -193,32 +197,34 @@ def test_training_writes_pictures_at_every_eval(smoke_run):
 def test_no_pictures_without_information_restriction():
   config = train_utils.tiny_digits_config("unused")
   config.information_restriction = False   # nothing is erased: no pictures
-  assert train._restriction_pictures(config, None, None, "unused") is False
+  assert loop._restriction_pictures(config, None, None, "unused") is False
   config.information_restriction, config.restriction_images = True, 0
-  assert train._restriction_pictures(config, None, None, "unused") is False
+  assert loop._restriction_pictures(config, None, None, "unused") is False
 
 
 def test_loader_reads_workdir_best_and_converted_weights(smoke_run, tmp_path):
-  from ir2net_jax import convert  # pylint: disable=g-import-not-at-top
-  config = visualize.load_config(str(smoke_run))
+  recorded = lambda path: (
+      read_recorded_config(evaluate.recorded_config(path))
+      if evaluate.recorded_config(path) else None)
+  config = recorded(str(smoke_run))
   assert config.train_split == "train[:48]"
-  assert visualize.load_config(str(smoke_run / "best")) == config
-  assert visualize.load_config(str(tmp_path)) is None
+  assert recorded(str(smoke_run / "best")) == config
+  assert recorded(str(tmp_path)) is None
   step, saved = train_utils.final_state(smoke_run)
   assert step == EVAL_STEPS[-1]
-  _, variables = visualize.load_variables(config, str(smoke_run))
+  _, variables = visualize.load_model(config, str(smoke_run))
   flat = {jax.tree_util.keystr(k): np.asarray(v)
           for k, v in jax.tree_util.tree_flatten_with_path(variables)[0]}
   assert flat.keys() == {k for k in saved if not k.startswith("['opt")}
   for k in flat:
     np.testing.assert_array_equal(flat[k], saved[k], err_msg=k)
   # best/ holds the best eval's step; converted weights hold what was saved.
-  _, best = visualize.load_variables(config, str(smoke_run / "best"))
-  convert.save_variables(str(tmp_path / "converted"), best)
-  _, converted = visualize.load_variables(config, str(tmp_path / "converted"))
+  _, best = visualize.load_model(config, str(smoke_run / "best"))
+  weights.save_variables(str(tmp_path / "converted"), best)
+  _, converted = visualize.load_model(config, str(tmp_path / "converted"))
   jax.tree.map(np.testing.assert_array_equal, converted, best)
   with pytest.raises(visualize.VisualizeError, match="no such directory"):
-    visualize.load_variables(config, str(tmp_path / "missing"))
+    visualize.load_model(config, str(tmp_path / "missing"))
 
 
 def test_command_line_draws_image_files(smoke_run, tmp_path):
@@ -232,7 +238,7 @@ def test_command_line_draws_image_files(smoke_run, tmp_path):
       tmp_path / "other.jpg")
   output = tmp_path / "grid.png"
   p = subprocess.run(
-      [sys.executable, "-m", "ir2net_jax.visualize",
+      [sys.executable, "-m", "ir2net_jax.tools.visualize",
        f"--checkpoint={smoke_run / 'best'}",
        f"--images={images},{tmp_path / '*.jpg'}", f"--output={output}"],
       cwd=train_utils.ROOT, capture_output=True, text=True, timeout=300,
@@ -241,7 +247,7 @@ def test_command_line_draws_image_files(smoke_run, tmp_path):
   assert "3 images" in p.stdout
   cell = 32 * SCALE
   grid = np.asarray(Image.open(output))
-  assert grid.shape == (visualize.HEADER + visualize.GAP
-                        + 3 * (cell + visualize.GAP),
-                        visualize.GAP + 4 * (cell + visualize.GAP)
-                        + visualize.LABEL, 3)
+  assert grid.shape == (grid_lib.HEADER + grid_lib.GAP
+                        + 3 * (cell + grid_lib.GAP),
+                        grid_lib.GAP + 4 * (cell + grid_lib.GAP)
+                        + grid_lib.LABEL, 3)

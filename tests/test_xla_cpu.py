@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 import sign_margins
+from ir2net_jax.backend import policy, xla_cpu
 from ir2net_jax.configs import default
-from ir2net_jax import xla_cpu
 
 
 def test_adds_flags_and_keeps_the_users_value():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
                       "--xla_cpu_experimental_ynn_fusion_type=X"}
   added = xla_cpu.apply_flags(
-      xla_cpu.TUNED_FLAGS + " --xla_cpu_enable_fast_min_max=false", env)
+      xla_cpu.EIGEN_CONV_FLAGS + " --xla_cpu_enable_fast_min_max=false", env)
   assert added == ["--xla_cpu_enable_fast_min_max=false"]
   assert env["XLA_FLAGS"].split() == [
       "--xla_force_host_platform_device_count=2",
@@ -29,9 +29,9 @@ def test_empty_flags_change_nothing():
   env = {}
   assert xla_cpu.apply_flags("", env) == []
   assert env == {}
-  assert xla_cpu.apply_flags(xla_cpu.TUNED_FLAGS, env) == [
-      xla_cpu.TUNED_FLAGS]
-  assert env["XLA_FLAGS"] == xla_cpu.TUNED_FLAGS
+  assert xla_cpu.apply_flags(xla_cpu.EIGEN_CONV_FLAGS, env) == [
+      xla_cpu.EIGEN_CONV_FLAGS]
+  assert env["XLA_FLAGS"] == xla_cpu.EIGEN_CONV_FLAGS
 
 
 def test_rejects_a_word_that_is_not_a_flag():
@@ -56,11 +56,11 @@ def _config(model, **fields):
 
 
 def test_auto_picks_by_model_dtype_batch_and_cores():
-  resolve = lambda model, cores=2, **f: xla_cpu.resolve(_config(model, **f),
-                                                        cpu_count=cores)
-  assert resolve("cifar_resnet20") == xla_cpu.TUNED_FLAGS
+  resolve = lambda model, cores=2, **f: policy.xla_cpu_flags(
+      _config(model, **f), cpu_count=cores)
+  assert resolve("cifar_resnet20") == xla_cpu.EIGEN_CONV_FLAGS
   assert resolve("cifar_vgg_small",
-                 binary_compute_dtype="bfloat16") == xla_cpu.TUNED_FLAGS
+                 binary_compute_dtype="bfloat16") == xla_cpu.EIGEN_CONV_FLAGS
   assert resolve("cifar_resnet18", binary_compute_dtype="int8") == ""
   assert resolve("ir2net_a", batch_size=16) == xla_cpu.DATA_PARALLEL_FLAGS
   assert resolve("ir2net_d_resnet34", binary_compute_dtype="int8",
@@ -78,7 +78,8 @@ def test_auto_picks_by_model_dtype_batch_and_cores():
 _GRADIENTS = """
 import sys
 import jax, jax.numpy as jnp, numpy as np
-from ir2net_jax import losses, models, objective
+from ir2net_jax import models
+from ir2net_jax.nn import losses, objective
 
 
 def inputs():
@@ -106,14 +107,14 @@ if __name__ == "__main__":
 
 def test_tuned_flags_change_speed_not_results(tmp_path):
   """A two-pass ResNet-20 step's gradients here (XLA's default flags) and in
-  a fresh process under TUNED_FLAGS (XLA reads flags once per process)."""
-  if xla_cpu.TUNED_FLAGS in os.environ.get("XLA_FLAGS", ""):
-    pytest.skip("this process already runs with TUNED_FLAGS")
+  a fresh process under EIGEN_CONV_FLAGS (XLA reads flags once per process)."""
+  if xla_cpu.EIGEN_CONV_FLAGS in os.environ.get("XLA_FLAGS", ""):
+    pytest.skip("this process already runs with EIGEN_CONV_FLAGS")
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   script = tmp_path / "gradients.py"
   script.write_text(_GRADIENTS)
   out = str(tmp_path / "tuned.npz")
-  env = dict(os.environ, XLA_FLAGS=xla_cpu.TUNED_FLAGS, PYTHONPATH=root)
+  env = dict(os.environ, XLA_FLAGS=xla_cpu.EIGEN_CONV_FLAGS, PYTHONPATH=root)
   subprocess.run([sys.executable, str(script), out], env=env, check=True,
                  timeout=600)
   tuned = np.load(out)

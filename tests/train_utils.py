@@ -12,6 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 
+from ir2net_jax import models
+from ir2net_jax.train import step as step_lib
 from ir2net_jax.configs import digits as digits_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,7 +95,7 @@ def tiny_run(workdir, steps=(2, 4, 6), best_at=()):
   train loop does: ``meta['best']`` is the best so far, and the steps in
   ``best_at`` are new bests (top-1 ``step / 10``), saved in ``best/`` too.
   Returns ``workdir``."""
-  from ir2net_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
   best = {"eval_top1": -1.0, "eval_top5": -1.0}   # train.py's before any eval
   ckpts = checkpoints.Checkpoints(str(workdir))
   for step in steps:
@@ -113,15 +115,14 @@ def free_port() -> int:
 
 
 def float64_variables(model, image_size: int = 32, seed: int = 0):
-  """``train.init_variables`` in float64 (call under ``jax.enable_x64``).
+  """``models.init_variables`` in float64 (call under ``jax.enable_x64``).
 
   Tests that compare two programs of the same training step (other devices,
   a hand-written step) run in float64: in float32 their different rounding
   could flip a binary activation that sits near zero (see sign_margins.py).
   """
-  from ir2net_jax import train  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda a: np.asarray(a, np.float64),
-                      train.init_variables(model, image_size, seed))
+                      models.init_variables(model, image_size, seed))
 
 
 def float64_batch(batch):
@@ -136,14 +137,14 @@ def float64_steps(config, devices, batches):
   Returns:
     ``({'params', 'batch_stats'}, metrics of the last step)``, on the host.
   """
-  from ir2net_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.train import optim, parallel  # pylint: disable=g-import-not-at-top
   with jax.enable_x64(True):
-    model = train.build_model(config, 10, parallel.AXIS)
+    model = step_lib.build_model(config, 10, parallel.AXIS)
     variables = float64_variables(model)
     tx = optim.create_optimizer(config, variables["params"], model, 10)
     mesh = parallel.data_mesh(devices)
-    state = parallel.replicate(train.create_train_state(variables, tx), mesh)
-    step = train.sharded_train_step(model, tx, config, mesh)
+    state = parallel.replicate(step_lib.create_train_state(variables, tx), mesh)
+    step = step_lib.sharded_train_step(model, tx, config, mesh)
     for batch in batches:
       state, metrics = step(state, jax.device_put(
           float64_batch(batch), parallel.batch_sharding(mesh)), {})

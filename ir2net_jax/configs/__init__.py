@@ -16,7 +16,13 @@ from typing import List, Sequence
 
 import ml_collections
 
-__all__ = ["RECIPES", "get_config", "recipe_path", "expand_config_flag"]
+__all__ = ["ConfigError", "RECIPES", "get_config", "recipe_path",
+           "expand_config_flag"]
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work, with what to do instead."""
+
 
 # Recipes (not ``default`` or ``cifar10_common``, which recipes build on).
 RECIPES = ("digits", "cifar10_resnet20", "cifar10_vgg_small",

@@ -34,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   # same numbers, about one more forward pass of compute.
   c.remat = False
   # Added to XLA_FLAGS by launch.py before JAX starts; CPU only, changes
-  # speed, not results. 'auto': ir2net_jax.xla_cpu.resolve; '': XLA's own.
+  # speed, not results. 'auto': backend.policy.xla_cpu_flags; '': XLA's own.
   c.xla_cpu_flags = "auto"
 
   # Data (ir2net_jax.data).
@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss = "cross_entropy"
   c.teacher_model = "teacher_resnet34"
   c.teacher_kwargs = ml_collections.ConfigDict()
-  c.teacher_checkpoint = ""    # converted with `python -m ir2net_jax.convert`
+  c.teacher_checkpoint = ""    # converted with `ir2net-convert`
 
   # Optimisation.
   c.optimizer = "sgd"          # 'sgd' | 'adam'
@@ -100,7 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.eval_batch_size = -1       # -1: batch_size
   c.log_every_steps = 50
-  # BNN diagnostics in TensorBoard (ir2net_jax.diagnostics): per binary
+  # BNN diagnostics in TensorBoard (ir2net_jax.nn.diagnostics): per binary
   # layer the weight flip ratio, latent |w| > 1 and activations inside the
   # estimator's clipping range, and a histogram of the kept pixels per
   # image. Computed inside the step; False compiles the step without them.
@@ -108,7 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = -1  # -1: once an epoch
   c.keep_checkpoints = 2
   # Pictures of information restriction at every evaluation (the first N
-  # eval images; ir2net_jax.visualize): workdir/restriction/*.png and the
+  # eval images; ir2net_jax.tools.visualize): workdir/restriction/*.png and the
   # TensorBoard image 'restriction'. 0: none.
   c.restriction_images = 8
 

@@ -15,7 +15,7 @@ IR2Net-A stage 1. Stage 2 reads the stage-1 workdir from
 unless it starts from converted weights (``--config.init_from``, e.g. a
 released checkpoint) or resumes its own checkpoint.
 The teacher is torchvision's ResNet-34 converted once with
-``python -m ir2net_jax.convert --model=teacher_resnet34 --input=resnet34.pth
+``ir2net-convert --model=teacher_resnet34 --input=resnet34.pth
 --output=weights/resnet34``.
 
 Meant for a TPU v3-32 / v4-32 pod slice or 8 A100/H100 GPUs, global batch

@@ -5,11 +5,11 @@ Not a recipe: ``ir2net-eval`` passes it when ``--config`` is left out, so
 that ``--config.field=value`` overrides work on the recorded config too.
 """
 
-from ir2net_jax import config_checks
+from ir2net_jax.configs import record
 
 
 def get_config(path: str):
   if not path:
     raise ValueError("configs/recorded.py needs the path of a config.json: "
                      "--config=.../recorded.py:WORKDIR/config.json")
-  return config_checks.read_recorded_config(path)
+  return record.read_recorded_config(path)

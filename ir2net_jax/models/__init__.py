@@ -12,10 +12,12 @@ import flax.linen as nn
 from ir2net_jax.models.cifar import ResNet18, ResNet20, VGGSmall
 from ir2net_jax.models.float_resnet import float_resnet
 from ir2net_jax.models.imagenet import IR2Net
-from ir2net_jax.models.teacher import ResNet34
+from ir2net_jax.models.resnet import TorchvisionResNet
+from ir2net_jax.models.variables import abstract_variables, init_variables
 
 __all__ = ["create_model", "MODELS", "ResNet20", "VGGSmall", "ResNet18",
-           "IR2Net", "ResNet34"]
+           "IR2Net", "TorchvisionResNet", "init_variables",
+           "abstract_variables"]
 
 
 def _ir2net(variant: str, depth: int = 18) -> Callable[..., nn.Module]:
@@ -30,7 +32,7 @@ MODELS: Dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": ResNet18,
     **{f"ir2net_{v}": _ir2net(v) for v in "abcd"},
     **{f"ir2net_{v}_resnet34": _ir2net(v, 34) for v in "abcd"},
-    "teacher_resnet34": ResNet34,
+    "teacher_resnet34": TorchvisionResNet,
     # Real-valued students: the benchmark's float baselines.
     "float_resnet18": float_resnet(18),
     "float_resnet34": float_resnet(34),

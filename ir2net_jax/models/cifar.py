@@ -5,21 +5,17 @@ Submodule names follow the reference's ``state_dict`` names (``layer1_0`` for
 ``layer1.0``) so that conversion and the weight-decay rule can read them.
 """
 
-from typing import Any, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ir2net_jax.layers import (BatchNorm, BinaryConv, CIRec, adaptive_avg_pool,
-                               conv, hardtanh, kaiming_normal, max_pool,
-                               remat_block)
+from ir2net_jax.nn.layers import (BatchNorm, BinaryConv, CIRec,
+                                  adaptive_avg_pool, batch_norm, conv,
+                                  hardtanh, kaiming_normal, max_pool,
+                                  remat_block)
 
 __all__ = ["ResNet20", "VGGSmall", "ResNet18"]
-
-
-def _bn(train, axis_name, name, dtype=None):
-  return BatchNorm(use_running_average=not train, axis_name=axis_name,
-                   dtype=dtype, name=name)
 
 
 class _Block(nn.Module):
@@ -37,7 +33,7 @@ class _Block(nn.Module):
                       compute_dtype=self.compute_dtype, name=name)
 
   def bn(self, train: bool, name: str) -> BatchNorm:
-    return _bn(train, self.axis_name, name, self.dtype)
+    return batch_norm(train, self.axis_name, name, self.dtype)
 
 
 class _BasicBlock20(_Block):
@@ -61,7 +57,63 @@ class _BasicBlock20(_Block):
     return hardtanh(out + h)
 
 
-class ResNet20(nn.Module):
+class _CifarResNet(nn.Module):
+  """The CIFAR ResNets' body: a real 3x3 stem, binary residual stages, CIRec
+  over the pooled outputs of every stage, a global mean, BN and a linear
+  classifier. Each network sets the class constants below.
+
+  Attributes: as ``ResNet20``.
+  """
+  num_classes: int = 10
+  information_recovery: bool = True
+  zero_to_one: bool = False
+  axis_name: Optional[str] = None
+  num_blocks: Sequence[int] = ()
+  compute_dtype: Optional[str] = None
+  dtype: Any = None
+  grouped_conv_by_taps: Optional[bool] = None
+  remat: bool = False
+
+  BLOCK: ClassVar[Any] = None   # the residual block's module class
+  PLANES: ClassVar[Sequence[int]] = ()   # channels per stage; stem: first
+  POOL: ClassVar[int] = 0       # side of each stage's pooled output
+  FUSION: ClassVar[Tuple[int, int]] = (0, 0)   # CIRec's channels, ratio
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    """(B, 32, 32, 3) -> ((B, num_classes), (B, POOL, POOL, PLANES[-1]))."""
+    out = hardtanh(batch_norm(train, self.axis_name, "bn1", self.dtype)(
+        conv(self.PLANES[0], 3, kernel_init=kaiming_normal, name="conv1",
+             dtype=self.dtype)(x)))
+    pooled = [adaptive_avg_pool(out, self.POOL)]
+    block = remat_block(self.BLOCK, self.remat)
+    for stage, (planes, n) in enumerate(zip(self.PLANES, self.num_blocks)):
+      for i in range(n):
+        stride = 2 if (stage > 0 and i == 0) else 1
+        out = block(planes, stride, self.zero_to_one, self.axis_name,
+                    self.compute_dtype, self.dtype,
+                    name=f"layer{stage + 1}_{i}")(out, train)
+      if stage < len(self.PLANES) - 1:
+        pooled.append(adaptive_avg_pool(out, self.POOL))
+    feature = out
+    if self.information_recovery:
+      channels, ratio = self.FUSION
+      out = CIRec(channels, ratio=ratio, activation="hardtanh",
+                  axis_name=self.axis_name, kernel_init=kaiming_normal,
+                  dtype=self.dtype,
+                  grouped_conv_by_taps=self.grouped_conv_by_taps,
+                  name="fusion")(jnp.concatenate(pooled + [out], axis=-1),
+                                 train)
+    # The reference applies avg_pool2d to the last (POOL x POOL) map: a
+    # global mean.
+    out = jnp.mean(out, axis=(1, 2))
+    out = batch_norm(train, self.axis_name, "bn2", self.dtype)(out)
+    logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
+                      dtype=self.dtype, name="linear")(out)
+    return logits, feature
+
+
+class ResNet20(_CifarResNet):
   """CIFAR ResNet-20 1W1A with information recovery (CIRec 128 -> 64, s = 4).
 
   Attributes:
@@ -77,44 +129,12 @@ class ResNet20(nn.Module):
     remat: recompute each residual block in the backward pass instead of
       keeping its activations (same values, less memory).
   """
-  num_classes: int = 10
-  information_recovery: bool = True
-  zero_to_one: bool = False
-  axis_name: Optional[str] = None
   num_blocks: Sequence[int] = (3, 3, 3)
-  compute_dtype: Optional[str] = None
-  dtype: Any = None
-  grouped_conv_by_taps: Optional[bool] = None
-  remat: bool = False
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """(B, 32, 32, 3) -> ((B, num_classes), (B, 8, 8, 64))."""
-    out = hardtanh(_bn(train, self.axis_name, "bn1", self.dtype)(
-        conv(16, 3, kernel_init=kaiming_normal, name="conv1",
-             dtype=self.dtype)(x)))
-    pooled = [adaptive_avg_pool(out, 8)]
-    block = remat_block(_BasicBlock20, self.remat)
-    for stage, (planes, n) in enumerate(zip((16, 32, 64), self.num_blocks)):
-      for i in range(n):
-        stride = 2 if (stage > 0 and i == 0) else 1
-        out = block(planes, stride, self.zero_to_one, self.axis_name,
-                    self.compute_dtype, self.dtype,
-                    name=f"layer{stage + 1}_{i}")(out, train)
-      if stage < 2:
-        pooled.append(adaptive_avg_pool(out, 8))
-    feature = out
-    if self.information_recovery:
-      out = CIRec(64, ratio=4, activation="hardtanh", axis_name=self.axis_name,
-                  kernel_init=kaiming_normal, dtype=self.dtype,
-                  grouped_conv_by_taps=self.grouped_conv_by_taps,
-                  name="fusion")(jnp.concatenate(pooled + [out], axis=-1),
-                                 train)
-    out = jnp.mean(out, axis=(1, 2))
-    out = _bn(train, self.axis_name, "bn2", self.dtype)(out)
-    logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
-                      dtype=self.dtype, name="linear")(out)
-    return logits, feature
+  BLOCK = _BasicBlock20
+  PLANES = (16, 32, 64)
+  POOL = 8
+  FUSION = (64, 4)
 
 
 class VGGSmall(nn.Module):
@@ -137,7 +157,7 @@ class VGGSmall(nn.Module):
     # The reference initialises VGG convs with N(0, sqrt(2 / fan_out)).
     init = nn.initializers.variance_scaling(2.0, "fan_out",
                                             "normal")
-    x = hardtanh(_bn(train, self.axis_name, "bn0", self.dtype)(
+    x = hardtanh(batch_norm(train, self.axis_name, "bn0", self.dtype)(
         conv(128, 3, kernel_init=init, name="conv0", dtype=self.dtype)(x)))
     fx = adaptive_avg_pool(x, 4)
     for i, (planes, pool) in enumerate(
@@ -148,7 +168,7 @@ class VGGSmall(nn.Module):
                      name=f"conv{i}")(x)
       if pool:
         x = max_pool(x, 2, 2, 0)
-      x = hardtanh(_bn(train, self.axis_name, f"bn{i}", self.dtype)(x))
+      x = hardtanh(batch_norm(train, self.axis_name, f"bn{i}", self.dtype)(x))
     feature = x
     if self.information_recovery:
       x = CIRec(512, ratio=32, activation="hardtanh", axis_name=self.axis_name,
@@ -181,49 +201,14 @@ class _BasicBlock18(_Block):
     return hardtanh(out + x)
 
 
-class ResNet18(nn.Module):
+class ResNet18(_CifarResNet):
   """CIFAR ResNet-18 1W1A with information recovery (CIRec 1024 -> 512, s = 20).
 
   Attributes: as ``ResNet20``.
   """
-  num_classes: int = 10
-  information_recovery: bool = True
-  zero_to_one: bool = False
-  axis_name: Optional[str] = None
   num_blocks: Sequence[int] = (2, 2, 2, 2)
-  compute_dtype: Optional[str] = None
-  dtype: Any = None
-  grouped_conv_by_taps: Optional[bool] = None
-  remat: bool = False
 
-  @nn.compact
-  def __call__(self, x, train: bool = False):
-    """(B, 32, 32, 3) -> ((B, num_classes), (B, 4, 4, 512))."""
-    out = hardtanh(_bn(train, self.axis_name, "bn1", self.dtype)(
-        conv(64, 3, kernel_init=kaiming_normal, name="conv1",
-             dtype=self.dtype)(x)))
-    pooled = [adaptive_avg_pool(out, 4)]
-    block = remat_block(_BasicBlock18, self.remat)
-    for stage, (planes, n) in enumerate(zip((64, 128, 256, 512),
-                                            self.num_blocks)):
-      for i in range(n):
-        stride = 2 if (stage > 0 and i == 0) else 1
-        out = block(planes, stride, self.zero_to_one, self.axis_name,
-                    self.compute_dtype, self.dtype,
-                    name=f"layer{stage + 1}_{i}")(out, train)
-      if stage < 3:
-        pooled.append(adaptive_avg_pool(out, 4))
-    feature = out
-    if self.information_recovery:
-      out = CIRec(512, ratio=20, activation="hardtanh",
-                  axis_name=self.axis_name, kernel_init=kaiming_normal,
-                  dtype=self.dtype,
-                  grouped_conv_by_taps=self.grouped_conv_by_taps,
-                  name="fusion")(jnp.concatenate(pooled + [out], axis=-1),
-                                 train)
-    # The reference applies avg_pool2d(4) to the 4x4 map: a global mean.
-    out = jnp.mean(out, axis=(1, 2))
-    out = _bn(train, self.axis_name, "bn2", self.dtype)(out)
-    logits = nn.Dense(self.num_classes, kernel_init=kaiming_normal,
-                      dtype=self.dtype, name="linear")(out)
-    return logits, feature
+  BLOCK = _BasicBlock18
+  PLANES = (64, 128, 256, 512)
+  POOL = 4
+  FUSION = (512, 20)

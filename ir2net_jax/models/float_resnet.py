@@ -1,19 +1,20 @@
 """Real-valued ResNet-18 / -34 trained as students: the benchmark's float
-baselines (the same torchvision layout as the teacher, ``teacher.ResNet34``).
+baselines (the same torchvision layout as the teacher,
+``resnet.TorchvisionResNet``).
 
-``train.build_model`` passes every student the binary networks' options
+``train.step.build_model`` passes every student the binary networks' options
 (``information_recovery``, ``zero_to_one``, ``compute_dtype``) and CIRec's
 grouped-convolution kernel choice (``grouped_conv_by_taps``); a real-valued
 ResNet has no binary layer, no information recovery and no grouped
 convolution, so they are dropped here and every other attribute (``dtype``,
-``remat``, ...) reaches ``ResNet34``.
+``remat``, ...) reaches ``TorchvisionResNet``.
 """
 
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 
-from ir2net_jax.models.teacher import ResNet34
+from ir2net_jax.models.resnet import TorchvisionResNet
 
 __all__ = ["LAYOUTS", "float_resnet"]
 
@@ -29,7 +30,8 @@ def float_resnet(depth: int) -> Callable[..., nn.Module]:
     depth: 18 or 34; ``num_blocks=`` still overrides its layout (tests).
 
   Returns:
-    ``make(**kwargs) -> ResNet34`` module with ``LAYOUTS[depth]`` blocks.
+    ``make(**kwargs) -> TorchvisionResNet`` module with ``LAYOUTS[depth]``
+    blocks.
   """
   layout: Sequence[int] = LAYOUTS[depth]
 
@@ -37,6 +39,6 @@ def float_resnet(depth: int) -> Callable[..., nn.Module]:
     for name in _BINARY_ONLY:
       kwargs.pop(name, None)
     kwargs.setdefault("num_blocks", layout)
-    return ResNet34(**kwargs)
+    return TorchvisionResNet(**kwargs)
 
   return make

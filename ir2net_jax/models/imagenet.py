@@ -6,14 +6,16 @@ Submodule names follow the reference's ``state_dict`` (``layer1_0`` for
 ``layer1.0``) so conversion and the weight-decay rule can read them.
 """
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ir2net_jax.layers import (BatchNorm, BinaryConv, CIRec, PReLU,
-                               adaptive_avg_pool, avg_pool, binary_conv_init,
-                               conv, max_pool, remat_block)
+from ir2net_jax.nn.layers import (BinaryConv, CIRec, PReLU,
+                                  adaptive_avg_pool, avg_pool, batch_norm,
+                                  binary_conv_init, conv, max_pool,
+                                  remat_block)
 
 __all__ = ["IR2Net", "FUSIONS", "LAYOUTS"]
 
@@ -42,9 +44,8 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train):
-    bn = lambda name: BatchNorm(use_running_average=not train,
-                                axis_name=self.axis_name, dtype=self.dtype,
-                                name=name)
+    bn = functools.partial(batch_norm, train, self.axis_name,
+                           dtype=self.dtype)
     out = BinaryConv(self.planes, self.stride,
                      binary_weights=self.binary_weights,
                      zero_to_one=self.zero_to_one,
@@ -105,9 +106,8 @@ class IR2Net(nn.Module):
   def __call__(self, x, train: bool = False):
     """(B, 224, 224, 3) -> ((B, num_classes), (B, 7, 7, 512))."""
     self.setup_check()
-    bn = lambda name: BatchNorm(use_running_average=not train,
-                                axis_name=self.axis_name, dtype=self.dtype,
-                                name=name)
+    bn = functools.partial(batch_norm, train, self.axis_name,
+                           dtype=self.dtype)
     x = PReLU(name="prelu")(bn("bn1")(conv(64, 7, 2, name="conv1",
                                            dtype=self.dtype)(x)))
     shallow = [x]

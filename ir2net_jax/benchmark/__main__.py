@@ -1,6 +1,0 @@
-"""``python -m ir2net_jax.benchmark``: see the package docstring."""
-
-from ir2net_jax.benchmark import cli
-
-if __name__ == "__main__":
-  cli.run()

@@ -1,0 +1,64 @@
+"""What the commands that read a checkpoint share (``ir2net-eval``,
+``python -m ir2net_jax.tools.visualize``): their ``--config`` and
+``--checkpoint`` flags, and their start (``run``).
+"""
+
+import os
+import sys
+from typing import Callable, List, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ir2net_jax import configs
+from ir2net_jax.train import evaluate
+
+__all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE"]
+
+# The recipe file that reads a recorded config.json (``--config`` left out).
+RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(
+    configs.__file__)), "recorded.py")
+
+
+def define() -> None:
+  """Defines ``--config`` (a recipe or a config file; default: the config
+  the checkpoint's workdir recorded) and the required ``--checkpoint``."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Recipe (digits:smoke, imagenet:a,stage=2) or config "
+      "file; default: the config recorded in the checkpoint's workdir.",
+      lock_config=True)
+  flags.DEFINE_string("checkpoint", None, "A training workdir, workdir/best, "
+                      "or converted weights.")
+  flags.mark_flag_as_required("checkpoint")
+
+
+def with_recorded_config(argv: Sequence[str]) -> List[str]:
+  """``argv`` plus ``--config=<recorded.py>:<config.json>`` where no
+  ``--config`` is given and the checkpoint's workdir recorded one, so that
+  ``--config.field=value`` overrides work on the recorded config too."""
+  argv = list(argv)
+  if any(a == "--config" or a.startswith("--config=") for a in argv):
+    return argv
+  checkpoint = next((a.split("=", 1)[1] for a in argv
+                     if a.startswith("--checkpoint=")), None)
+  path = checkpoint and evaluate.recorded_config(checkpoint)
+  if not path:
+    return argv
+  # Before any --config.field override, which needs the config parsed.
+  return [argv[0], f"--config={RECORDED_RECIPE}:{path}", *argv[1:]]
+
+
+def run(main: Callable[[List[str]], None],
+        define_more: Callable[[], None]) -> None:
+  """Defines the flags (``define``, then the command's own
+  ``define_more``) and runs ``main`` under absl, with a recipe's name taken
+  for ``--config`` (``configs.expand_config_flag``) and the recorded config
+  where ``--config`` is left out (``with_recorded_config``).
+
+  The flags are defined here, when the command runs, so that importing a
+  command's module defines no absl flags in someone else's program.
+  """
+  define()
+  define_more()
+  app.run(main, argv=with_recorded_config(
+      configs.expand_config_flag(sys.argv)))

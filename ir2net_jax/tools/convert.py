@@ -1,0 +1,67 @@
+"""Converts a PyTorch ``state_dict`` into an orbax checkpoint of Flax
+variables: ``ir2net-convert``.
+
+  ir2net-convert --model=ir2net_a --stage=2 \\
+      --input=checkpoint.pth.tar --output=/path/to/ir2net_a_stage2
+  python -m ir2net_jax.tools.convert --model=teacher_resnet34 \\
+      --input=resnet34.pth --output=/path/to/teacher
+
+``--input`` may be a ``.pth``/``.pth.tar`` (a state_dict or the reference's
+training checkpoint) or a ``.npz`` of arrays keyed by the PyTorch names
+(``io.torch_layout.load_state_dict``). The output is what
+``io.weights.load_variables`` reads: ``--config.init_from``,
+``--config.teacher_checkpoint`` and ``ir2net-eval --checkpoint``.
+"""
+
+import argparse
+import os
+
+import jax
+import numpy as np
+
+from ir2net_jax import models
+from ir2net_jax.io import torch_layout, weights
+
+__all__ = ["main", "run"]
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(
+      description="Convert a PyTorch IR2Net / ResNet state_dict into an "
+                  "orbax checkpoint of Flax variables.")
+  parser.add_argument("--model", required=True,
+                      choices=sorted(models.MODELS))
+  parser.add_argument("--stage", type=int, default=None,
+                      help="IR2Net stage (1 or 2); ImageNet models only")
+  parser.add_argument("--input", required=True,
+                      help=".pth / .pth.tar or .npz")
+  parser.add_argument("--output", required=True,
+                      help="directory for the orbax checkpoint (must not "
+                           "exist)")
+  parser.add_argument("--image_size", type=int, default=None)
+  parser.add_argument("--num_blocks", default=None,
+                      help="blocks per stage, e.g. 1,1,1 (default: the "
+                           "model's)")
+  args = parser.parse_args(argv)
+  kwargs = {"stage": args.stage} if args.stage is not None else {}
+  if args.num_blocks:
+    kwargs["num_blocks"] = tuple(int(n) for n in args.num_blocks.split(","))
+  model = models.create_model(args.model, **kwargs)
+  image_size = args.image_size or (32 if args.model.startswith("cifar")
+                                   else 224)
+  if os.path.exists(args.output):
+    parser.error(f"--output {args.output} exists; choose a new directory")
+  variables = torch_layout.torch_to_flax(
+      torch_layout.load_state_dict(args.input), model, image_size)
+  weights.save_variables(args.output, variables)
+  n = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
+  print(f"wrote {args.output}: {args.model} ({n:,} parameters)")
+
+
+def run() -> None:
+  """The ``ir2net-convert`` console script: ``main`` on ``sys.argv``."""
+  main()
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,81 @@
+"""Evaluates a checkpoint without training: ``ir2net-eval``.
+
+  ir2net-eval --config=imagenet:a,stage=2 --checkpoint=weights/ir2net_a \
+      --config.data_dir=/data/tfds
+  python -m ir2net_jax.tools.eval --checkpoint=runs/digits/best
+
+``--checkpoint`` is one of
+
+* a training workdir: its newest readable checkpoint (``checkpoints/``);
+* ``workdir/best`` (or ``workdir/checkpoints``): its newest one;
+* converted weights (``ir2net-convert``'s output).
+
+``--config`` may be left out for a workdir or its ``best/`` when the workdir
+holds the ``config.json`` its run recorded; ``--config.field=value``
+overrides fields either way (e.g. ``--config.data_dir`` where the data moved).
+How the evaluation's processes start is its own to say
+(``--config.coordinator_address``, ``num_processes``, ``process_id``, or
+the cluster environment), never the recorded run's.
+It prints top-1, top-5 and the number of examples, and writes them as JSON
+to ``--output`` (default ``<checkpoint>/eval_<dataset>_<split>.json``).
+
+The eval is the trainer's (``train.evaluate.evaluate``): every example of
+``config.eval_split`` counted once, over all devices and hosts. Everything
+that can be wrong (no checkpoint, one of another model, no data) is reported
+before anything is compiled.
+"""
+
+import json
+import os
+import re
+
+import jax
+from absl import app, flags
+
+from ir2net_jax.tools import checkpoint_cli
+from ir2net_jax.train import evaluate, parallel
+
+__all__ = ["default_output", "main", "run"]
+
+
+def _safe(name: str) -> str:
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def default_output(checkpoint: str, dataset: str, split: str) -> str:
+  """``<checkpoint>/eval_<dataset>_<split>.json``."""
+  return os.path.join(os.path.abspath(checkpoint),
+                      f"eval_{_safe(dataset)}_{_safe(split)}.json")
+
+
+def _define_flags() -> None:
+  """The flags of this command alone (``checkpoint_cli.define`` has the
+  others)."""
+  flags.DEFINE_string("output", None, "JSON file for the result (default: "
+                      "<checkpoint>/eval_<dataset>_<split>.json).")
+
+
+def main(argv) -> None:
+  FLAGS = flags.FLAGS  # pylint: disable=invalid-name
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  result = evaluate.evaluate(FLAGS.config, FLAGS.checkpoint)
+  output = FLAGS.output or default_output(FLAGS.checkpoint, result["dataset"],
+                                         result["split"])
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      json.dump(result, f, indent=1)
+  print(f"{result['checkpoint']}: {result['dataset']} {result['split']}: "
+        f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
+        f"({result['count']} examples) -> {output}")
+  parallel.shutdown_distributed()
+
+
+def run() -> None:
+  """The ``ir2net-eval`` console script."""
+  checkpoint_cli.run(main, _define_flags)
+
+
+if __name__ == "__main__":
+  run()

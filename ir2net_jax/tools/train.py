@@ -1,0 +1,70 @@
+"""Trains IR2Net: ``ir2net-train --config=RECIPE --workdir=DIR``.
+
+``RECIPE`` is a recipe's name with its argument (``digits:smoke``,
+``imagenet:c,stage=2``; see ``ir2net_jax.configs``) or a recipe file
+(``--config=configs/digits.py`` in a checkout, where ``python launch.py``
+runs the same program). Override any field with ``--config.field=value``;
+unknown fields are an error.
+
+Kept short on purpose: it parses flags, applies ``config.xla_cpu_flags``
+(before JAX starts), calls ``ir2net_jax.train.loop.train_and_evaluate`` and,
+in a multi-host run, leaves it cleanly.
+
+A run stopped by SIGTERM or SIGINT saves a checkpoint and exits with status
+128 + the signal's number (143, 130), as if the signal had ended it; the same
+command resumes it. A diverged run exits with status 1.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ir2net_jax import configs
+from ir2net_jax.backend import policy, xla_cpu
+from ir2net_jax.train import loop, parallel
+from ir2net_jax.train.preemption import Preempted
+
+__all__ = ["main", "run"]
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Recipe name (digits:smoke, imagenet:c,stage=2, ...) or "
+    "file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.info("config:\n%s", FLAGS.config)
+  added = xla_cpu.apply_flags(policy.xla_cpu_flags(FLAGS.config))
+  if added:
+    logging.info("XLA_FLAGS += %s", " ".join(added))
+  status = 0
+  try:
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except Preempted as e:
+    logging.warning("%s", e)
+    status = 128 + e.signum
+  # Before exiting: leaving JAX's coordinator to exit's teardown aborted
+  # processes (status -6) instead of exiting with the signal's status.
+  parallel.shutdown_distributed()
+  if status:
+    sys.exit(status)
+
+
+def run():
+  """The ``ir2net-train`` console script (and ``python launch.py``)."""
+  # absl's --help describes the main module: the script that called this.
+  main_module = sys.modules["__main__"]
+  if not main_module.__doc__:
+    main_module.__doc__ = __doc__
+  for name in ("config", "workdir"):
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+  app.run(main, argv=configs.expand_config_flag(sys.argv))
+
+
+if __name__ == "__main__":
+  run()
