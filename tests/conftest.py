@@ -68,3 +68,16 @@ def _release_compiled_programs():
   if jax is not None:
     jax.clear_caches()
   gc.collect()
+
+
+# The longest modules start first, so that `-n 2 --dist loadfile` does not end
+# with one worker running a long module while the other idles.
+LONGEST_FIRST = ("test_multihost.py", "test_parity_layers.py", "test_train.py",
+                 "test_parity.py", "test_claims.py", "test_evaluate.py",
+                 "test_robustness.py", "test_benchmark.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

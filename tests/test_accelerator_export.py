@@ -147,6 +147,7 @@ def test_binary_convolution_is_bit_identical_in_bfloat16():
   np.testing.assert_array_equal(direct, y32)
 
 
+@pytest.mark.slow
 def test_bfloat16_step_is_the_float32_step_within_tolerance():
   """The bfloat16 training step of a tiny IR2Net-A stage 2 and its teacher
   against the float32 one, from the same float32 parameters.

@@ -138,6 +138,7 @@ def imagenet_run(tmp_path_factory):
   return result["rows"], profile
 
 
+@pytest.mark.slow
 def test_imagenet_rows_ratio_and_memory(imagenet_run):
   (row, base), _ = imagenet_run
   assert (row["recipe"], row["stage"], row["image_size"]) == (
@@ -185,6 +186,7 @@ def test_from_json_merges_runs_and_recomputes_ratio(imagenet_run, tmp_path,
   assert "0.50" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_remat_lowers_the_xla_memory_figure():
   """At 96x96 the activations of 8 images per device are large enough next
   to the tiny model's weight gradients for recomputing the residual blocks
@@ -202,6 +204,7 @@ def test_remat_lowers_the_xla_memory_figure():
   assert memory[True] < memory[False]
 
 
+@pytest.mark.slow
 def test_cifar_with_input_pipelines(capsys):
   torch_before = "torch" in sys.modules
   result = benchmark.main(["--recipes=cifar_resnet20", *TINY,
@@ -239,6 +242,7 @@ _NO_TENSORFLOW = textwrap.dedent("""\
     """)
 
 
+@pytest.mark.slow
 def test_train_step_benchmark_runs_without_tensorflow():
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
   cmd = [sys.executable, "-c", _NO_TENSORFLOW,
@@ -256,6 +260,7 @@ def test_train_step_benchmark_runs_without_tensorflow():
   assert row["recipe"] == benchmark.BASELINE and row["images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
   """``python -m ir2net_jax.tools.benchmark`` as users run it: recipes whose 'auto'
   flags differ run in their own processes, and each row says which."""

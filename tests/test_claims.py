@@ -62,6 +62,7 @@ def _top1_on_one_device(config, variables):
   return float(np.mean(np.argmax(logits, -1) == batch["label"]))
 
 
+@pytest.mark.slow
 def test_best_checkpoint_and_eval_count(tmp_path, digits_dir):
   """Three evals on 8 devices with an eval batch that does not divide 360:
   each counts 360 examples; workdir/best holds the best one's state."""
@@ -122,6 +123,7 @@ def test_pth_reader_refuses_anything_but_tensors(tmp_path):
     pth.read_torch_zip(str(tmp_path / "legacy.pth"))
 
 
+@pytest.mark.slow
 def test_init_from_a_converted_pth(tmp_path, digits_dir):
   """``python -m ir2net_jax.tools.convert`` on the .pth, then ``init_from``: with a
   vanishing learning rate the first step's parameters are the file's."""
@@ -190,6 +192,7 @@ def _max_diff(a, b):
       lambda x, y: float(np.max(np.abs(x - y))), a, b)))
 
 
+@pytest.mark.slow
 @jax.enable_x64(True)
 def test_sync_batch_stats_false_is_per_device_batchnorm():
   config = train_utils.tiny_digits_config(None, sync_batch_stats=False)
@@ -204,6 +207,7 @@ def test_sync_batch_stats_false_is_per_device_batchnorm():
   assert _max_diff(got, synced) > 1e-3
 
 
+@pytest.mark.slow
 @jax.enable_x64(True)
 def test_information_restriction_false_trains_the_clean_pass_alone():
   """The ablation: one clean forward pass, L(f(x)), BatchNorm updated once."""

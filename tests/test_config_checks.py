@@ -59,6 +59,7 @@ def _refused(config, workdir, message) -> str:
     ("momentum", 1.5, r"momentum=1.5 is not a number in \[0, 1\)"),
     ("num_classes", 3, "num_classes=3 is smaller than the 10 classes"),
 ])
+@pytest.mark.slow
 def test_issue_settings_are_refused_and_leave_a_finished_run_intact(
     field, value, message, finished_run, no_compile):
   config, path, _ = finished_run
@@ -167,6 +168,7 @@ def test_a_run_of_another_model_in_the_workdir_is_refused(finished_run,
   _refused(c, path, "model: 'cifar_resnet20' -> 'cifar_vgg_small'")
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_only_reports_its_result(finished_run):
   config, path, summary = finished_run
   before = _hashes(path)
@@ -179,6 +181,7 @@ def test_rerunning_a_finished_run_only_reports_its_result(finished_run):
   assert again["final_eval_top1"] == summary["final_eval_top1"]
 
 
+@pytest.mark.slow
 def test_resume_with_only_allowed_differences_extends_the_run(
     finished_run, tmp_path):
   config, finished, summary = finished_run

@@ -142,6 +142,7 @@ def test_train_resumes_exactly_at_any_step(digits_dir):
     assert_same_batches(take(resumed, 24 - start), fresh[start:])
 
 
+@pytest.mark.slow
 def test_train_is_deterministic_across_processes(digits_dir):
   """A restarted process (fresh TF state) resumes with the same batches."""
   config = make_config(data_dir=digits_dir)

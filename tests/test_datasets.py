@@ -371,6 +371,7 @@ def test_config_checks_accept_the_prefixes():
     config_checks.validate_config(config)
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_on_a_folder(tmp_path):
   """End to end: trains the smoke model on a folder, evaluates every image."""
   from ir2net_jax.configs import digits as digits_config  # pylint: disable=g-import-not-at-top

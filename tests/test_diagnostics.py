@@ -124,6 +124,7 @@ def _kernel(params, path):
       f"{path}/kernel"])
 
 
+@pytest.mark.slow
 def test_flip_ratio_is_the_fraction_of_changed_signs(stepped):
   before, after = stepped["variables"]["params"], stepped["after"]
   flips = _per_layer(stepped["metrics"], "flip_ratio")
@@ -176,6 +177,7 @@ def test_kept_pixels_per_image_are_the_mask_means(stepped):
                              expected.mean(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_switched_off_the_step_is_the_same_without_diagnostics(stepped):
   with jax.enable_x64(True):
     after, metrics = _one_step(_config(diagnostics=False),
@@ -228,6 +230,7 @@ def test_estimator_without_clipping_sows_no_act_in_clip():
   assert set(state[diagnostics.COLLECTION]) == {"latent_gt1"}
 
 
+@pytest.mark.slow
 def test_digits_run_writes_diagnostics_to_tensorboard(tmp_path, digits_dir):
   # pylint: disable=g-import-not-at-top
   from tensorboard.backend.event_processing import event_accumulator

@@ -238,6 +238,7 @@ def _within(hits, top, in_doubt):
   return sure <= hits <= sure + int(np.sum(in_doubt))
 
 
+@pytest.mark.slow
 def test_evaluate_a_released_checkpoint(released, digits_dir):
   """``evaluate`` on the converted weights counts the hits that
   ``model.apply`` on the same data does: exactly, where float64 rounding
@@ -284,6 +285,7 @@ def test_a_checkpoint_of_another_shape_is_refused_before_compiling(
     evaluate.evaluate(config, out)
 
 
+@pytest.mark.slow
 def test_fine_tune_a_released_checkpoint_without_stage1(tmp_path, released,
                                                         digits_dir):
   """Stage 2 with ``init_from``: no stage-1 run anywhere; with a vanishing
@@ -304,6 +306,7 @@ def test_fine_tune_a_released_checkpoint_without_stage1(tmp_path, released,
                                err_msg=k)
 
 
+@pytest.mark.slow
 def test_fine_tune_on_other_classes_with_a_fresh_classifier(tmp_path,
                                                             released,
                                                             digits_dir):
@@ -362,6 +365,7 @@ def stage2_run(tmp_path_factory, digits_dir):
   return runs, c2, (first, loop.train_and_evaluate(c2, str(runs / "stage2")))
 
 
+@pytest.mark.slow
 def test_stage2_resumes_after_stage1_is_gone(stage2_run):
   runs, config, (first, resumed) = stage2_run
   assert first["steps"] == 1 and resumed["steps"] == 3
@@ -386,6 +390,7 @@ def test_init_from_and_stage1_checkpoint_together_are_refused(tmp_path,
 # --- ir2net-eval on a training run -------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_on_a_workdir_and_its_best(stage2_run, tmp_path):
   """``python -m ir2net_jax.tools.eval`` without --config (it reads the
   recorded one, and takes overrides) reproduces the run's final and best

@@ -166,6 +166,7 @@ def test_wheel_holds_every_module_and_nothing_else(install, source):
   assert not (site / "tests").exists() and not (site / "configs").exists()
 
 
+@pytest.mark.slow
 def test_console_scripts_take_recipe_names(install, tmp_path):
   env_dir, _ = install("source")
   bin_dir = env_dir / "bin"

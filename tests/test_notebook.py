@@ -95,6 +95,7 @@ def _execute(nb, params, tmp_path, monkeypatch):
       nbformat.write(nb, os.environ["IR2NET_NOTEBOOK_OUTPUT"])
 
 
+@pytest.mark.slow
 def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   nb = _read()
   workdir = tmp_path / "runs" / "digits"
@@ -146,6 +147,7 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   assert f"{r20.bops:.3e}" in r20_rows[0]
 
 
+@pytest.mark.slow
 def test_released_checkpoint_cell_converts(tmp_path, monkeypatch):
   """The released-checkpoint cell on a full-size IR2Net-A state_dict (random
   values; an .npz, which the converter reads like a .pth.tar) converts it

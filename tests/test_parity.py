@@ -34,8 +34,22 @@ from ir2net_jax.nn import losses, objective, restriction
 PATHS = rf.fixture_paths()
 STUDENTS = [p for p in PATHS if rf.load(p).meta["kind"] == "student"]
 TEACHERS = [p for p in PATHS if rf.load(p).is_teacher]
-# (path, precision): every fixture in float64, the teachers also in float32.
-EVAL_CASES = [(p, "f64") for p in PATHS] + [(p, "f32") for p in TEACHERS]
+# The fast tier (-m "not slow") keeps one model; each other fixture compiles
+# its own network's training step in float64 (20-30 s on 2 cores).
+FAST = "cifar_resnet20"
+
+
+def _case(path, *values):
+  name = rf.load(path).name
+  marks = [] if name == FAST else [pytest.mark.slow]
+  return pytest.param(path, *values, marks=marks,
+                      id="-".join([name, *map(str, values)]))
+
+
+# Every fixture in float64, the teachers also in float32.
+EVAL_CASES = ([_case(p, "f64") for p in PATHS] +
+              [_case(p, "f32") for p in TEACHERS])
+STUDENT_CASES = [_case(p) for p in STUDENTS]
 ERRORS = collections.defaultdict(dict)
 
 
@@ -176,9 +190,7 @@ def _mask_mismatches(port, ref):
       port.shape[0], -1).sum(axis=1)
 
 
-@pytest.mark.parametrize(
-    "path,prec", EVAL_CASES,
-    ids=[f"{rf.load(p).name}-{prec}" for p, prec in EVAL_CASES])
+@pytest.mark.parametrize("path,prec", EVAL_CASES)
 def test_eval_pass(path, prec):
   fx = rf.load(path)
   tol = _tolerances(fx, prec)["value"]
@@ -191,7 +203,7 @@ def test_eval_pass(path, prec):
                               out["eval_feature"])
 
 
-@pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
+@pytest.mark.parametrize("path", STUDENT_CASES)
 def test_training_forward_and_loss(path):
   """The clean pass (and what it decides: attention, erase mask), then the
   erased pass and the loss."""
@@ -212,7 +224,7 @@ def test_training_forward_and_loss(path):
     _check_value(fx, prec, name, out[name], tol["value"])
 
 
-@pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
+@pytest.mark.parametrize("path", STUDENT_CASES)
 def test_gradients(path):
   prec = "f64"
   fx, out = rf.load(path), _run(path, prec)
@@ -238,7 +250,7 @@ def test_gradients(path):
     assert err_s <= tol["grad_sample"], (key, err_s)
 
 
-@pytest.mark.parametrize("path", STUDENTS, ids=[rf.load(p).name for p in STUDENTS])
+@pytest.mark.parametrize("path", STUDENT_CASES)
 def test_batchnorm_statistics_after_both_passes(path):
   prec = "f64"
   fx, out = rf.load(path), _run(path, prec)
@@ -279,6 +291,7 @@ def test_erase_in_isolation(path):
   assert 0 < np.asarray(mask).mean() < 1  # the probe really erases
 
 
+@pytest.mark.slow
 def test_second_pass_sees_erased_images():
   """With a hand-made mask, the second forward receives ``image * mask``."""
   fx = rf.load(STUDENTS[0])
@@ -322,13 +335,11 @@ def _speed_option_cases():
       if imagenet_done:
         continue
       imagenet_done = True
-    cases += [(p, option) for option in ("int8", "bfloat16")]
+    cases += [_case(p, option) for option in ("int8", "bfloat16")]
   return cases
 
 
-@pytest.mark.parametrize(
-    "path,option", _speed_option_cases(),
-    ids=[f"{rf.load(p).name}-{o}" for p, o in _speed_option_cases()])
+@pytest.mark.parametrize("path,option", _speed_option_cases())
 def test_speed_options_keep_parity(path, option):
   """Low-precision binary convolutions change no number.
 

@@ -61,6 +61,7 @@ def test_cpu_tricks_only_on_the_cpu():
     policy.resolve(c, "metal")
 
 
+@pytest.mark.slow
 def test_remat_gives_the_same_gradients():
   """``config.remat`` recomputes each residual block: the same numbers."""
   c = cifar10_resnet20.get_config()

@@ -41,6 +41,7 @@ def _assert_finite(leaves, what):
 
 # Divergence ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_divergence_stops_before_anything_nonfinite_is_saved(tmp_path,
                                                              digits_dir):
   # A checkpoint every step: without the check, the diverged states are saved.
@@ -60,6 +61,7 @@ def test_divergence_stops_before_anything_nonfinite_is_saved(tmp_path,
   assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_updates_finishes_with_finite_state(tmp_path,
                                                            digits_dir):
   c = train_utils.tiny_digits_config(digits_dir, learning_rate=1e30,
@@ -73,6 +75,7 @@ def test_skip_nonfinite_updates_finishes_with_finite_state(tmp_path,
 
 # Preemption ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path,
                                                          digits_dir):
   steps = 100   # enough that the signal lands mid-run
@@ -148,6 +151,7 @@ def test_stop_signals_restore_handlers_and_a_second_signal_stops_at_once():
       signal.signal(signum, handler)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signalled,signum", [(1, signal.SIGTERM),
                                               (0, signal.SIGINT)])
 def test_processes_agree_on_the_step_to_stop_at(signalled, signum):
@@ -177,6 +181,7 @@ def test_processes_agree_on_the_step_to_stop_at(signalled, signum):
 
 # A corrupt latest checkpoint -----------------------------------------------
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_and_retrains(tmp_path,
                                                            digits_dir, caplog,
                                                            monkeypatch):

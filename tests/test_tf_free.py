@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 _STEP_WITHOUT_TF = r"""
 import importlib.abc
 import sys
@@ -65,6 +67,7 @@ print("OK", float(metrics["loss"]))
 """
 
 
+@pytest.mark.slow
 def test_train_step_without_tensorflow(tmp_path):
   script = tmp_path / "step_without_tf.py"
   script.write_text(_STEP_WITHOUT_TF)

@@ -37,6 +37,7 @@ def _assert_trees_close(a, b, tol):
     np.testing.assert_allclose(fa[k], fb[k], rtol=tol, atol=tol, err_msg=k)
 
 
+@pytest.mark.slow
 def test_eight_devices_train_like_one():
   assert jax.device_count() >= 8, "conftest sets 8 fake CPU devices"
   one, m1 = _run_steps(jax.devices()[:1])
@@ -55,6 +56,7 @@ _launch = train_utils.launch
 _final_state = train_utils.final_state
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bit_identical(tmp_path, digits_dir):
   steps = 16
   args = (f"--config.data_dir={digits_dir}", f"--config.num_train_steps={steps}",
@@ -121,6 +123,7 @@ def _check_stage2_starts_from_stage1(run_dir, config):
   assert max(float(np.max(np.abs(s1[k] - fresh[k]))) for k in s1) > 1e-4
 
 
+@pytest.mark.slow
 def test_stage1_then_stage2_cifar10_mock(tmp_path):
   mock = train_utils.mock_data_dir(str(tmp_path / "tfds"))
   base = dict(dataset="cifar10", data_dir=mock, batch_size=8,
@@ -140,6 +143,7 @@ def test_stage1_then_stage2_cifar10_mock(tmp_path):
   _check_stage2_starts_from_stage1(tmp_path / "run", c1)
 
 
+@pytest.mark.slow
 def test_stage1_then_stage2_imagenet_mock_with_teacher(tmp_path):
   mock = train_utils.mock_data_dir(str(tmp_path / "tfds"))
   teacher = models.create_model("teacher_resnet34", num_blocks=TINY_IR2NET)
@@ -186,6 +190,7 @@ def test_missing_stage1_checkpoint_names_the_path(tmp_path, workdir,
   assert _workdir_listing(workdir) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_stage1_of_another_model_is_refused(tmp_path, digits_dir):
   c1 = _tiny_ir2net_config(train_utils.tiny_digits_config(digits_dir),
                            model="ir2net_a", stage=1, num_train_steps=1)
@@ -205,6 +210,7 @@ def test_launcher_rejects_unknown_field_before_touching_workdir(workdir):
   assert _workdir_listing(workdir) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_launcher_smoke_run_writes_summary_and_tensorboard(tmp_path, digits_dir):
   p = _launch(tmp_path / "w", f"--config.data_dir={digits_dir}")
   out, _ = p.communicate(timeout=300)

@@ -50,6 +50,7 @@ def _numpy_attention(feature: np.ndarray, size) -> np.ndarray:
   return (1 - ww) * rows[:, :, w0] + ww * rows[:, :, w1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_stats_mode", ["train", "eval"])
 def test_maps_are_the_objectives(batch_stats_mode):
   train_mode = batch_stats_mode == "train"
@@ -176,6 +177,7 @@ def _tensorboard_images(workdir):
   return found
 
 
+@pytest.mark.slow
 def test_training_writes_pictures_at_every_eval(smoke_run):
   pngs = sorted(os.listdir(smoke_run / "restriction"))
   assert pngs == [f"step_{s:06d}.png" for s in EVAL_STEPS]
@@ -227,6 +229,7 @@ def test_loader_reads_workdir_best_and_converted_weights(smoke_run, tmp_path):
     visualize.load_model(config, str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_command_line_draws_image_files(smoke_run, tmp_path):
   rng = np.random.default_rng(2)
   images = tmp_path / "images"

@@ -105,6 +105,7 @@ if __name__ == "__main__":
 """
 
 
+@pytest.mark.slow
 def test_tuned_flags_change_speed_not_results(tmp_path):
   """A two-pass ResNet-20 step's gradients here (XLA's default flags) and in
   a fresh process under EIGEN_CONV_FLAGS (XLA reads flags once per process)."""
