@@ -1,6 +1,7 @@
-"""What the README and the configs claim: the best checkpoint, ``init_from``
-(from a ``.pth`` converted without torch), an eval that counts every example
-once, per-device BatchNorm, the no-restriction ablation and the warm-up."""
+"""What the README, the docs and the configs claim: the best checkpoint,
+``init_from`` (from a ``.pth`` converted without torch), an eval that counts
+every example once, per-device BatchNorm, the no-restriction ablation and the
+warm-up."""
 
 import glob
 import math

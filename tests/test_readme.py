@@ -1,6 +1,8 @@
-"""The README's "Use the modules in your own model" example runs and does
-what the README says it does."""
+"""The README and the docs/ pages: the "Use the modules in your own model"
+example runs and does what its page says it does, every relative link
+resolves, and the README stays short."""
 
+import glob
 import os
 import re
 
@@ -10,22 +12,106 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- readme-example: modules"
+README_MAX_LINES = 200
 
 
-def _example_source() -> str:
-  """The first ```python block after the marker comment in README.md."""
-  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-    readme = f.read()
-  start = readme.find(MARKER)
-  assert start >= 0, f"README.md lost the {MARKER!r} comment"
-  match = re.compile(r"```python\n(.*?)```", re.S).search(readme, start)
+def _pages():
+  """README.md and every docs/*.md, as paths under ROOT."""
+  return [os.path.join(ROOT, "README.md")] + sorted(
+      glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def _read(path):
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def _example_source():
+  """``(page, source)``: the first ```python block after the marker comment,
+  in whichever of README.md and docs/*.md holds it (exactly one)."""
+  holders = [p for p in _pages() if MARKER in _read(p)]
+  assert len(holders) == 1, (
+      f"{MARKER!r} should be in exactly one of README.md and docs/*.md, "
+      f"found in {[os.path.relpath(p, ROOT) for p in holders]}")
+  page = _read(holders[0])
+  match = re.compile(r"```python\n(.*?)```", re.S).search(
+      page, page.find(MARKER))
   assert match is not None, "no ```python block after the marker"
-  return match.group(1)
+  return os.path.relpath(holders[0], ROOT), match.group(1)
+
+
+def _slug(heading):
+  """GitHub's anchor for a Markdown heading."""
+  text = re.sub(r"[`*]|\[|\]\([^)]*\)", "", heading.strip().lower())
+  text = re.sub(r"[^\w\- ]", "", text)
+  return text.replace(" ", "-")
+
+
+def _anchors(path):
+  text = re.sub(r"```.*?```", "", _read(path), flags=re.S)
+  return {_slug(h) for h in re.findall(r"^#{1,6} +(.+?) *#*$", text, re.M)}
+
+
+def _links(path):
+  """Every Markdown link target in ``path``, outside code blocks."""
+  text = re.sub(r"```.*?```", "", _read(path), flags=re.S)
+  text = re.sub(r"`[^`\n]*`", "", text)
+  return re.findall(r"\]\(([^()\s]+)\)", text)
+
+
+def test_every_relative_link_resolves():
+  broken = []
+  for page in _pages():
+    for target in _links(page):
+      if re.match(r"[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+        continue
+      path, _, anchor = target.partition("#")
+      resolved = (os.path.normpath(os.path.join(os.path.dirname(page), path))
+                  if path else page)
+      where = f"{os.path.relpath(page, ROOT)}: {target}"
+      if not os.path.exists(resolved):
+        broken.append(f"{where} (no such file)")
+      elif anchor and resolved.endswith(".md") and (
+          anchor not in _anchors(resolved)):
+        broken.append(f"{where} (no such heading)")
+  assert not broken, "broken links:\n" + "\n".join(broken)
+
+
+def test_links_are_checked():
+  """The link check above sees the README's links to docs/ (so a change in
+  the link syntax cannot make it pass vacuously)."""
+  links = _links(os.path.join(ROOT, "README.md"))
+  assert "docs/reproduce.md" in links and "docs/modules.md" in links
+
+
+def test_readme_is_short():
+  lines = _read(os.path.join(ROOT, "README.md")).count("\n")
+  assert lines <= README_MAX_LINES, (
+      f"README.md has {lines} lines (at most {README_MAX_LINES}): move "
+      "details to a docs/ page and link it")
+
+
+def test_ci_runs_the_readme_test_command():
+  """.ci/run runs the test command of the README's Quick start verbatim."""
+  readme = _read(os.path.join(ROOT, "README.md"))
+  start = readme.index("## Quick start")
+  block = re.compile(r"```bash\n(.*?)```", re.S).search(readme, start)
+  commands = block.group(1).splitlines()
+  tests = [c for c in commands if c.startswith("python -m pytest")]
+  assert len(tests) == 1, commands
+  ci = _read(os.path.join(ROOT, ".ci", "run")).splitlines()
+  assert tests[0] in ci, f"{tests[0]!r} is not a line of .ci/run"
+
+
+def test_every_docs_page_links_back_to_the_readme():
+  for page in glob.glob(os.path.join(ROOT, "docs", "*.md")):
+    assert "../README.md" in _links(page), page
 
 
 def test_modules_example_runs_and_does_what_it_says():
   namespace = {}
-  exec(compile(_example_source(), "README.md example", "exec"), namespace)  # pylint: disable=exec-used
+  page, source = _example_source()
+  exec(compile(source, f"{page} example", "exec"), namespace)  # pylint: disable=exec-used
   images, feature = namespace["images"], namespace["feature"]
   erased, mask = namespace["erased"], namespace["mask"]
 

@@ -24,8 +24,8 @@ ImageNet models' training steps (batch 16, 224x224, teacher included) were
 float32 summation order (the tests compare the two).
 
 ``'auto'`` (the config default) picks by model, ``binary_compute_dtype`` and
-the number of cores (``ir2net_jax.backend.policy.xla_cpu_flags``); the README's
-performance section has the measurements.
+the number of cores (``ir2net_jax.backend.policy.xla_cpu_flags``);
+``docs/performance.md`` has the measurements.
 """
 
 import os
