@@ -71,10 +71,16 @@ def _release_compiled_programs():
 
 
 # The longest modules start first, so that `-n 2 --dist loadfile` does not end
-# with one worker running a long module while the other idles.
+# with one worker running a long module while the other idles. (xdist would
+# otherwise hand out the modules with the most tests first.)
 LONGEST_FIRST = ("test_multihost.py", "test_parity_layers.py", "test_train.py",
                  "test_parity.py", "test_claims.py", "test_evaluate.py",
                  "test_robustness.py", "test_benchmark.py")
+
+
+def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist is installed
+    config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(config, items):
