@@ -92,6 +92,12 @@ class LayerCost:
     return self.params_1bit / 8 + self.params_32bit * 4
 
 
+
+def _layer_sum(field: str) -> property:
+  """A property: ``field`` summed over ``self.layers``."""
+  return property(lambda self: sum(getattr(l, field) for l in self.layers),
+                  doc=f"``{field}`` summed over the layers.")
+
 @dataclasses.dataclass
 class CostSummary:
   """Per-layer costs of a model and their totals (properties).
@@ -105,26 +111,15 @@ class CostSummary:
   input_shape: Tuple[int, ...]
   layers: List[LayerCost]
 
-  @property
-  def bops(self) -> int:
-    return sum(l.bops for l in self.layers)
-
-  @property
-  def flops(self) -> int:
-    return sum(l.flops for l in self.layers)
+  bops = _layer_sum("bops")
+  flops = _layer_sum("flops")
+  params_1bit = _layer_sum("params_1bit")
+  params_32bit = _layer_sum("params_32bit")
 
   @property
   def ops(self) -> float:
     """``bops / 64 + flops``."""
     return self.bops / 64 + self.flops
-
-  @property
-  def params_1bit(self) -> int:
-    return sum(l.params_1bit for l in self.layers)
-
-  @property
-  def params_32bit(self) -> int:
-    return sum(l.params_32bit for l in self.layers)
 
   @property
   def params(self) -> int:
