@@ -221,7 +221,7 @@ def test_cifar_with_input_pipelines(capsys):
     assert row[key] > 0, key
   assert row["teacher_macs"] == 0 and row["vs_float_resnet18"] is None
   assert [p["pipeline"] for p in out["pipelines"]] == [
-      "imagenet_train", "digits_train"]
+      "imagenet_train", "digits_train", "digits_device"]
   assert all(p["images_per_s"] > 0 for p in out["pipelines"])
   if not torch_before:
     assert "torch" not in sys.modules

@@ -21,7 +21,7 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ir2net_jax import data
-from ir2net_jax.data import augment, digits, recipes, sources
+from ir2net_jax.data import augment, digits, digits_tfds, recipes, sources
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -85,7 +85,7 @@ def indexed_cifar10(num_examples: int):
 
 def test_digits_builder_has_fixed_splits(digits_dir):
   from sklearn.datasets import load_digits
-  builder = digits.Ir2netDigits(data_dir=digits_dir)
+  builder = digits_tfds.Ir2netDigits(data_dir=digits_dir)
   assert builder.info.splits["train"].num_examples == digits.NUM_TRAIN == 1437
   assert builder.info.splits["test"].num_examples == digits.NUM_TEST == 360
   test = list(builder.as_dataset(split="test").as_numpy_iterator())

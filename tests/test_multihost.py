@@ -100,19 +100,17 @@ def _preempt_after_step_1(procs):
 @pytest.mark.slow
 def test_two_processes_run_launch_like_one_and_resume_after_preemption(
     tmp_path):
-  data_dir = tmp_path / "tfds"  # empty: the first run prepares digits
+  data_dir = tmp_path / "tfds"  # unused: digits are on the devices
   ref, run, single = tmp_path / "ref", tmp_path / "run", tmp_path / "single"
 
   # Two processes, uninterrupted; at the same time one process with as many
-  # devices, which prepares its own data_dir.
-  one = train_utils.launch(single, f"--config.data_dir={tmp_path / 'tfds1'}",
-                           f"--config.num_train_steps={STEPS}", *ARGS,
+  # devices. The input engine is the default for digits, 'device': each
+  # process holds the data and draws its rows of the global batch.
+  one = train_utils.launch(single, f"--config.num_train_steps={STEPS}", *ARGS,
                            devices=4)
   logs = _finish(_two_processes(ref, data_dir, STEPS, *ARGS) + [one])
-  assert PREPARING in logs[0] and PREPARING not in logs[1], (
-      "process 0 alone prepares the shared data_dir")
-  versions = os.listdir(data_dir / "ir2net_digits")
-  assert versions == ["1.0.0"], versions  # no second, half-written copy
+  for log in logs:
+    assert "input engine: device" in log
 
   # Two processes like one.
   step_m, state_m = train_utils.final_state(ref)
@@ -147,7 +145,6 @@ def test_two_processes_run_launch_like_one_and_resume_after_preemption(
 
   for log in _finish(_two_processes(run, data_dir, STEPS, *ARGS)):
     assert f"resumed from step {stopped}" in log
-    assert PREPARING not in log
   step_r, state_r = train_utils.final_state(run)
   assert step_r == STEPS and state_r.keys() == state_m.keys()
   for k in state_m:  # bit-identical to the uninterrupted run
@@ -155,6 +152,21 @@ def test_two_processes_run_launch_like_one_and_resume_after_preemption(
   # Not vacuous: the steps after the preemption moved the statistics.
   for k in first_bn:
     assert np.max(np.abs(state_r[k] / state_p[k] - 1)) > 1e-2, k
+
+
+@pytest.mark.slow
+def test_process_0_alone_prepares_a_shared_data_dir(tmp_path):
+  """The tf.data engine reads digits from a tfds data_dir: an empty shared
+  one is prepared once, by process 0, while process 1 waits."""
+  data_dir = tmp_path / "tfds"
+  logs = _finish(_two_processes(tmp_path / "run", data_dir, 2,
+                                "--config.input_engine=tf.data"))
+  assert PREPARING in logs[0] and PREPARING not in logs[1], (
+      "process 0 alone prepares the shared data_dir")
+  versions = os.listdir(data_dir / "ir2net_digits")
+  assert versions == ["1.0.0"], versions  # no second, half-written copy
+  for log in logs:
+    assert "input engine: tf.data" in log
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """The compute path works where TensorFlow is not installed (GPU images,
 Colab TPU runtimes): only the input pipeline imports it."""
 
+import json
 import os
 import subprocess
 import sys
@@ -77,3 +78,81 @@ def test_train_step_without_tensorflow(tmp_path):
                      capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   assert p.stdout.startswith("OK")
+
+
+# Imported first in every process of the run (sitecustomize): TensorFlow is
+# then absent as on a GPU image (``find_spec`` finds nothing, an import
+# raises ModuleNotFoundError), not broken.
+_NO_TENSORFLOW = r"""
+from importlib.machinery import PathFinder
+
+_find_spec = PathFinder.find_spec.__func__
+
+
+def _without_tensorflow(cls, name, path=None, target=None):
+  if name.split(".")[0] == "tensorflow":
+    return None
+  return _find_spec(cls, name, path, target)
+
+
+PathFinder.find_spec = classmethod(_without_tensorflow)
+"""
+
+
+@pytest.mark.slow
+def test_launch_trains_evaluates_and_resumes_digits_without_tensorflow(
+    tmp_path):
+  """The README's run, TensorFlow absent: train, evaluate, checkpoint,
+  pictures, TensorBoard and summary.json, then a resume and ir2net-eval."""
+  from ir2net_jax.train import run_metrics  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
+  env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}",
+             JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  workdir = tmp_path / "run"
+
+  def run(*args):
+    p = subprocess.run([sys.executable, *args], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+    return p.stdout + p.stderr
+
+  assert "absent" in run("-c", "import importlib.util\n"
+                         "assert importlib.util.find_spec('tensorflow') is None"
+                         "\ntry:\n  import tensorflow\nexcept ImportError:\n"
+                         "  print('absent')")
+  log = run("launch.py", "--config=configs/digits.py:smoke",
+            f"--workdir={workdir}", "--config.num_train_steps=4",
+            "--config.checkpoint_every_steps=2")
+  assert "input engine: device" in log and "No module named" not in log
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  log = run("launch.py", "--config=configs/digits.py:smoke",
+            f"--workdir={workdir}", "--config.num_train_steps=6",
+            "--config.checkpoint_every_steps=2")
+  assert "resumed from step 4" in log
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert summary["steps"] == 6 and summary["devices"] == 2
+  assert 0 <= summary["final_eval_top1"] <= 1
+  scalars = run_metrics.read_scalars(str(workdir))
+  assert [s for s, _ in scalars["train_loss"]] == [2, 4, 6]
+  assert [s for s, _ in scalars["eval_top1"]] == [4, 6]
+  assert scalars["eval_count"][-1][1] == 360
+  assert sorted(os.listdir(workdir / "restriction")) == [
+      "step_000004.png", "step_000006.png"]
+  # The event files hold the pictures and the histograms too.
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(str(workdir))
+  acc.Reload()
+  plugins = {acc.SummaryMetadata(t).plugin_data.plugin_name
+             for t in acc.Tags()["tensors"]}
+  assert {"scalars", "images", "histograms"} <= plugins, plugins
+  # ir2net-eval of the best checkpoint, still without TensorFlow.
+  out = tmp_path / "eval.json"
+  run("-m", "ir2net_jax.tools.eval", f"--checkpoint={workdir / 'best'}",
+      f"--output={out}")
+  result = json.loads(out.read_text())
+  assert result["count"] == 360
+  assert abs(result["top1"] - max(v for _, v in scalars["eval_top1"])) < 1e-6

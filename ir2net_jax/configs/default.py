@@ -62,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.crop_scale = config_dict.placeholder(tuple)
   c.shuffle_buffer = config_dict.placeholder(int)  # None: per data set
   c.prefetch = 2
+  # 'auto' | 'device' (digits and CIFAR-10 kept on the accelerators, each
+  # batch drawn inside the train step) | 'tf.data' (the host pipeline, any
+  # data set); 'auto' takes 'device' where it can serve the data set.
+  c.input_engine = "auto"
+  c.device_data_limit = 0.25   # most of a device's memory 'device' may fill
 
   # Loss: 'cross_entropy' (labels) or 'distillation' (frozen teacher).
   c.loss = "cross_entropy"

@@ -28,6 +28,8 @@ FIELDS_ADDED = {
     "flip": None,                      # 2fa9048: each data set's own
     "crop_padding": None,              # 2fa9048
     "crop_scale": None,                # 2fa9048
+    "input_engine": "tf.data",         # the only engine there was
+    "device_data_limit": 0.25,
 }
 
 # How a run's processes were started: a recorded config's describe that run,

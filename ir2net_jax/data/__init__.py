@@ -1,9 +1,19 @@
-"""Input pipelines: tfds + tf.data for digits, CIFAR-10, ImageNet, and any
-image classification data (a tfds builder or a folder of images).
+"""Input engines for digits, CIFAR-10, ImageNet, and any image
+classification data (a tfds builder or a folder of images).
+
+Two engines (``engines``; ``config.input_engine``): ``'device'`` keeps
+digits and CIFAR-10 on the accelerators and draws each batch inside the
+train step (``on_device``, no TensorFlow needed for digits); ``'tf.data'``
+is the host pipeline of tfds + tf.data (``pipeline``), for every data set.
+``'auto'`` (the default) picks the first that can serve the config.
 
 Public API::
 
-  info = dataset_info(config)                    # DatasetInfo
+  info = dataset_info(config)                    # DatasetInfo, any engine
+  inputs = open_inputs(config, mesh, eval_batch_size)   # the run's engine
+
+The tf.data engine's own iterators (importing them imports TensorFlow)::
+
   it = train_iterator(config, global_batch_size=..., seed=..., start_step=...)
   it = eval_iterator(config, global_batch_size=...)
   it = prefetch_to_device(it, size=2, sharding=NamedSharding(mesh, P('data')))
@@ -37,6 +47,9 @@ takes the default shown):
   50000 for cifar10 (the whole split), 16384 for imagenet2012; for tfds:
   and folder: data the whole split if cached, else 16384.
 * ``dtype``: 'float32' | 'bfloat16', dtype of ``image``; 'float32'.
+* ``input_engine``: 'auto' | 'tf.data' | 'device'; 'auto'.
+* ``device_data_limit``: the largest fraction of one device's memory the
+  device engine fills with data; 0.25.
 
 Data sets: ``digits`` is scikit-learn's 8x8 digits, built locally as the tfds
 dataset ``ir2net_digits`` on first use (1437 train / 360 test, no network);
@@ -51,14 +64,23 @@ batch size not divisible by the number of hosts) raises :class:`DataError`
 before any data is read.
 """
 
-from ir2net_jax.data.pipeline import DatasetInfo
-from ir2net_jax.data.pipeline import dataset_info
-from ir2net_jax.data.pipeline import eval_iterator
-from ir2net_jax.data.pipeline import train_iterator
+from ir2net_jax.data.engines import dataset_info
+from ir2net_jax.data.engines import open_inputs
+from ir2net_jax.data.engines import resolve_engine
 from ir2net_jax.data.prefetch import prefetch_to_device
-from ir2net_jax.data.sources import DataError
+from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.specs import DatasetInfo
 
 __all__ = [
-    "DataError", "DatasetInfo", "dataset_info", "train_iterator",
-    "eval_iterator", "prefetch_to_device",
+    "DataError", "DatasetInfo", "dataset_info", "open_inputs",
+    "resolve_engine", "train_iterator", "eval_iterator", "prefetch_to_device",
 ]
+
+_TF_DATA = ("train_iterator", "eval_iterator")
+
+
+def __getattr__(name):
+  if name in _TF_DATA:  # imported on use: they import TensorFlow
+    from ir2net_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    return getattr(pipeline, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

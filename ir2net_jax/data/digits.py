@@ -1,4 +1,4 @@
-"""``ir2net_digits``: scikit-learn's 8x8 digits as a local tfds dataset.
+"""scikit-learn's 8x8 digits: a real data set that ships with a package.
 
 A real, tiny classification data set that needs no network: the 1797 images of
 ``sklearn.datasets.load_digits()`` (bundled with scikit-learn), so that every
@@ -13,13 +13,20 @@ example ``i`` of ``load_digits()`` goes to ``test`` when ``i % 5 == 0`` and to
 class present in both. (tfds still shuffles the examples' order when it writes
 them, deterministically from their keys.)
 
-Preparing it (``download_and_prepare``) takes well under a second.
+:func:`load_split` gives a split as numpy arrays, in ``load_digits()``
+order, with neither tfds nor TensorFlow (the on-device engine reads them
+so); ``digits_tfds.Ir2netDigits`` is the same data as the local tfds
+dataset ``ir2net_digits`` (the tf.data engine's), prepared in well under a
+second.
 """
 
-import numpy as np
-import tensorflow_datasets as tfds
+from typing import Tuple
 
-__all__ = ["Ir2netDigits", "NUM_TRAIN", "NUM_TEST", "TEST_EVERY"]
+import numpy as np
+
+from ir2net_jax.data.specs import DataError
+
+__all__ = ["NUM_TRAIN", "NUM_TEST", "TEST_EVERY", "load_split", "split_keys"]
 
 TEST_EVERY = 5  # example i is a test example iff i % TEST_EVERY == 0
 NUM_TRAIN = 1437
@@ -27,43 +34,32 @@ NUM_TEST = 360
 _MAX_GREY = 16  # load_digits' grey levels are 0..16
 
 
-def _split_indices(num_examples: int, split: str) -> np.ndarray:
+def split_keys(split: str) -> np.ndarray:
   """Indices into ``load_digits()`` of the examples of ``split``."""
+  return _split_indices(NUM_TRAIN + NUM_TEST, split)
+
+
+def _split_indices(num_examples: int, split: str) -> np.ndarray:
   index = np.arange(num_examples)
   is_test = index % TEST_EVERY == 0
   return index[is_test] if split == "test" else index[~is_test]
 
 
-class Ir2netDigits(tfds.core.GeneratorBasedBuilder):
-  """scikit-learn's digits, 8x8x1 uint8 images in 0..255, labels 0..9."""
+def load_split(split: str) -> Tuple[np.ndarray, np.ndarray]:
+  """The examples of ``split`` ('train' or 'test'), in ``load_digits()`` order.
 
-  name = "ir2net_digits"
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Train: i % 5 != 0 (1437); test: i % 5 == 0 (360)."}
+  Returns:
+    ``(images, labels)``: uint8 (N, 8, 8, 1) in 0..255 and int32 (N,).
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(8, 8, 1), dtype=np.uint8),
-            "label": tfds.features.ClassLabel(num_classes=10),
-        }),
-        supervised_keys=("image", "label"),
-        homepage="https://scikit-learn.org/stable/modules/generated/"
-        "sklearn.datasets.load_digits.html",
-    )
-
-  def _split_generators(self, dl_manager):
-    del dl_manager  # Nothing to download: the data ship with scikit-learn.
-    return {
-        "train": self._generate_examples("train"),
-        "test": self._generate_examples("test"),
-    }
-
-  def _generate_examples(self, split: str):
-    # Imported here: only preparing the data set needs scikit-learn.
-    from sklearn import datasets  # pylint: disable=g-import-not-at-top
-    digits = datasets.load_digits()
-    images = np.round(digits.images * (255.0 / _MAX_GREY)).astype(np.uint8)
-    for i in _split_indices(len(images), split):
-      yield int(i), {"image": images[i][..., None],
-                     "label": int(digits.target[i])}
+  Raises:
+    DataError: ``split`` is neither 'train' nor 'test'.
+  """
+  if split not in ("train", "test"):
+    raise DataError(f"digits has the splits 'train' and 'test' only; got "
+                    f"{split!r} (--config.train_split / --config.eval_split).")
+  # Imported here: only reading the data needs scikit-learn.
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.round(digits.images * (255.0 / _MAX_GREY)).astype(np.uint8)
+  index = _split_indices(len(images), split)
+  return images[index][..., None], digits.target[index].astype(np.int32)

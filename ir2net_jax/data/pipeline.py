@@ -28,7 +28,6 @@ epoch is not a uniform permutation of the whole split (CIFAR-10 and digits are
 cached and shuffled whole).
 """
 
-import dataclasses
 import functools
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -40,31 +39,11 @@ import tensorflow as tf
 
 from ir2net_jax.data import sources
 from ir2net_jax.data.sources import DataError
+from ir2net_jax.data.specs import DatasetInfo
 
 __all__ = ["DatasetInfo", "dataset_info", "train_iterator", "eval_iterator"]
 
 Batch = Dict[str, np.ndarray]
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """Sizes of a configured data set (all hosts together).
-
-  Attributes:
-    num_train: examples in the train split.
-    num_eval: examples in the eval split.
-    num_classes: number of labels.
-    image_size: height and width of the model's input images.
-    train_split: the training split read (``config.train_split`` resolved).
-    eval_split: the evaluation split read ('' in ``config.eval_split``
-      resolved to the data set's own).
-  """
-  num_train: int
-  num_eval: int
-  num_classes: int
-  image_size: int
-  train_split: str = "train"
-  eval_split: str = "test"
 
 
 @functools.cache

@@ -52,22 +52,11 @@ from typing import Optional, Tuple
 import tensorflow as tf
 
 from ir2net_jax.data import augment
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_PCA_EIGVEC = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
-LIGHTING_ALPHASTD = 0.1
-CROP_SCALE = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
-CIFAR_PADDING = 4
-DIGITS_PADDING = 2
-DIGITS_MEAN = (0.5, 0.5, 0.5)
-DIGITS_STD = (0.5, 0.5, 0.5)
+# The recipes' numbers, re-exported (``constants`` needs no TensorFlow).
+from ir2net_jax.data.constants import (  # pylint: disable=g-multiple-import
+    CIFAR_PADDING, CROP_RATIO, CROP_SCALE, DIGITS_MEAN, DIGITS_PADDING,
+    DIGITS_STD, IMAGENET_MEAN, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC,
+    IMAGENET_STD, LIGHTING_ALPHASTD)
 
 
 @dataclasses.dataclass(frozen=True)

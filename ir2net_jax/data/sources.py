@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ir2net_jax.data import custom, digits, recipes
+from ir2net_jax.data import custom, digits, digits_tfds, recipes
 from ir2net_jax.data.specs import DataError, DatasetSpec
 
 __all__ = [
@@ -27,7 +27,7 @@ __all__ = [
 
 DATASETS: Dict[str, DatasetSpec] = {
     "digits": DatasetSpec(
-        tfds_name=digits.Ir2netDigits.name, num_classes=10, image_size=32,
+        tfds_name=digits_tfds.Ir2netDigits.name, num_classes=10, image_size=32,
         fixed_image_size=True, eval_split="test",
         shuffle_buffer=digits.NUM_TRAIN, cache=True, decoders=None,
         train_recipe=recipes.digits_train, eval_recipe=recipes.digits_eval,
@@ -180,7 +180,7 @@ def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
   if settings.spec.folder is not None:
     return custom.open_folder(settings.spec.folder)
   if settings.dataset == "digits":
-    builder = digits.Ir2netDigits(data_dir=data_dir)
+    builder = digits_tfds.Ir2netDigits(data_dir=data_dir)
     if not builder.is_prepared():
       logging.info("preparing %s in %s", builder.name, builder.data_dir)
       builder.download_and_prepare()

@@ -7,13 +7,32 @@ for any image classification data (``custom``).
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import tensorflow as tf
-
-__all__ = ["DataError", "DatasetSpec"]
+__all__ = ["DataError", "DatasetInfo", "DatasetSpec"]
 
 
 class DataError(ValueError):
   """A data set is unknown, missing, or asked for in a way we cannot serve."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """Sizes of a configured data set (all hosts together).
+
+  Attributes:
+    num_train: examples in the train split.
+    num_eval: examples in the eval split.
+    num_classes: number of labels.
+    image_size: height and width of the model's input images.
+    train_split: the training split read (``config.train_split`` resolved).
+    eval_split: the evaluation split read ('' in ``config.eval_split``
+      resolved to the data set's own).
+  """
+  num_train: int
+  num_eval: int
+  num_classes: int
+  image_size: int
+  train_split: str = "train"
+  eval_split: str = "test"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +77,8 @@ class DatasetSpec:
   shuffle_buffer: int
   cache: bool
   decoders: Optional[Dict[str, Any]]
-  train_recipe: Callable[..., tf.Tensor]
-  eval_recipe: Callable[..., tf.Tensor]
+  train_recipe: Callable[..., Any]
+  eval_recipe: Callable[..., Any]
   value_range: Tuple[float, float]
   recipe: str = ""
   image_key: str = "image"

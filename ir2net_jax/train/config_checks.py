@@ -187,6 +187,12 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
     "dtype": (_OneOf(("float32", "bfloat16")), "the conv / dense compute "
               "dtype (mixed precision: parameters stay float32)"),
     "remat": (_BOOL, "recompute each residual block in the backward pass"),
+    "input_engine": (_OneOf(("auto", "tf.data", "device")), "where batches "
+                     "are made: 'device' keeps digits and CIFAR-10 on the "
+                     "accelerators"),
+    "device_data_limit": (_Number(float, 0, 1, low_open=True), "the largest "
+                          "fraction of a device's memory the device engine "
+                          "fills with data"),
     "prefetch": (_Number(int, 0), "batches placed on the devices ahead of "
                  "the step; 0 places each when it is needed"),
     "loss": (_OneOf(("cross_entropy", "distillation")), ""),

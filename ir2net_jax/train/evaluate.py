@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 
-from ir2net_jax import models
+from ir2net_jax import data, models
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.configs.record import read_recorded_config
 from ir2net_jax.io import weights
@@ -111,25 +111,25 @@ def load_checkpoint(config, checkpoint: str, num_classes: int
 
 
 def evaluate_split(eval_step: Callable, variables, config,
-                   mesh) -> Dict[str, float]:
+                   mesh, inputs=None) -> Dict[str, float]:
   """One pass of ``sharded_eval_step`` over ``config``'s eval split.
 
   Args:
     eval_step: ``step.sharded_eval_step(model, mesh)``.
     variables: ``{'params', 'batch_stats'}``, replicated over ``mesh``.
-    config: the data fields (``data.eval_iterator``) and eval batch size.
+    config: the data fields and the eval batch size.
     mesh: the ``('data',)`` mesh.
+    inputs: the run's ``data.open_inputs``; None opens the config's.
 
   Returns:
     ``eval_top1`` and ``eval_top5`` (fractions) and ``eval_count``, the
     number of examples, each counted once.
   """
-  from ir2net_jax import data  # pylint: disable=g-import-not-at-top
+  if inputs is None:
+    inputs = data.open_inputs(config, mesh,
+                              config_checks.eval_batch_size(config))
   totals = {"count": 0.0, "top1": 0.0, "top5": 0.0}
-  it = data.eval_iterator(
-      config, global_batch_size=config_checks.eval_batch_size(config))
-  for batch in data.prefetch_to_device(it, config.prefetch,
-                                       parallel.batch_sharding(mesh)):
+  for batch in inputs.eval_batches():
     sums = eval_step(variables, batch)
     for k in totals:
       totals[k] += float(sums[k])

@@ -21,13 +21,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ir2net_jax import models
+from ir2net_jax import data, models
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.io import checkpoints as checkpoints_lib, weights
 from ir2net_jax.nn import diagnostics
-from ir2net_jax.train import (divergence, evaluate, metric_writer, optim,
-                              parallel, pictures, preemption, resume,
-                              startup)
+from ir2net_jax.train import (config_checks, divergence, evaluate,
+                              metric_writer, optim, parallel, pictures,
+                              preemption, resume, startup)
 from ir2net_jax.train.preemption import Preempted
 from ir2net_jax.train.step import (build_teacher, create_train_state,
                                    sharded_eval_step, sharded_train_step)
@@ -55,8 +55,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     Preempted: SIGTERM or SIGINT arrived; a checkpoint of the step in flight
       was saved (and waited for) first. No ``summary.json`` is written.
   """
-  # The input pipeline imports TensorFlow; the step does not.
-  from ir2net_jax import data  # pylint: disable=g-import-not-at-top
   start_time = time.time()
   startup.connect(config)
   info, num_classes = startup.prepare(config, training=True)
@@ -80,6 +78,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                else config.num_epochs * steps_per_epoch)
 
   model, mesh = startup.student(config, num_classes)
+  inputs = data.open_inputs(config, mesh,
+                            config_checks.eval_batch_size(config), num_classes)
   teacher, teacher_vars = (None, {})
   if config.loss == "distillation":
     teacher, teacher_vars = _load_teacher(config, num_classes)
@@ -117,7 +117,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   state = parallel.replicate(state, mesh)
   teacher_vars = parallel.replicate(teacher_vars, mesh)
 
-  train_step = sharded_train_step(model, tx, config, mesh, teacher)
+  train_step = sharded_train_step(model, tx, config, mesh, teacher,
+                                  batch_fn=inputs.batch_fn())
   eval_step = sharded_eval_step(model, mesh)
 
   writer = metric_writer.MetricWriter(
@@ -130,13 +131,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   schedule = optim.learning_rate_schedule(config, steps_per_epoch)
   ckpt_every = (config.checkpoint_every_steps
                 if config.checkpoint_every_steps > 0 else steps_per_epoch)
-  train_iter = data.prefetch_to_device(
-      data.train_iterator(config, global_batch_size=config.batch_size,
-                          seed=config.seed, start_step=start_step,
-                          num_classes=num_classes),
-      config.prefetch, parallel.batch_sharding(mesh))
-  logging.info("training %s for %d steps (%d per epoch) on %d devices",
-               config.name, num_steps, steps_per_epoch, jax.device_count())
+  train_iter = inputs.train_batches(start_step)
+  logging.info("training %s for %d steps (%d per epoch) on %d devices, "
+               "input engine %s", config.name, num_steps, steps_per_epoch,
+               jax.device_count(), inputs.engine)
 
   # pending: (step, metrics) since the last logging step, not yet written;
   # every one of them is checked for divergence before anything is
@@ -175,10 +173,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if eval_now:
           last_eval = evaluate.evaluate_split(
               eval_step, {"params": state.params,
-                          "batch_stats": state.batch_stats}, config, mesh)
+                          "batch_stats": state.batch_stats}, config, mesh,
+              inputs)
           writer.write_scalars(step, last_eval)
           if pictures is None:  # made once, at the first evaluation
-            pictures = _restriction_pictures(config, model, mesh, workdir)
+            pictures = _restriction_pictures(config, model, mesh, workdir,
+                                             inputs)
           if pictures:
             pictures(step, {"params": state.params,
                             "batch_stats": state.batch_stats}, writer)
@@ -198,7 +198,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if not last_eval:  # a finished run started again: report its result
       last_eval = evaluate.evaluate_split(
           eval_step, {"params": state.params,
-                      "batch_stats": state.batch_stats}, config, mesh)
+                      "batch_stats": state.batch_stats}, config, mesh,
+          inputs)
   finally:
     # Whatever stops the loop, a save in flight (of a checked, finite state)
     # is finished, and the metrics written so far reach the disk.
@@ -236,7 +237,7 @@ def _load_teacher(config, num_classes):
 
 
 
-def _restriction_pictures(config, model, mesh, workdir):
+def _restriction_pictures(config, model, mesh, workdir, inputs=None):
   """What draws information restriction at each evaluation, or False.
 
   False without information restriction (nothing is erased, there is no
@@ -244,7 +245,7 @@ def _restriction_pictures(config, model, mesh, workdir):
   """
   if not (config.information_restriction and config.restriction_images):
     return False
-  return pictures.RestrictionPictures(config, model, mesh, workdir)
+  return pictures.RestrictionPictures(config, model, mesh, workdir, inputs)
 
 
 # Per-example metrics: written as histograms of every value, never averaged.

@@ -23,6 +23,7 @@ from typing import Any, Dict
 import jax
 import numpy as np
 
+from ir2net_jax.data import constants
 from ir2net_jax.nn import restriction
 from ir2net_jax.train import grid, parallel
 
@@ -41,25 +42,28 @@ _NORMALIZATION = {
 def display_normalization(config) -> Dict[str, Any]:
   """``grid.restriction_grid`` keyword arguments that undo ``config.dataset``'s
   normalisation: ``mean`` and ``std`` where known, else ``value_range``."""
-  # The input pipeline imports TensorFlow; training's step does not.
-  from ir2net_jax.data import recipes, sources  # pylint: disable=g-import-not-at-top
   names = _NORMALIZATION.get(config.dataset)
   if names:
-    return {"mean": getattr(recipes, names[0]),
-            "std": getattr(recipes, names[1])}
+    return {"mean": getattr(constants, names[0]),
+            "std": getattr(constants, names[1])}
+  # tfds: and folder: data, read by the tf.data engine only.
+  from ir2net_jax.data import sources  # pylint: disable=g-import-not-at-top
   return {"value_range": sources.read_settings(config).spec.value_range}
 
 
-def first_eval_images(config, count: int) -> np.ndarray:
+def first_eval_images(config, count: int, inputs=None) -> np.ndarray:
   """The first ``count`` images of the eval split, (n, S, S, 3), n <= count.
 
   The same on every process of a multi-host run (each reads the start of the
-  whole split), in the config's dtype, after the eval recipe.
+  whole split), in the config's dtype, after the eval recipe; ``inputs``
+  is the run's ``data.open_inputs`` (None: the tf.data engine's).
   """
-  from ir2net_jax import data  # pylint: disable=g-import-not-at-top
-  batch = next(data.eval_iterator(config, global_batch_size=count,
-                                  process_index=0, process_count=1))
-  return batch["image"][batch["mask"] > 0]
+  if inputs is None:
+    from ir2net_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    batch = next(pipeline.eval_iterator(config, global_batch_size=count,
+                                        process_index=0, process_count=1))
+    return batch["image"][batch["mask"] > 0]
+  return inputs.first_eval_images(count)
 
 
 class RestrictionPictures:
@@ -79,8 +83,8 @@ class RestrictionPictures:
     workdir: the run's directory.
   """
 
-  def __init__(self, config, model, mesh, workdir: str):
-    images = first_eval_images(config, config.restriction_images)
+  def __init__(self, config, model, mesh, workdir: str, inputs=None):
+    images = first_eval_images(config, config.restriction_images, inputs)
     self.host_images = np.asarray(images, np.float32)
     self.images = parallel.replicate(images, mesh)
     self.directory = os.path.join(workdir, "restriction")

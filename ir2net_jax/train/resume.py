@@ -18,9 +18,11 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from absl import logging
 from flax import traverse_util
+import ml_collections
 
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.configs.record import FIELDS_ADDED
+from ir2net_jax.data import on_device
 
 __all__ = ["check_resume", "record_config", "RESUMABLE_FIELDS",
            "NO_FLIP_DATASETS"]
@@ -40,7 +42,7 @@ RESUMABLE_FIELDS = frozenset({
     "eval_every_epochs", "eval_batch_size", "checkpoint_every_steps",
     "keep_checkpoints",
     "num_epochs", "num_train_steps", "coordinator_address", "num_processes",
-    "process_id", "restriction_images",
+    "process_id", "restriction_images", "device_data_limit",
 })
 
 # The data sets whose own train recipe does not flip (``flip=None`` there
@@ -62,10 +64,16 @@ def _as_recorded(config) -> Dict[str, Any]:
 
 
 def _effective(recorded: Dict[str, Any]) -> Dict[str, Any]:
-  """``recorded`` with ``flip=None`` replaced by what it means for the data
-  set, so that an explicit value that does the same is no difference."""
+  """``recorded`` with ``flip=None`` and ``input_engine='auto'`` replaced by
+  what they mean for the data set, so that an explicit value that does the
+  same is no difference."""
   if recorded.get("flip") is None and "dataset" in recorded:
-    return {**recorded, "flip": recorded["dataset"] not in NO_FLIP_DATASETS}
+    recorded = {**recorded,
+                "flip": recorded["dataset"] not in NO_FLIP_DATASETS}
+  if recorded.get("input_engine") == "auto":
+    config = ml_collections.ConfigDict(recorded)
+    engine = "device" if on_device.can_serve(config) else "tf.data"
+    recorded = {**recorded, "input_engine": engine}
   return recorded
 
 

@@ -153,14 +153,25 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
 
 def sharded_train_step(model: nn.Module, tx: optax.GradientTransformation,
-                       config, mesh, teacher: Optional[nn.Module] = None
-                       ) -> Callable:
+                       config, mesh, teacher: Optional[nn.Module] = None,
+                       batch_fn: Optional[Callable] = None) -> Callable:
   """``make_train_step`` as ``jit(shard_map)`` over ``mesh``: replicated state
-  (donated) and teacher variables, the batch split along ``'data'``."""
-  return parallel.shard_step(
-      make_train_step(model, tx, config, teacher), mesh,
-      in_specs=(P(), P(parallel.AXIS), P()), out_specs=(P(), P()),
-      donate_argnums=(0,))
+  (donated) and teacher variables, the batch split along ``'data'``.
+
+  With ``batch_fn`` (the on-device input engine's ``(data, step) ->
+  global batch``) the step's second argument is ``data`` instead of a batch,
+  and the step draws batch ``state.step`` from it inside the same program.
+  """
+  specs = dict(in_specs=(P(), P(parallel.AXIS), P()), out_specs=(P(), P()))
+  per_device = make_train_step(model, tx, config, teacher)
+  if batch_fn is None:
+    return parallel.shard_step(per_device, mesh, donate_argnums=(0,), **specs)
+  sharded = jax.shard_map(per_device, mesh=mesh, **specs)
+
+  def drawn(state: TrainState, data, teacher_vars):
+    return sharded(state, batch_fn(data, state.step), teacher_vars)
+
+  return jax.jit(drawn, donate_argnums=(0,))
 
 
 def create_train_state(variables: Dict[str, Any],

@@ -11,6 +11,9 @@ Two pipelines, each as the training loop reads it, in images/s:
 * ``digits_train``: ``data.train_iterator`` of the digits recipe on a digits
   data set built in a temporary directory, after one epoch (which fills the
   cache).
+* ``digits_device``: the on-device engine's batches of the same recipe
+  (``data.on_device``), drawn by a jitted function on JAX's default device,
+  as the train step draws them.
 
 This is the only benchmark module that needs TensorFlow; ``python -m
 ir2net_jax.tools.benchmark`` runs it after the train steps unless
@@ -34,7 +37,7 @@ from ir2net_jax.tools.benchmark import report
 from ir2net_jax.data import pipeline as data_pipeline, recipes
 
 __all__ = ["imagenet_pipeline_images_per_s", "digits_pipeline_images_per_s",
-           "benchmark_pipelines", "main"]
+           "device_digits_images_per_s", "benchmark_pipelines", "main"]
 
 
 def _synthetic_jpegs(count: int, height: int = 375, width: int = 500,
@@ -107,17 +110,38 @@ def digits_pipeline_images_per_s(examples: int = 2048,
     shutil.rmtree(data_dir, ignore_errors=True)
 
 
+def device_digits_images_per_s(examples: int = 2048,
+                               batch_size: int = 64) -> float:
+  """The on-device engine's digits batches, examples/s on JAX's default
+  device (each waited for, as a step would use it)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.configs import digits  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.train import parallel  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  config.batch_size = batch_size
+  inputs = data.open_inputs(config, parallel.data_mesh(jax.devices()[:1]),
+                            eval_batch_size=batch_size)
+  draw = jax.jit(inputs.batch_fn())
+  steps = iter(range(10**9))
+  batches = (jax.block_until_ready(draw(inputs.arrays, next(steps)))
+             for _ in iter(int, 1))
+  return _examples_per_second(batches, batch_size, examples)
+
+
 def benchmark_pipelines(image_size: int = 224, examples: int = 512
                         ) -> List[Dict[str, Any]]:
-  """Both input pipelines; one dict per pipeline."""
+  """Every input pipeline; one dict per pipeline."""
   data_pipeline._hide_accelerators_from_tf()  # pylint: disable=protected-access
   imagenet = imagenet_pipeline_images_per_s(image_size, examples)
   with contextlib.redirect_stdout(sys.stderr):  # tfds prints as it builds.
     digits = digits_pipeline_images_per_s(max(examples, 64))
+  on_device = device_digits_images_per_s(max(examples, 64))
   return [
       {"pipeline": "imagenet_train", "image_size": image_size,
        "images_per_s": imagenet},
       {"pipeline": "digits_train", "image_size": 32, "images_per_s": digits},
+      {"pipeline": "digits_device", "image_size": 32,
+       "images_per_s": on_device},
   ]
 
 

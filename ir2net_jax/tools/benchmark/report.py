@@ -108,7 +108,7 @@ def format_table(env: Dict[str, Any], rows: Sequence[Dict[str, Any]],
 
 def format_pipelines(pipelines: Sequence[Dict[str, Any]]) -> str:
   """One line: each input pipeline's images/s (``benchmark.pipeline``)."""
-  return "input pipeline (host CPUs, img/s): " + ", ".join(
+  return "input pipeline (img/s; host CPUs, digits_device: the device): " + ", ".join(
       f"{p['pipeline']} {p['image_size']}px {p['images_per_s']:.0f}"
       for p in pipelines)
 
