@@ -124,9 +124,10 @@ def test_each_example_once_an_epoch():
                             np.asarray(draw(arrays, jnp.int32(spe))["label"]))
 
 
-def test_train_pixel_statistics_match_tf_datas():
+@pytest.mark.slow
+def test_train_pixel_statistics_match_tf_datas(tmp_path):
   """One epoch of each engine: the same examples, other random crops."""
-  config = _config()
+  config = _config(data_dir=str(tmp_path / "tfds"))
   inputs = _inputs(1)
   ours = np.concatenate([inputs.host_train_batch(s)["image"]
                          for s in range(inputs.steps_per_epoch)])
