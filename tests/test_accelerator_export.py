@@ -194,3 +194,40 @@ def test_bfloat16_step_is_the_float32_step_within_tolerance():
   assert 0 < rel(t16, t32) <= 5e-2
   assert 0 < rel(l16, l32) <= 5e-2
   assert 0 < rel(s16, s32) <= 0.5
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_device_input_engine_step_lowers_for_accelerators(platform):
+  """The device engine's step (batch drawn from the arrays on the device:
+  permutation, gather, crop, flip, normalise) lowers for GPUs and TPUs, in
+  bfloat16, with the data gathered on the device and no host callback."""
+  from ir2net_jax.data import on_device  # pylint: disable=g-import-not-at-top
+  config = _config("cifar_resnet20", "bfloat16")
+  config.dataset = "cifar10"
+  model = step_lib.build_model(config, NUM_CLASSES, parallel.AXIS,
+                               backend=platform)
+  mesh = parallel.data_mesh(jax.devices()[:1])
+  spec = lambda tree, sharding: jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+      tree)
+  variables = jax.eval_shape(lambda: models.init_variables(model, 32, 0))
+  tx = optim.create_optimizer(config, variables["params"], model, 10)
+  state = jax.eval_shape(lambda v: step_lib.create_train_state(v, tx),
+                         variables)
+  images = lambda n: jax.ShapeDtypeStruct((n, 32, 32, 3), jnp.uint8)
+  labels = lambda n: jax.ShapeDtypeStruct((n,), jnp.int32)
+  arrays = on_device.DeviceArrays(images(100), labels(100), images(20),
+                                  labels(20),
+                                  jax.ShapeDtypeStruct((20,), jnp.float32))
+  batch_fn = functools.partial(
+      on_device.train_batch, seed=0, batch_size=BATCH, steps_per_epoch=50,
+      recipe_=on_device.recipe(config), sharding=parallel.batch_sharding(mesh))
+  step = step_lib.sharded_train_step(model, tx, config, mesh,
+                                     batch_fn=batch_fn)
+  text = jax.export.export(step, platforms=[platform])(
+      spec(state, parallel.replicated(mesh)),
+      spec(arrays, parallel.replicated(mesh)), {}).mlir_module()
+  assert "tensor<100x32x32x3xui8>" in text   # the data, as an argument
+  assert "custom_call @xla_python" not in text and "callback" not in text
+  convs = _ops(text, "convolution")
+  assert convs and all(c[0] == ("bf16", "bf16") for c in convs), convs[:2]

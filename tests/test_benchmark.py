@@ -286,3 +286,17 @@ def test_command_line_runs_each_recipe_under_its_auto_xla_flags():
     assert row["images_per_s"] > 0
   table = benchmark.format_table(out["environment"], out["rows"], [])
   assert "XLA_FLAGS for ir2net_a_stage2: " in table
+
+
+@pytest.mark.slow
+def test_decoders_table(capsys):
+  from ir2net_jax.tools.benchmark import decoders  # pylint: disable=g-import-not-at-top
+  rows = decoders.main(["--examples=16", "--workers=1,2", "--image_size=64"])
+  table = capsys.readouterr().out
+  assert [r["decoder"] for r in rows] == ["tf.data", "pil_full", "pil",
+                                          "simplejpeg"]
+  for r in rows:
+    assert r["images_per_s_1_workers"] > 0 and r["images_per_s_2_workers"] > 0
+    assert r["cores_for_float_resnet18"] == pytest.approx(
+        14_000 / r["images_per_s_per_core"])
+    assert f"| {r['decoder']} |" in table

@@ -12,10 +12,10 @@ and 14,000 img/s (a float ResNet-18 on an H100-class GPU):
 * ``tf.data``: ``data.recipes.imagenet_train`` in tf.data, TensorFlow's fused
   decode-and-crop (the tf.data engine's; workers = its private threads;
   float32 out, as that engine makes it). Only where TensorFlow is installed.
-* ``pil``: ``data.pil_recipes.imagenet_train`` with Pillow (libjpeg-turbo),
-  decoding at full size; workers = processes.
-* ``pil_reduced``: the same, decoding at 1/2, 1/4 or 1/8 size where the crop
-  window allows it (libjpeg's DCT scaling).
+* ``pil_full``, ``pil``, ``simplejpeg``: ``data.host_recipes.imagenet_train``
+  with that decoder (``host_recipes``: Pillow at full size; Pillow at 1/2,
+  1/4 or 1/8 size where the crop window allows it; libjpeg-turbo through
+  simplejpeg at any n/8 size), uint8 out; workers = processes.
 """
 
 import argparse
@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data import pil_recipes
+from ir2net_jax.data import host_recipes
 
 __all__ = ["imagenet_like_jpegs", "benchmark_decoders", "main"]
 
@@ -63,15 +63,15 @@ def imagenet_like_jpegs(count: int, seed: int = 0) -> List[bytes]:
   return jpegs
 
 
-def _pil_chunk(jpegs: Sequence[bytes], first: int, count: int,
-               image_size: int, reduced: bool) -> int:
+def _chunk(jpegs: Sequence[bytes], first: int, count: int, image_size: int,
+           decoder: str) -> int:
   """Augments examples ``first .. first + count - 1`` (cycling over
   ``jpegs``); returns how many (the batch is built and dropped)."""
   batch = np.empty((count, image_size, image_size, 3), np.uint8)
   for i in range(count):
     rng = np.random.default_rng([0, first + i])
-    batch[i] = pil_recipes.imagenet_train(
-        jpegs[(first + i) % len(jpegs)], rng, image_size, reduced=reduced)
+    batch[i] = host_recipes.imagenet_train(
+        jpegs[(first + i) % len(jpegs)], rng, image_size, decoder=decoder)
   return count
 
 
@@ -82,16 +82,16 @@ def _init_worker(jpegs):
   _WORKER_JPEGS[:] = jpegs
 
 
-def _worker_chunk(first, count, image_size, reduced):
-  return _pil_chunk(_WORKER_JPEGS, first, count, image_size, reduced)
+def _worker_chunk(first, count, image_size, decoder):
+  return _chunk(_WORKER_JPEGS, first, count, image_size, decoder)
 
 
-def _pil_images_per_s(jpegs, workers: int, examples: int, image_size: int,
-                      reduced: bool, chunk: int = 16) -> float:
+def _host_images_per_s(jpegs, workers: int, examples: int, image_size: int,
+                       decoder: str, chunk: int = 16) -> float:
   with concurrent.futures.ProcessPoolExecutor(
       workers, initializer=_init_worker, initargs=(jpegs,)) as pool:
     run = functools.partial(_worker_chunk, image_size=image_size,
-                            reduced=reduced)
+                            decoder=decoder)
     list(pool.map(run, range(0, workers * chunk, chunk),
                   [chunk] * workers))   # start-up, untimed
     start = time.perf_counter()
@@ -130,7 +130,9 @@ def benchmark_decoders(examples: int = 512, workers: Sequence[int] = (1, 2),
                        ) -> List[Dict[str, Any]]:
   """One row per decoder: img/s per worker count, per core, cores needed."""
   jpegs = imagenet_like_jpegs(num_jpegs)
-  decoders = ["pil", "pil_reduced"]
+  decoders = ["pil_full", "pil"]
+  if importlib.util.find_spec("simplejpeg") is not None:
+    decoders.append("simplejpeg")
   if importlib.util.find_spec("tensorflow") is not None:
     decoders.insert(0, "tf.data")
   rows = []
@@ -140,8 +142,7 @@ def benchmark_decoders(examples: int = 512, workers: Sequence[int] = (1, 2),
       if decoder == "tf.data":
         rate = _tf_images_per_s(jpegs, n, examples, image_size)
       else:
-        rate = _pil_images_per_s(jpegs, n, examples, image_size,
-                                 reduced=decoder == "pil_reduced")
+        rate = _host_images_per_s(jpegs, n, examples, image_size, decoder)
       row[f"images_per_s_{n}_workers"] = rate
     per_core = max(row[f"images_per_s_{n}_workers"] / n for n in workers)
     row["images_per_s_per_core"] = per_core

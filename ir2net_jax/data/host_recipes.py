@@ -1,5 +1,5 @@
-"""The ImageNet recipes in numpy and Pillow, for host pipelines without
-TensorFlow.
+"""The ImageNet recipes in numpy, with libjpeg-turbo (simplejpeg) or Pillow
+decoding, for host pipelines without TensorFlow.
 
 What the reference (torchvision on PIL images) does, image by image:
 
@@ -14,13 +14,20 @@ What the reference (torchvision on PIL images) does, image by image:
 * both end with ``ToTensor`` + ``Normalize`` (:func:`normalize`), which a
   loop may leave to the device: the recipes return uint8 (S, S, 3).
 
-Decoding at reduced size. A JPEG can be decoded at 1/2, 1/4 or 1/8 of its
-size for a fraction of the work (libjpeg's DCT scaling, Pillow's
-``Image.draft``). Where the crop window is at least twice the output size
-each way, :func:`decode_window` decodes at the smallest scale that still
-leaves the window at least ``S`` pixels a side, so the resize only ever
-shrinks, as it does at full size. Pixels then differ from a full-size decode
-by the decoder's rounding, not by the recipe.
+Decoding at reduced size. libjpeg-turbo decodes a JPEG at n/8 of its size
+(n = 1..8) for a fraction of the work (its DCT scaling). :func:`decode_window`
+decodes at the smallest such scale that still leaves the crop window at
+least ``S`` pixels a side, so the resize only ever shrinks, as it does at
+full size; pixels then differ from a full-size decode by the decoder's
+rounding, not by the recipe. Decoders (``decoder=``):
+
+* ``'simplejpeg'``: libjpeg-turbo through simplejpeg, every n/8 scale;
+* ``'pil'``: Pillow's ``Image.draft``, the scales 1/2, 1/4 and 1/8 only;
+* ``'pil_full'``: Pillow at full size (no DCT scaling);
+* ``'auto'``: simplejpeg where it is installed, else ``'pil'``.
+
+Non-JPEG images (PNG, BMP, ...) are always decoded by Pillow at full size.
+The window is resized with Pillow's antialiased bilinear filter.
 
 Random choices come from a ``numpy.random.Generator`` that the caller seeds
 per example (e.g. from ``(seed, example index)``), so a pipeline that seeds
@@ -36,8 +43,9 @@ from PIL import Image
 
 from ir2net_jax.data import constants
 
-__all__ = ["random_resized_crop_window", "decode_window", "lighting",
-           "imagenet_train", "imagenet_eval", "normalize", "eval_window"]
+__all__ = ["DECODERS", "resolve_decoder", "random_resized_crop_window",
+           "eval_window", "decode_window", "lighting", "imagenet_train",
+           "imagenet_eval", "normalize"]
 
 Window = Tuple[int, int, int, int]   # top, left, height, width
 
@@ -92,56 +100,108 @@ def eval_window(height: int, width: int, image_size: int) -> Tuple[Window,
   return (top * sy, left * sx, image_size * sy, image_size * sx), (new_h, new_w)
 
 
+DECODERS = ("auto", "simplejpeg", "pil", "pil_full")
+
+
+def _simplejpeg():
+  try:
+    import simplejpeg  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return simplejpeg
+
+
+def resolve_decoder(decoder: str = "auto") -> str:
+  """``decoder`` with 'auto' resolved to what is installed."""
+  if decoder not in DECODERS:
+    raise ValueError(f"decoder must be one of {DECODERS}; got {decoder!r}")
+  if decoder == "auto":
+    return "simplejpeg" if _simplejpeg() is not None else "pil"
+  return decoder
+
+
+def _is_jpeg(encoded: bytes) -> bool:
+  return encoded[:3] == b"\xff\xd8\xff"
+
+
+def _resize(image: Image.Image, box, image_size: int) -> np.ndarray:
+  return np.asarray(image.resize((image_size, image_size),
+                                 Image.Resampling.BILINEAR, box=box))
+
+
 def decode_window(encoded: bytes, window_fn, image_size: int,
-                  reduced: bool = True) -> np.ndarray:
+                  decoder: str = "auto") -> np.ndarray:
   """Decodes ``encoded``, crops the window ``window_fn(height, width)`` and
-  resizes it to (S, S) with Pillow's antialiased bilinear filter.
+  resizes it to (S, S).
 
   Args:
     encoded: a JPEG (or any image Pillow reads: PNG, BMP, ...).
     window_fn: ``(height, width) -> (top, left, crop_height, crop_width)``
       in the full image's pixels (floats allowed).
     image_size: S.
-    reduced: decode JPEGs at a reduced size where the window allows it
-      (module docstring).
+    decoder: see the module docstring.
 
   Returns:
     uint8 (S, S, 3).
   """
+  decoder = resolve_decoder(decoder)
+  if decoder == "simplejpeg" and _is_jpeg(encoded):
+    simplejpeg = _simplejpeg()
+    full_h, full_w, _, _ = simplejpeg.decode_jpeg_header(encoded)
+    top, left, h, w = window_fn(full_h, full_w)
+    factor = max(1.0, min(h / image_size, w / image_size))
+    pixels = simplejpeg.decode_jpeg(
+        encoded, colorspace="RGB", min_height=math.ceil(full_h / factor),
+        min_width=math.ceil(full_w / factor))
+    sy, sx = pixels.shape[0] / full_h, pixels.shape[1] / full_w
+    y0, x0 = int(top * sy), int(left * sx)   # only the window's pixels
+    y1 = min(pixels.shape[0], math.ceil((top + h) * sy))
+    x1 = min(pixels.shape[1], math.ceil((left + w) * sx))
+    box = (left * sx - x0, top * sy - y0, (left + w) * sx - x0,
+           (top + h) * sy - y0)
+    return _resize(Image.fromarray(pixels[y0:y1, x0:x1]), box, image_size)
   image = Image.open(io.BytesIO(encoded))
   full_w, full_h = image.size
   top, left, h, w = window_fn(full_h, full_w)
-  if reduced and image.format == "JPEG":
-    factor = min(h / image_size, w / image_size)   # how far it can shrink
+  if decoder == "pil" and image.format == "JPEG":
+    factor = min(h / image_size, w / image_size)
     if factor >= 2:
       image.draft("RGB", (math.ceil(full_w / factor),
                           math.ceil(full_h / factor)))
   image = image.convert("RGB")
   sx, sy = image.size[0] / full_w, image.size[1] / full_h
   box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-  return np.asarray(image.resize((image_size, image_size),
-                                 Image.Resampling.BILINEAR, box=box))
+  return _resize(image, box, image_size)
 
 
 def lighting(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """ReActNet's ``Lighting(0.1)`` on a uint8 image, uint8 out (clipped,
-  truncated), as ``recipes.pil_lighting`` mirrors it."""
+  """ReActNet's ``Lighting(0.1)`` on a uint8 (H, W, 3) image, uint8 out:
+  ``uint8(clip(image + offset, 0, 255))``, as ``recipes.pil_lighting``
+  mirrors it.
+
+  The offset is almost always below one level, and then the result is
+  integer arithmetic: a channel with a negative offset drops by one level
+  (but not below 0), one with a non-negative offset stays.
+  """
   alpha = rng.normal(0.0, constants.LIGHTING_ALPHASTD, 3)
-  offset = np.asarray(constants.IMAGENET_PCA_EIGVEC) @ (
-      alpha * np.asarray(constants.IMAGENET_PCA_EIGVAL))
-  return np.clip(image + offset.astype(np.float32), 0, 255).astype(np.uint8)
+  offset = (np.asarray(constants.IMAGENET_PCA_EIGVEC) @ (
+      alpha * np.asarray(constants.IMAGENET_PCA_EIGVAL))).astype(np.float32)
+  if np.all(np.abs(offset) < 1):
+    drop = (offset < 0).astype(np.uint8)
+    return image - np.minimum(image, drop)
+  return np.clip(image + offset, 0, 255).astype(np.uint8)
 
 
 def imagenet_train(encoded: bytes, rng: np.random.Generator, image_size: int,
                    scale: Tuple[float, float] = constants.CROP_SCALE,
-                   flip: bool = True, reduced: bool = True) -> np.ndarray:
+                   flip: bool = True, decoder: str = "auto") -> np.ndarray:
   """The ImageNet train recipe: encoded image -> uint8 (S, S, 3).
 
   The draws, in order: the crop window, the lighting, the flip.
   """
   image = decode_window(
       encoded, lambda h, w: random_resized_crop_window(h, w, rng, scale),
-      image_size, reduced)
+      image_size, decoder)
   image = lighting(image, rng)
   if flip and rng.random() < 0.5:
     image = image[:, ::-1]
@@ -149,11 +209,11 @@ def imagenet_train(encoded: bytes, rng: np.random.Generator, image_size: int,
 
 
 def imagenet_eval(encoded: bytes, image_size: int,
-                  reduced: bool = True) -> np.ndarray:
+                  decoder: str = "auto") -> np.ndarray:
   """The ImageNet eval recipe: encoded image -> uint8 (S, S, 3)."""
   return decode_window(
       encoded, lambda h, w: eval_window(h, w, image_size)[0], image_size,
-      reduced)
+      decoder)
 
 
 def normalize(images: np.ndarray, mean=constants.IMAGENET_MEAN,
