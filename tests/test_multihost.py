@@ -154,19 +154,42 @@ def test_two_processes_run_launch_like_one_and_resume_after_preemption(
     assert np.max(np.abs(state_r[k] / state_p[k] - 1)) > 1e-2, k
 
 
+# Two processes open the data as a run starts (``startup.prepare`` calls
+# ``data.dataset_info`` before anything is compiled).
+_OPEN_DATA = r"""
+import sys
+from absl import logging
+import jax
+logging.set_verbosity(logging.INFO)
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from ir2net_jax import data
+from ir2net_jax.configs import digits
+config = digits.get_config("smoke")
+config.data_dir, config.input_engine = sys.argv[3], "tf.data"
+info = data.dataset_info(config)
+print("INFO", info.num_train, info.num_eval, flush=True)
+"""
+
+
 @pytest.mark.slow
 def test_process_0_alone_prepares_a_shared_data_dir(tmp_path):
   """The tf.data engine reads digits from a tfds data_dir: an empty shared
   one is prepared once, by process 0, while process 1 waits."""
   data_dir = tmp_path / "tfds"
-  logs = _finish(_two_processes(tmp_path / "run", data_dir, 2,
-                                "--config.input_engine=tf.data"))
+  port = train_utils.free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=train_utils.ROOT,
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  procs = [subprocess.Popen(
+      [sys.executable, "-c", _OPEN_DATA, str(port), str(i), str(data_dir)],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+           for i in range(2)]
+  logs = _finish(procs)
   assert PREPARING in logs[0] and PREPARING not in logs[1], (
       "process 0 alone prepares the shared data_dir")
   versions = os.listdir(data_dir / "ir2net_digits")
   assert versions == ["1.0.0"], versions  # no second, half-written copy
   for log in logs:
-    assert "input engine: tf.data" in log
+    assert "INFO 1437 360" in log
 
 
 @pytest.mark.slow

@@ -22,8 +22,8 @@ from ir2net_jax.train import parallel
 from tests import train_utils
 
 
-def _config(**overrides):
-  return train_utils.tiny_digits_config("unused", **overrides)
+def _config(data_dir: str = "unused", **overrides):
+  return train_utils.tiny_digits_config(data_dir, **overrides)
 
 
 @functools.lru_cache(maxsize=None)
