@@ -440,6 +440,7 @@ class DeviceInputs:
     self.sharding = NamedSharding(mesh, P(mesh.axis_names))
     logging.info("input engine 'device': %s, %.1f MiB on each of %d devices",
                  config.dataset, size / 2**20, mesh.size)
+    self._draw = None   # host_train_batch's, compiled on first use
     self._eval_batch = jax.jit(functools.partial(
         eval_batch, batch_size=eval_batch_size, recipe_=self.recipe,
         sharding=self.sharding))
@@ -460,9 +461,10 @@ class DeviceInputs:
       yield self.arrays
 
   def host_train_batch(self, step: int) -> Dict[str, np.ndarray]:
-    """The global batch of ``step`` on the host (tests, pictures)."""
-    return jax.device_get(jax.jit(self.batch_fn())(self.arrays,
-                                                   jnp.int32(step)))
+    """The global batch of ``step`` on the host (tests, benchmarks)."""
+    if self._draw is None:
+      self._draw = jax.jit(self.batch_fn())
+    return jax.device_get(self._draw(self.arrays, jnp.int32(step)))
 
   def eval_batches(self) -> Iterator[Dict[str, jax.Array]]:
     """Every eval batch (global, sharded), padded; ``mask`` 0 for padding."""

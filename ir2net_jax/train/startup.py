@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 from absl import logging
 
+from ir2net_jax import data
 from ir2net_jax.train import config_checks, parallel, step
 
 __all__ = ["Prepared", "connect", "prepare", "num_classes", "student"]
@@ -74,8 +75,6 @@ def prepare(config, training: bool) -> Prepared:
     ConfigError: a config value that cannot work.
     DataError: the data set is missing.
   """
-  # The input pipeline imports TensorFlow; the step does not.
-  from ir2net_jax import data  # pylint: disable=g-import-not-at-top
   if training:
     config_checks.validate_config(config)
   else:
