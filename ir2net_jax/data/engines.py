@@ -22,7 +22,6 @@ it started with (``train.resume`` checks the resolved engine).
 ``first_eval_images(count)``.
 """
 
-import importlib.util
 from typing import Iterator, Optional
 
 from absl import logging
@@ -30,16 +29,20 @@ import jax
 import numpy as np
 
 from ir2net_jax.data import on_device
+from ir2net_jax.data.on_device import tensorflow_installed
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
-__all__ = ["ENGINES", "resolve_engine", "dataset_info", "open_inputs",
-           "HostInputs"]
+__all__ = ["ENGINES", "auto_engine", "resolve_engine", "tensorflow_installed",
+           "dataset_info", "open_inputs", "HostInputs"]
 
 ENGINES = ("auto", "tf.data", "device")
 
 
-def tensorflow_installed() -> bool:
-  return importlib.util.find_spec("tensorflow") is not None
+def auto_engine(config) -> str:
+  """What ``input_engine='auto'`` means for ``config``: 'device' where that
+  engine can serve it, else 'tf.data' (a pure function of the config and
+  the installed packages; ``train.resume`` compares runs through it)."""
+  return "device" if on_device.can_serve(config) else "tf.data"
 
 
 def resolve_engine(config, log: bool = False) -> str:
@@ -58,7 +61,7 @@ def resolve_engine(config, log: bool = False) -> str:
                     "(--config.input_engine=auto).")
   if name == "device":
     on_device.check_config(config)
-  elif name == "tf.data" or not on_device.can_serve(config):
+  elif name == "tf.data" or auto_engine(config) == "tf.data":
     if not tensorflow_installed():
       raise DataError(
           f"{config.get('dataset')!r} is read by the tf.data engine, which "

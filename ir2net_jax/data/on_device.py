@@ -77,6 +77,14 @@ IMAGE_SIZE = 32  # both are served at 32 only, as by the tf.data engine
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def tensorflow_installed() -> bool:
+  """Whether TensorFlow can be imported (no import is made)."""
+  try:
+    return importlib.util.find_spec("tensorflow") is not None
+  except ImportError:  # an import hook that refuses it
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
   """The train recipe of one run (static: part of the compiled step).
@@ -114,7 +122,7 @@ def _reason_not_served(config) -> Optional[str]:
       if config.get(field) not in ("train", "test", "", None):
         return (f"digits' {field} must be 'train' or 'test' here, not "
                 f"{config.get(field)!r} (tf.data serves slices)")
-  elif importlib.util.find_spec("tensorflow") is None:
+  elif not tensorflow_installed():
     if importlib.util.find_spec("array_record") is None:
       return (f"reading {name} needs TensorFlow, or array_record for "
               "tfds.data_source")
@@ -204,7 +212,7 @@ def _tfds_arrays(name: str, data_dir: Optional[str],
         f"{name} --data_dir=DIR` (add --file_format=array_record to read it "
         "without TensorFlow) and pass --config.data_dir=DIR.")
   try:
-    if importlib.util.find_spec("tensorflow") is not None:
+    if tensorflow_installed():
       ds = builder.as_dataset(split=split, shuffle_files=False)
       batches = list(tfds.as_numpy(ds.batch(4096)))
       arrays = {k: np.concatenate([b[k] for b in batches])

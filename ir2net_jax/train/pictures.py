@@ -27,8 +27,7 @@ from ir2net_jax.data import constants
 from ir2net_jax.nn import restriction
 from ir2net_jax.train import grid, parallel
 
-__all__ = ["RestrictionPictures", "display_normalization",
-           "first_eval_images"]
+__all__ = ["RestrictionPictures", "display_normalization"]
 
 # Display normalisation (mean, std) of the data sets the pipeline serves;
 # others fall back to their spec's value_range.
@@ -51,21 +50,6 @@ def display_normalization(config) -> Dict[str, Any]:
   return {"value_range": sources.read_settings(config).spec.value_range}
 
 
-def first_eval_images(config, count: int, inputs=None) -> np.ndarray:
-  """The first ``count`` images of the eval split, (n, S, S, 3), n <= count.
-
-  The same on every process of a multi-host run (each reads the start of the
-  whole split), in the config's dtype, after the eval recipe; ``inputs``
-  is the run's ``data.open_inputs`` (None: the tf.data engine's).
-  """
-  if inputs is None:
-    from ir2net_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-    batch = next(pipeline.eval_iterator(config, global_batch_size=count,
-                                        process_index=0, process_count=1))
-    return batch["image"][batch["mask"] > 0]
-  return inputs.first_eval_images(count)
-
-
 class RestrictionPictures:
   """The restriction grid of fixed eval images, drawn at every evaluation.
 
@@ -81,10 +65,12 @@ class RestrictionPictures:
     mesh: the run's mesh; variables passed to ``__call__`` are replicated
       on it.
     workdir: the run's directory.
+    inputs: the run's ``data.open_inputs`` (its eval images).
   """
 
-  def __init__(self, config, model, mesh, workdir: str, inputs=None):
-    images = first_eval_images(config, config.restriction_images, inputs)
+  def __init__(self, config, model, mesh, workdir: str, inputs):
+    # The same on every process (each reads the start of the whole split).
+    images = inputs.first_eval_images(config.restriction_images)
     self.host_images = np.asarray(images, np.float32)
     self.images = parallel.replicate(images, mesh)
     self.directory = os.path.join(workdir, "restriction")

@@ -22,7 +22,7 @@ import ml_collections
 
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.configs.record import FIELDS_ADDED
-from ir2net_jax.data import on_device
+from ir2net_jax.data import engines
 
 __all__ = ["check_resume", "record_config", "RESUMABLE_FIELDS",
            "NO_FLIP_DATASETS"]
@@ -71,9 +71,8 @@ def _effective(recorded: Dict[str, Any]) -> Dict[str, Any]:
     recorded = {**recorded,
                 "flip": recorded["dataset"] not in NO_FLIP_DATASETS}
   if recorded.get("input_engine") == "auto":
-    config = ml_collections.ConfigDict(recorded)
-    engine = "device" if on_device.can_serve(config) else "tf.data"
-    recorded = {**recorded, "input_engine": engine}
+    recorded = {**recorded, "input_engine": engines.auto_engine(
+        ml_collections.ConfigDict(recorded))}
   return recorded
 
 

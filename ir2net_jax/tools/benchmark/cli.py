@@ -1,7 +1,6 @@
 """The command line of ``python -m ir2net_jax.tools.benchmark`` (absl flags, and
 ``--config.*`` overrides through ml_collections' config flags)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import jax
 from absl import flags
 
 from ir2net_jax.backend import policy, xla_cpu
+from ir2net_jax.data.engines import tensorflow_installed
 from ir2net_jax.train import parallel
 from ir2net_jax.tools.benchmark import recipes, report, step
 from ir2net_jax.tools.benchmark.recipes import RECIPES, UsageError
@@ -67,13 +67,6 @@ def _define_flags(values: flags.FlagValues) -> None:
          "(or, with --json, one document) and run nothing")
 
 
-def _has_tensorflow() -> bool:
-  try:
-    return importlib.util.find_spec("tensorflow") is not None
-  except ImportError:  # an import hook that refuses it
-    return False
-
-
 def parse_flags(argv: Sequence[str]) -> Tuple[flags.FlagValues, List[str]]:
   """``(benchmark flags, --config.* overrides)`` from a full ``argv``.
 
@@ -104,7 +97,7 @@ def parse_flags(argv: Sequence[str]) -> Tuple[flags.FlagValues, List[str]]:
     raise UsageError(f"unknown recipes {unknown}; choose from {list(RECIPES)}")
   if values.per_device_batch and values.batch_size:
     raise UsageError("--per_device_batch and --batch_size both set; give one")
-  if not (values.skip_pipeline or values.from_json or _has_tensorflow()):
+  if not (values.skip_pipeline or values.from_json or tensorflow_installed()):
     raise UsageError("the input-pipeline benchmark needs TensorFlow, which "
                      "is not installed; pass --skip_pipeline")
   return values, overrides

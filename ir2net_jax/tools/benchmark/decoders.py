@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data import host_recipes
+from ir2net_jax.data import engines, host_recipes
 
 __all__ = ["imagenet_like_jpegs", "benchmark_decoders", "main"]
 
@@ -133,7 +133,7 @@ def benchmark_decoders(examples: int = 512, workers: Sequence[int] = (1, 2),
   decoders = ["pil_full", "pil"]
   if importlib.util.find_spec("simplejpeg") is not None:
     decoders.append("simplejpeg")
-  if importlib.util.find_spec("tensorflow") is not None:
+  if engines.tensorflow_installed():
     decoders.insert(0, "tf.data")
   rows = []
   for decoder in decoders:
