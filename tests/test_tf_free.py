@@ -156,3 +156,49 @@ def test_launch_trains_evaluates_and_resumes_digits_without_tensorflow(
   result = json.loads(out.read_text())
   assert result["count"] == 360
   assert abs(result["top1"] - max(v for _, v in scalars["eval_top1"])) < 1e-6
+
+
+@pytest.mark.slow
+def test_launch_trains_and_resumes_on_a_folder_with_grain_without_tensorflow(
+    tmp_path):
+  """A folder of JPEGs through launch.py with TensorFlow absent: the grain
+  engine with 2 worker processes; a run stopped at step 4 and resumed ends
+  bit-identical to one that never stopped."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import photos  # pylint: disable=g-import-not-at-top
+  import train_utils  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
+  env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}",
+             JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  tree = photos.write_tree(str(tmp_path / "tree"), {"train": 8, "test": 4},
+                           [(60, 80), (80, 60), (70, 70)])
+  args = ["launch.py", "--config=configs/digits.py:smoke",
+          f"--config.dataset=folder:{tree}", "--config.image_size=32",
+          "--config.batch_size=8", "--config.input_workers=2",
+          "--config.checkpoint_every_steps=2", "--config.flip=True"]
+
+  def run(workdir, steps):
+    p = subprocess.run([sys.executable, *args, f"--workdir={workdir}",
+                        f"--config.num_train_steps={steps}"], env=env, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-4000:]
+    return log
+
+  log = run(tmp_path / "whole", 6)
+  assert "input engine: grain" in log and "2 worker processes" in log
+  assert "imagenet recipe" in log   # the images are of several sizes
+  run(tmp_path / "resumed", 4)
+  assert "resumed from step 4" in run(tmp_path / "resumed", 6)
+  step_w, whole = train_utils.final_state(tmp_path / "whole")
+  step_r, resumed = train_utils.final_state(tmp_path / "resumed")
+  assert step_w == step_r == 6 and whole.keys() == resumed.keys()
+  for k in whole:
+    np.testing.assert_array_equal(resumed[k], whole[k], err_msg=k)
+  summary = json.loads((tmp_path / "whole" / "summary.json").read_text())
+  assert summary["dataset"] == f"folder:{tree}"
+  assert 0 <= summary["final_eval_top1"] <= 1

@@ -63,10 +63,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.shuffle_buffer = config_dict.placeholder(int)  # None: per data set
   c.prefetch = 2
   # 'auto' | 'device' (digits and CIFAR-10 kept on the accelerators, each
-  # batch drawn inside the train step) | 'tf.data' (the host pipeline, any
-  # data set); 'auto' takes 'device' where it can serve the data set.
+  # batch drawn inside the train step) | 'grain' (host decoding in worker
+  # processes, no TensorFlow: folder:, and tfds data prepared as ArrayRecord)
+  # | 'tf.data' (the host pipeline, any data set). 'auto': 'device' where it
+  # can serve the data set, else 'grain' for folder: (or for everything
+  # when TensorFlow is absent) where grain is installed, else 'tf.data'.
   c.input_engine = "auto"
   c.device_data_limit = 0.25   # most of a device's memory 'device' may fill
+  c.input_workers = -1   # grain's decoding processes; -1: the host's cores
 
   # Loss: 'cross_entropy' (labels) or 'distillation' (frozen teacher).
   c.loss = "cross_entropy"

@@ -30,6 +30,7 @@ FIELDS_ADDED = {
     "crop_scale": None,                # 2fa9048
     "input_engine": "tf.data",         # the only engine there was
     "device_data_limit": 0.25,
+    "input_workers": -1,
 }
 
 # How a run's processes were started: a recorded config's describe that run,

@@ -20,3 +20,9 @@ CIFAR_PADDING = 4
 DIGITS_PADDING = 2
 DIGITS_MEAN = (0.5, 0.5, 0.5)
 DIGITS_STD = (0.5, 0.5, 0.5)
+
+
+def small_padding(image_size: int) -> int:
+  """Zero padding of the CIFAR recipe's random crop: 4 at 32, in proportion
+  elsewhere (at least 1)."""
+  return max(1, round(image_size * CIFAR_PADDING / 32))

@@ -43,12 +43,15 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
+import numpy as np
 import PIL.Image
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ir2net_jax.data import recipes
-from ir2net_jax.data.specs import DataError, DatasetSpec
+from ir2net_jax.data import constants, folders
+from ir2net_jax.data.folders import FOLDER_PREFIX, IMAGE_SUFFIXES
+from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
+    DataError, DatasetSpec, normalized_range)
+from ir2net_jax.data.tf_recipes import tf_recipe
 
 __all__ = [
     "TFDS_PREFIX", "FOLDER_PREFIX", "AUGMENTS", "SMALL_IMAGE_MAX_SIDE",
@@ -57,14 +60,11 @@ __all__ = [
 ]
 
 TFDS_PREFIX = "tfds:"
-FOLDER_PREFIX = "folder:"
 AUGMENTS = ("auto", "cifar", "imagenet")
 SMALL_IMAGE_MAX_SIDE = 64
 CACHE_MAX_BYTES = 1 << 30
 UNCACHED_SHUFFLE_BUFFER = 16_384
 EVAL_SPLITS = ("test", "validation", "val")
-# What tfds' ImageFolder reads; other files are ignored.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _FOLDER_LAYOUT = ("PATH/train/<class>/*.jpg|*.jpeg|*.png, and PATH/test/ or "
                   "PATH/val/ alike")
 _SIZE = Tuple[int, int]
@@ -156,11 +156,12 @@ def _make_spec(*, tfds_name: str, where: str, num_classes: int,
   else:  # Sizes not recorded (as under tfds.testing.mock_data).
     eval_split = "test"
   if recipe == "cifar":
-    train = functools.partial(recipes.small_train, stored_size=size)
-    evaluate = functools.partial(recipes.small_eval, stored_size=size)
+    train = tf_recipe("small_train", stored_size=size)
+    evaluate = tf_recipe("small_eval", stored_size=size)
     image_size = max(size)
   else:
-    train, evaluate, image_size = recipes.large_train, recipes.large_eval, 224
+    train, evaluate = tf_recipe("large_train"), tf_recipe("large_eval")
+    image_size = 224
   logging.info("%s: %d classes, splits %s, image size %s, %s recipe, %s",
                where, num_classes, splits or "(not recorded)",
                "x".join(map(str, size)) if size else "varying", recipe,
@@ -173,8 +174,8 @@ def _make_spec(*, tfds_name: str, where: str, num_classes: int,
       # the stored channels, and a cache holds the compact bytes.
       decoders={image_key: tfds.decode.SkipDecoding()},
       train_recipe=train, eval_recipe=evaluate,
-      value_range=recipes.normalized_range(recipes.IMAGENET_MEAN,
-                                           recipes.IMAGENET_STD),
+      value_range=normalized_range(constants.IMAGENET_MEAN,
+                                   constants.IMAGENET_STD),
       recipe=recipe, image_key=image_key, label_key=label_key, folder=folder,
       crop="pad" if recipe == "cifar" else "resized")
 
@@ -231,9 +232,9 @@ def _tfds_spec(name: str, data_dir: Optional[str], augment: str
   info = builder.info
   image_key, label_key = _feature_keys(info, where)
   image = info.features[image_key]
-  if tf.as_dtype(image.dtype) != tf.uint8:
+  if np.dtype(image.np_dtype) != np.uint8:
     raise DataError(f"{where}: image feature {image_key!r} holds "
-                    f"{tf.as_dtype(image.dtype).name} images; this pipeline "
+                    f"{np.dtype(image.np_dtype).name} images; this pipeline "
                     "reads uint8 (8-bit) images only.")
   height, width = image.shape[:2]
   size = (height, width) if height and width else None
@@ -252,19 +253,6 @@ def _tfds_spec(name: str, data_dir: Optional[str], augment: str
 
 
 # ----------------------------------------------------------- folder:PATH ---
-
-def _split_files(root: str, split: str) -> List[str]:
-  """The images of one split, as ImageFolder lists them (sorted here)."""
-  split_dir = os.path.join(root, split)
-  paths = []
-  for label in sorted(os.listdir(split_dir)):
-    label_dir = os.path.join(split_dir, label)
-    if os.path.isdir(label_dir):
-      paths.extend(os.path.join(label_dir, f)
-                   for f in sorted(os.listdir(label_dir))
-                   if f.lower().endswith(IMAGE_SUFFIXES))
-  return paths
-
 
 def _common_size(paths: Sequence[str], root: str, where: str,
                  stop_above: Optional[int]) -> Tuple[Optional[_SIZE], str]:
@@ -296,15 +284,15 @@ def _folder_spec(path: str, augment: str) -> DatasetSpec:
   if not path or not os.path.isdir(root):
     raise DataError(f"{where}: no such directory. Point it at a tree "
                     f"{_FOLDER_LAYOUT}.")
-  builder = open_folder(root)
-  splits = {k: v.num_examples for k, v in builder.info.splits.items()}
+  tree = folders.scan(root)
+  splits = {k: tree.num_examples(k) for k in tree.splits}
   if not sum(splits.values()):
     found = sorted(os.listdir(root))
     raise DataError(
         f"{where} holds no images: expected {_FOLDER_LAYOUT} (found "
         f"{found or 'nothing'} in {root}).")
   files = [f for split in sorted(splits, key=lambda s: s != "train")
-           for f in _split_files(root, split)]
+           for f in sorted(tree.splits[split][0])]
   if augment == "imagenet":
     size, sizes_found = None, ""
   else:
@@ -312,7 +300,7 @@ def _folder_spec(path: str, augment: str) -> DatasetSpec:
         files, root, where, SMALL_IMAGE_MAX_SIDE if augment == "auto" else None)
   recipe = _choose_recipe(augment, size, where, sizes_found)
   return _make_spec(
-      tfds_name=builder.name, where=where,
-      num_classes=builder.info.features["label"].num_classes, splits=splits,
+      tfds_name="image_folder", where=where,
+      num_classes=len(tree.classes), splits=splits,
       size=size, cache_bytes=sum(os.path.getsize(f) for f in files),
       recipe=recipe, image_key="image", label_key="label", folder=root)

@@ -5,11 +5,18 @@
 * ``'device'`` (``on_device``): digits and CIFAR-10 live on the devices and
   the train step draws its own batch; no host pipeline, no TensorFlow for
   digits.
+* ``'grain'`` (``grain_inputs``): host decoding in worker processes with
+  numpy recipes, no TensorFlow; ``folder:`` trees and tfds data prepared as
+  ArrayRecord (ImageNet, CIFAR-10, ``tfds:``).
 * ``'tf.data'`` (``pipeline``): the host pipeline of tfds + tf.data, for
   every data set (ImageNet, ``tfds:``, ``folder:``); needs TensorFlow.
 * ``'auto'``: ``'device'`` where it can serve the config (and the data fit
-  in ``config.device_data_limit`` of a device's memory), else
-  ``'tf.data'``. The choice is logged.
+  in ``config.device_data_limit`` of a device's memory); else ``'grain'``
+  where grain is installed, for ``folder:`` data, and for every data set
+  when TensorFlow is absent; else ``'tf.data'``. With TensorFlow, tfds data
+  sets stay on tf.data under 'auto' because ``tfds build`` writes TFRecord
+  unless told otherwise (name 'grain' for data prepared as ArrayRecord).
+  The choice is logged.
 
 Every engine keeps one contract: the batch at step ``s`` depends on
 ``(seed, s)`` only, so a resumed run is bit-identical to one that never
@@ -28,25 +35,41 @@ from absl import logging
 import jax
 import numpy as np
 
-from ir2net_jax.data import on_device
+from ir2net_jax.data import folders, on_device
 from ir2net_jax.data.on_device import tensorflow_installed
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
 __all__ = ["ENGINES", "auto_engine", "resolve_engine", "tensorflow_installed",
            "dataset_info", "open_inputs", "HostInputs"]
 
-ENGINES = ("auto", "tf.data", "device")
+ENGINES = ("auto", "tf.data", "grain", "device")
+
+
+def _grain():
+  # Imported when a host engine is chosen: it imports tfds, which a run on
+  # the device engine never needs.
+  from ir2net_jax.data import grain_inputs  # pylint: disable=g-import-not-at-top
+  return grain_inputs
+
+
+def _host_engine(config) -> str:
+  """'grain' or 'tf.data': the host engine 'auto' takes (see above)."""
+  dataset = config.get("dataset") or ""
+  if _grain().grain_installed() and dataset != "digits" and (
+      dataset.startswith(folders.FOLDER_PREFIX) or not tensorflow_installed()):
+    return "grain"
+  return "tf.data"
 
 
 def auto_engine(config) -> str:
-  """What ``input_engine='auto'`` means for ``config``: 'device' where that
-  engine can serve it, else 'tf.data' (a pure function of the config and
-  the installed packages; ``train.resume`` compares runs through it)."""
-  return "device" if on_device.can_serve(config) else "tf.data"
+  """What ``input_engine='auto'`` means for ``config`` (a pure function of
+  the config and the installed packages; ``train.resume`` compares runs
+  through it)."""
+  return "device" if on_device.can_serve(config) else _host_engine(config)
 
 
 def resolve_engine(config, log: bool = False) -> str:
-  """The engine that serves ``config``: 'tf.data' or 'device'.
+  """The engine that serves ``config``: 'tf.data', 'grain' or 'device'.
 
   Decided from the config and what is installed, never from the data, so
   that every process of a run (and its resumption) decides alike.
@@ -59,17 +82,19 @@ def resolve_engine(config, log: bool = False) -> str:
   if name not in ENGINES:
     raise DataError(f"input_engine={name!r} is not one of {ENGINES} "
                     "(--config.input_engine=auto).")
+  if name == "auto":
+    name = auto_engine(config)
   if name == "device":
     on_device.check_config(config)
-  elif name == "tf.data" or auto_engine(config) == "tf.data":
+  elif name == "grain":
+    _grain().check_config(config)
+  else:
     if not tensorflow_installed():
       raise DataError(
           f"{config.get('dataset')!r} is read by the tf.data engine, which "
           "needs TensorFlow: `pip install tensorflow-cpu tensorflow-datasets` "
-          f"(digits and CIFAR-10 need none with input_engine='device').")
-    name = "tf.data"
-  else:
-    name = "device"
+          f"(digits and CIFAR-10 need none with input_engine='device'; "
+          "folder: data and ArrayRecord tfds data none with 'grain').")
   if log:
     logging.info("input engine: %s (config.input_engine=%r)", name,
                  config.get("input_engine") or "auto")
@@ -86,8 +111,11 @@ def dataset_info(config) -> DatasetInfo:
   Raises:
     DataError: no engine can serve the config; the data are missing.
   """
-  if resolve_engine(config) == "device":
+  engine = resolve_engine(config)
+  if engine == "device":
     return on_device.dataset_info(config)
+  if engine == "grain":
+    return _grain().dataset_info(config)
   from ir2net_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.dataset_info(config)
 
@@ -135,11 +163,12 @@ class HostInputs:
 
 def open_inputs(config, mesh, eval_batch_size: int,
                 num_classes: Optional[int] = None):
-  """The run's input engine, ready to serve (``on_device.DeviceInputs`` or
-  :class:`HostInputs`).
+  """The run's input engine, ready to serve (``on_device.DeviceInputs``,
+  ``grain_inputs.GrainInputs`` or :class:`HostInputs`).
 
   With ``input_engine='auto'`` data that would take more than
-  ``config.device_data_limit`` of a device's memory go to tf.data instead.
+  ``config.device_data_limit`` of a device's memory go to the host engine
+  'auto' would take without the device (grain or tf.data) instead.
 
   Raises:
     DataError: see :func:`resolve_engine`; missing data; labels outside
@@ -151,8 +180,11 @@ def open_inputs(config, mesh, eval_batch_size: int,
       return on_device.DeviceInputs(config, mesh, eval_batch_size,
                                     num_classes)
     except on_device.TooLarge as e:
-      if ((config.get("input_engine") or "auto") != "auto"
-          or not tensorflow_installed()):
+      engine = _host_engine(config)
+      if ((config.get("input_engine") or "auto") != "auto" or (
+          engine == "tf.data" and not tensorflow_installed())):
         raise
-      logging.warning("%s; input engine: tf.data instead", e)
+      logging.warning("%s; input engine: %s instead", e, engine)
+  if engine == "grain":
+    return _grain().GrainInputs(config, mesh, eval_batch_size, num_classes)
   return HostInputs(config, mesh, eval_batch_size, num_classes)

@@ -14,12 +14,22 @@ What the reference (torchvision on PIL images) does, image by image:
 * both end with ``ToTensor`` + ``Normalize`` (:func:`normalize`), which a
   loop may leave to the device: the recipes return uint8 (S, S, 3).
 
+The same recipe for any data (``recipes.large_*``) is :func:`imagenet_train`
+with ``lighting=False``, and :func:`imagenet_eval`. The CIFAR recipe for any
+data of one image size (``recipes.small_*``, and CIFAR-10's own) is
+:func:`small_train` / :func:`small_eval`: decode to RGB, resize to S x S
+where the stored size differs (antialiased bilinear), then for training
+zero-pad ``padding`` pixels a side, crop S x S at a random offset
+(:func:`pad_and_crop`) and flip.
+
 Decoding at reduced size. libjpeg-turbo decodes a JPEG at n/8 of its size
 (n = 1..8) for a fraction of the work (its DCT scaling). :func:`decode_window`
 decodes at the smallest such scale that still leaves the crop window at
 least ``S`` pixels a side, so the resize only ever shrinks, as it does at
-full size; pixels then differ from a full-size decode by the decoder's
-rounding, not by the recipe. Decoders (``decoder=``):
+full size; pixels then differ from a full-size decode by a few levels (the
+scaled IDCT's own filtering), never by the window. Only training decodes so;
+the eval recipe decodes at full size, as the reference does. Decoders
+(``decoder=``):
 
 * ``'simplejpeg'``: libjpeg-turbo through simplejpeg, every n/8 scale;
 * ``'pil'``: Pillow's ``Image.draft``, the scales 1/2, 1/4 and 1/8 only;
@@ -45,7 +55,8 @@ from ir2net_jax.data import constants
 
 __all__ = ["DECODERS", "resolve_decoder", "random_resized_crop_window",
            "eval_window", "decode_window", "lighting", "imagenet_train",
-           "imagenet_eval", "normalize"]
+           "imagenet_eval", "decode_rgb", "pad_and_crop", "small_train",
+           "small_eval", "normalize"]
 
 Window = Tuple[int, int, int, int]   # top, left, height, width
 
@@ -130,7 +141,7 @@ def _resize(image: Image.Image, box, image_size: int) -> np.ndarray:
 
 
 def decode_window(encoded: bytes, window_fn, image_size: int,
-                  decoder: str = "auto") -> np.ndarray:
+                  decoder: str = "auto", reduce: bool = True) -> np.ndarray:
   """Decodes ``encoded``, crops the window ``window_fn(height, width)`` and
   resizes it to (S, S).
 
@@ -146,32 +157,53 @@ def decode_window(encoded: bytes, window_fn, image_size: int,
   """
   decoder = resolve_decoder(decoder)
   if decoder == "simplejpeg" and _is_jpeg(encoded):
-    simplejpeg = _simplejpeg()
-    full_h, full_w, _, _ = simplejpeg.decode_jpeg_header(encoded)
-    top, left, h, w = window_fn(full_h, full_w)
-    factor = max(1.0, min(h / image_size, w / image_size))
-    pixels = simplejpeg.decode_jpeg(
-        encoded, colorspace="RGB", min_height=math.ceil(full_h / factor),
-        min_width=math.ceil(full_w / factor))
-    sy, sx = pixels.shape[0] / full_h, pixels.shape[1] / full_w
-    y0, x0 = int(top * sy), int(left * sx)   # only the window's pixels
-    y1 = min(pixels.shape[0], math.ceil((top + h) * sy))
-    x1 = min(pixels.shape[1], math.ceil((left + w) * sx))
-    box = (left * sx - x0, top * sy - y0, (left + w) * sx - x0,
-           (top + h) * sy - y0)
-    return _resize(Image.fromarray(pixels[y0:y1, x0:x1]), box, image_size)
+    header = _simplejpeg().decode_jpeg_header(encoded)
+    if header[2] in ("YCbCr", "Gray", "RGB"):
+      return _simplejpeg_window(encoded, header, window_fn, image_size,
+                                reduce)
+    decoder = "pil"   # CMYK and YCCK: Pillow knows Adobe's inverted inks
   image = Image.open(io.BytesIO(encoded))
   full_w, full_h = image.size
   top, left, h, w = window_fn(full_h, full_w)
-  if decoder == "pil" and image.format == "JPEG":
+  if reduce and decoder == "pil" and image.format == "JPEG":
     factor = min(h / image_size, w / image_size)
     if factor >= 2:
       image.draft("RGB", (math.ceil(full_w / factor),
                           math.ceil(full_h / factor)))
   image = image.convert("RGB")
-  sx, sy = image.size[0] / full_w, image.size[1] / full_h
+  sx = sy = _scale(full_h, full_w, image.size[::-1])
   box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
   return _resize(image, box, image_size)
+
+
+def _scale(full_h: int, full_w: int, shape) -> float:
+  """The DCT scale n/8 that decoded (full_h, full_w) to ``shape``: pixel y
+  of the image is y * n / 8 of the decoded one. (Not shape / full: libjpeg
+  rounds the decoded size up, and that ratio would shift the window by up
+  to a pixel.)"""
+  for n in range(8, 0, -1):
+    if (math.ceil(full_h * n / 8), math.ceil(full_w * n / 8)) == tuple(shape):
+      return n / 8
+  return shape[0] / full_h   # not a DCT scale; cannot happen with libjpeg
+
+
+def _simplejpeg_window(encoded: bytes, header, window_fn, image_size: int,
+                       reduce: bool) -> np.ndarray:
+  """:func:`decode_window` with libjpeg-turbo at the smallest n/8 scale
+  (``reduce``), else at full size."""
+  full_h, full_w = header[:2]
+  top, left, h, w = window_fn(full_h, full_w)
+  factor = max(1.0, min(h / image_size, w / image_size)) if reduce else 1.0
+  pixels = _simplejpeg().decode_jpeg(
+      encoded, colorspace="RGB", min_height=math.ceil(full_h / factor),
+      min_width=math.ceil(full_w / factor))
+  sy = sx = _scale(full_h, full_w, pixels.shape[:2])
+  y0, x0 = int(top * sy), int(left * sx)   # only the window's pixels
+  y1 = min(pixels.shape[0], math.ceil((top + h) * sy))
+  x1 = min(pixels.shape[1], math.ceil((left + w) * sx))
+  box = (left * sx - x0, top * sy - y0, (left + w) * sx - x0,
+         (top + h) * sy - y0)
+  return _resize(Image.fromarray(pixels[y0:y1, x0:x1]), box, image_size)
 
 
 def lighting(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -194,15 +226,18 @@ def lighting(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def imagenet_train(encoded: bytes, rng: np.random.Generator, image_size: int,
                    scale: Tuple[float, float] = constants.CROP_SCALE,
-                   flip: bool = True, decoder: str = "auto") -> np.ndarray:
+                   flip: bool = True, decoder: str = "auto",
+                   with_lighting: bool = True) -> np.ndarray:
   """The ImageNet train recipe: encoded image -> uint8 (S, S, 3).
 
-  The draws, in order: the crop window, the lighting, the flip.
+  The draws, in order: the crop window, the lighting (unless
+  ``with_lighting`` is False: the recipe for any data), the flip.
   """
   image = decode_window(
       encoded, lambda h, w: random_resized_crop_window(h, w, rng, scale),
       image_size, decoder)
-  image = lighting(image, rng)
+  if with_lighting:
+    image = lighting(image, rng)
   if flip and rng.random() < 0.5:
     image = image[:, ::-1]
   return np.ascontiguousarray(image)
@@ -210,10 +245,66 @@ def imagenet_train(encoded: bytes, rng: np.random.Generator, image_size: int,
 
 def imagenet_eval(encoded: bytes, image_size: int,
                   decoder: str = "auto") -> np.ndarray:
-  """The ImageNet eval recipe: encoded image -> uint8 (S, S, 3)."""
+  """The ImageNet eval recipe: encoded image -> uint8 (S, S, 3).
+
+  Decoded at full size whatever the decoder, as the reference decodes:
+  evaluation is what papers report, and it reads a few images per training
+  step's worth; reduced-size decoding is for training.
+  """
   return decode_window(
       encoded, lambda h, w: eval_window(h, w, image_size)[0], image_size,
-      decoder)
+      decoder, reduce=False)
+
+
+def decode_rgb(image) -> np.ndarray:
+  """An encoded image (PNG, JPEG, ...) or a uint8 array (H, W, C) -> uint8
+  (H, W, 3): grey replicated, alpha dropped."""
+  if isinstance(image, np.ndarray):
+    if image.ndim == 2:
+      image = image[..., None]
+    if image.shape[-1] == 1:
+      return np.repeat(image, 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3])
+  with Image.open(io.BytesIO(image)) as opened:
+    return np.asarray(opened.convert("RGB"))
+
+
+def _small(image, image_size: int) -> np.ndarray:
+  """Decoded to uint8 (S, S, 3), resized (antialiased bilinear) where the
+  stored size differs."""
+  pixels = decode_rgb(image)
+  if pixels.shape[:2] != (image_size, image_size):
+    pixels = _resize(Image.fromarray(pixels), None, image_size)
+  return pixels
+
+
+def pad_and_crop(image: np.ndarray, top: int, left: int,
+                 padding: int) -> np.ndarray:
+  """``RandomCrop(S, padding)`` for a drawn offset: the (H, W) window at
+  ``(top, left)`` of the image zero-padded by ``padding`` on every side
+  (``0 <= top, left <= 2 * padding``)."""
+  height, width = image.shape[:2]
+  padded = np.pad(image, ((padding, padding), (padding, padding), (0, 0)))
+  return padded[top:top + height, left:left + width]
+
+
+def small_train(image, rng: np.random.Generator, image_size: int,
+                padding: int, flip: bool = True) -> np.ndarray:
+  """The CIFAR recipe: encoded image or uint8 array -> uint8 (S, S, 3).
+
+  The draws, in order: the crop's top and left offsets, the flip.
+  """
+  top, left = (int(v) for v in rng.integers(0, 2 * padding + 1, size=2))
+  pixels = pad_and_crop(_small(image, image_size), top, left, padding)
+  if flip and rng.random() < 0.5:
+    pixels = pixels[:, ::-1]
+  return np.ascontiguousarray(pixels)
+
+
+def small_eval(image, image_size: int) -> np.ndarray:
+  """The CIFAR recipe's eval: encoded image or uint8 array -> uint8
+  (S, S, 3)."""
+  return _small(image, image_size)
 
 
 def normalize(images: np.ndarray, mean=constants.IMAGENET_MEAN,

@@ -181,23 +181,8 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
                       steps_per_epoch, seed, start_step)
   if num_classes is None:
     return ds.as_numpy_iterator()
-  return _checked_labels(ds.as_numpy_iterator(), num_classes, settings)
-
-
-def _checked_labels(batches: Iterator[Batch], num_classes: int,
-                    settings: sources.Settings) -> Iterator[Batch]:
-  """Passes ``batches`` on; raises DataError at a label outside [0,
-  num_classes), which would otherwise train silently on a zero target."""
-  for batch in batches:
-    labels = batch["label"]
-    if labels.min() < 0 or labels.max() >= num_classes:
-      bad = labels[(labels < 0) | (labels >= num_classes)]
-      raise DataError(
-          f"{settings.dataset} {settings.train_split!r} has label "
-          f"{int(bad[0])}, outside the model's {num_classes} classes "
-          f"0..{num_classes - 1}; check the data set in data_dir="
-          f"{settings.data_dir!r} and config.num_classes.")
-    yield batch
+  return sources.checked_labels(ds.as_numpy_iterator(), num_classes,
+                                settings)
 
 
 def _train_dataset(source: sources.HostSplit, settings: sources.Settings,

@@ -46,7 +46,6 @@ offset). We mirror that exactly, truncation included, so the augmentation
 distribution is the reference's; it is nearly a no-op, as there.
 """
 
-import dataclasses
 from typing import Optional, Tuple
 
 import tensorflow as tf
@@ -56,27 +55,12 @@ from ir2net_jax.data import augment
 from ir2net_jax.data.constants import (  # pylint: disable=g-multiple-import
     CIFAR_PADDING, CROP_RATIO, CROP_SCALE, DIGITS_MEAN, DIGITS_PADDING,
     DIGITS_STD, IMAGENET_MEAN, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC,
-    IMAGENET_STD, LIGHTING_ALPHASTD)
+    IMAGENET_STD, LIGHTING_ALPHASTD, small_padding)
+# Re-exported: the configurable choices, shared with every engine.
+from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
+    REFERENCE, Augmentation, normalized_range)
 
 
-@dataclasses.dataclass(frozen=True)
-class Augmentation:
-  """The random choices of a train recipe that a config may change.
-
-  Attributes:
-    flip: mirror left-right with probability 1/2.
-    crop_padding: zero padding of the pad-and-crop recipes (digits, CIFAR and
-      'cifar' for any data); None: the recipe's own (2 for digits, 4 at 32
-      pixels for CIFAR, in proportion at other sizes).
-    crop_scale: (min, max) area fraction of RandomResizedCrop (ImageNet and
-      'imagenet' for any data).
-  """
-  flip: bool = True
-  crop_padding: Optional[int] = None
-  crop_scale: Tuple[float, float] = CROP_SCALE
-
-
-REFERENCE = Augmentation()
 
 
 def _padding(augmentation: Augmentation, default: int) -> int:
@@ -95,14 +79,6 @@ def _maybe_flip(image: tf.Tensor, seed: tf.Tensor,
 def eval_resize_size(image_size: int) -> int:
   """Shorter side before the eval centre crop: 256 for 224."""
   return int(round(image_size * 256 / 224))
-
-
-def normalized_range(mean: Tuple[float, ...],
-                     std: Tuple[float, ...]) -> Tuple[float, float]:
-  """Smallest and largest value a normalised 0..255 image can take."""
-  lows = [(0.0 - m) / s for m, s in zip(mean, std)]
-  highs = [(1.0 - m) / s for m, s in zip(mean, std)]
-  return min(lows), max(highs)
 
 
 def cifar10_train(image: tf.Tensor, seed: tf.Tensor, image_size: int,
@@ -178,12 +154,6 @@ def digits_eval(image: tf.Tensor, image_size: int) -> tf.Tensor:
   """uint8 (8, 8, 1) -> float32 (image_size, image_size, 3): normalise."""
   return augment.normalize(_digits_upsample(image, image_size), DIGITS_MEAN,
                            DIGITS_STD)
-
-
-def small_padding(image_size: int) -> int:
-  """Zero padding of the CIFAR recipe's random crop: 4 at 32, in proportion
-  elsewhere (at least 1)."""
-  return max(1, round(image_size * CIFAR_PADDING / 32))
 
 
 def _decode_small(encoded: tf.Tensor, image_size: int,

@@ -4,24 +4,28 @@
 ``folder:PATH``, whose spec ``custom`` builds from the data themselves.
 
 Everything that can be wrong with a config is checked here, before any data
-is read, and reported as a :class:`DataError`.
+is read, and reported as a :class:`DataError`. Importing this module imports
+no TensorFlow (every engine reads its settings here); reading a split with
+:func:`read_split` is the tf.data engine's and needs it.
 """
 
 import dataclasses
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 from absl import logging
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ir2net_jax.data import custom, digits, digits_tfds, recipes
-from ir2net_jax.data.specs import DataError, DatasetSpec
+from ir2net_jax.data import constants, custom, digits, digits_tfds
+from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
+    Augmentation, DataError, DatasetSpec, augmentation, normalized_range)
+from ir2net_jax.data.tf_recipes import tf_recipe
 
 __all__ = [
     "DataError", "DatasetSpec", "DATASETS", "dataset_spec", "Settings",
-    "read_settings", "open_builder", "HostSplit", "read_split",
+    "read_settings", "checked_labels", "augmentation", "DTYPES",
+    "open_builder", "HostSplit", "read_split",
 ]
 
 
@@ -30,30 +34,33 @@ DATASETS: Dict[str, DatasetSpec] = {
         tfds_name=digits_tfds.Ir2netDigits.name, num_classes=10, image_size=32,
         fixed_image_size=True, eval_split="test",
         shuffle_buffer=digits.NUM_TRAIN, cache=True, decoders=None,
-        train_recipe=recipes.digits_train, eval_recipe=recipes.digits_eval,
-        value_range=recipes.normalized_range(recipes.DIGITS_MEAN,
-                                             recipes.DIGITS_STD),
+        train_recipe=tf_recipe("digits_train"),
+        eval_recipe=tf_recipe("digits_eval"),
+        value_range=normalized_range(constants.DIGITS_MEAN,
+                                     constants.DIGITS_STD),
         recipe="digits", flip=False),
     "cifar10": DatasetSpec(
         tfds_name="cifar10", num_classes=10, image_size=32,
         fixed_image_size=True, eval_split="test", shuffle_buffer=50_000,
         cache=True, decoders=None,
-        train_recipe=recipes.cifar10_train, eval_recipe=recipes.cifar10_eval,
-        value_range=recipes.normalized_range(recipes.IMAGENET_MEAN,
-                                             recipes.IMAGENET_STD),
+        train_recipe=tf_recipe("cifar10_train"),
+        eval_recipe=tf_recipe("cifar10_eval"),
+        value_range=normalized_range(constants.IMAGENET_MEAN,
+                                     constants.IMAGENET_STD),
         recipe="cifar10"),
     "imagenet2012": DatasetSpec(
         tfds_name="imagenet2012", num_classes=1000, image_size=224,
         fixed_image_size=False, eval_split="validation",
         shuffle_buffer=16_384, cache=False,
         decoders={"image": tfds.decode.SkipDecoding()},
-        train_recipe=recipes.imagenet_train, eval_recipe=recipes.imagenet_eval,
-        value_range=recipes.normalized_range(recipes.IMAGENET_MEAN,
-                                             recipes.IMAGENET_STD),
+        train_recipe=tf_recipe("imagenet_train"),
+        eval_recipe=tf_recipe("imagenet_eval"),
+        value_range=normalized_range(constants.IMAGENET_MEAN,
+                                     constants.IMAGENET_STD),
         recipe="imagenet2012", crop="resized"),
 }
 
-_DTYPES = {"float32": tf.float32, "bfloat16": tf.bfloat16}
+DTYPES = ("float32", "bfloat16")
 
 
 def dataset_spec(name: str, data_dir: Optional[str] = None,
@@ -95,37 +102,8 @@ class Settings:
   train_split: str
   eval_split: str
   shuffle_buffer: int
-  dtype: tf.DType
-  augmentation: recipes.Augmentation
-
-
-_CROP_FIELDS = {"pad": ("crop_padding", "pad-and-crop"),
-                "resized": ("crop_scale", "RandomResizedCrop")}
-
-
-def augmentation(config, spec: DatasetSpec) -> recipes.Augmentation:
-  """The train recipe's flip, padding and scale: the config's where it sets
-  them, else the data set's recipe's.
-
-  Raises:
-    DataError: a crop field that the data set's recipe does not use (it
-      would change nothing).
-  """
-  for crop, (field, what) in _CROP_FIELDS.items():
-    if crop != spec.crop and config.get(field) is not None:
-      used, used_what = _CROP_FIELDS[spec.crop]
-      raise DataError(
-          f"{field} applies to the {what} recipes, but {config.get('dataset')}"
-          f" is trained with the {spec.recipe or spec.tfds_name} recipe "
-          f"({used_what}): set {used} instead, or leave {field} unset "
-          f"(--config.{field}=None).")
-  flip = config.get("flip")
-  scale = config.get("crop_scale")
-  return recipes.Augmentation(
-      flip=spec.flip if flip is None else bool(flip),
-      crop_padding=config.get("crop_padding"),
-      crop_scale=recipes.CROP_SCALE if scale is None else tuple(
-          float(v) for v in scale))
+  dtype: str
+  augmentation: Augmentation
 
 
 def read_settings(config) -> Settings:
@@ -148,8 +126,8 @@ def read_settings(config) -> Settings:
   if image_size <= 0:
     raise DataError(f"image_size must be positive; got {image_size}.")
   dtype = config.get("dtype") or "float32"
-  if dtype not in _DTYPES:
-    raise DataError(f"dtype must be one of {sorted(_DTYPES)}; got {dtype!r}.")
+  if dtype not in DTYPES:
+    raise DataError(f"dtype must be one of {list(DTYPES)}; got {dtype!r}.")
   shuffle_buffer = config.get("shuffle_buffer") or spec.shuffle_buffer
   eval_split = config.get("eval_split") or spec.eval_split
   if not eval_split:
@@ -162,7 +140,7 @@ def read_settings(config) -> Settings:
       manual_dir=config.get("manual_dir"), image_size=int(image_size),
       train_split=config.get("train_split") or "train",
       eval_split=eval_split, shuffle_buffer=int(shuffle_buffer),
-      dtype=_DTYPES[dtype], augmentation=augmentation(config, spec))
+      dtype=dtype, augmentation=augmentation(config, spec))
 
 
 def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
@@ -208,6 +186,22 @@ def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
   raise custom.unprepared_error(settings.spec.tfds_name, builder, data_dir)
 
 
+def checked_labels(batches: Iterator[Dict[str, np.ndarray]], num_classes: int,
+                   settings: Settings) -> Iterator[Dict[str, np.ndarray]]:
+  """Passes ``batches`` on; raises DataError at a label outside [0,
+  num_classes), which would otherwise train silently on a zero target."""
+  for batch in batches:
+    labels = batch["label"]
+    if labels.min() < 0 or labels.max() >= num_classes:
+      bad = labels[(labels < 0) | (labels >= num_classes)]
+      raise DataError(
+          f"{settings.dataset} {settings.train_split!r} has label "
+          f"{int(bad[0])}, outside the model's {num_classes} classes "
+          f"0..{num_classes - 1}; check the data set in data_dir="
+          f"{settings.data_dir!r} and config.num_classes.")
+    yield batch
+
+
 @dataclasses.dataclass(frozen=True)
 class HostSplit:
   """One host's share of a split.
@@ -219,7 +213,7 @@ class HostSplit:
     host_counts: number of examples of every host, indexed by process index.
     process_index: this host's index.
   """
-  dataset: tf.data.Dataset
+  dataset: "tf.data.Dataset"
   host_counts: Tuple[int, ...]
   process_index: int
 
@@ -229,7 +223,7 @@ class HostSplit:
     return self.host_counts[self.process_index]
 
 
-def _as_dataset(builder, split, spec: DatasetSpec) -> tf.data.Dataset:
+def _as_dataset(builder, split, spec: DatasetSpec) -> "tf.data.Dataset":
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders=spec.decoders,
                           read_config=tfds.ReadConfig(try_autocache=False))
@@ -254,7 +248,10 @@ def _known_host_counts(builder, split: str,
                     "--config.train_split / --config.eval_split.") from e
 
 
-def _count(ds: tf.data.Dataset) -> int:
+_UNKNOWN_CARDINALITY = -2   # tf.data.UNKNOWN_CARDINALITY
+
+
+def _count(ds: "tf.data.Dataset") -> int:
   n = int(ds.cardinality())
   if n >= 0:
     return n
@@ -291,8 +288,7 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
     host_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count)
     ds = _as_dataset(builder, host_split, spec)
-    if int(ds.cardinality()) in (counts[process_index],
-                                 tf.data.UNKNOWN_CARDINALITY):
+    if int(ds.cardinality()) in (counts[process_index], _UNKNOWN_CARDINALITY):
       return HostSplit(ds, counts, process_index)
 
   ds = _as_dataset(builder, split, spec)

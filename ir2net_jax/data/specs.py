@@ -1,13 +1,17 @@
-"""What the input pipeline knows about a data set, and its error type.
+"""What the input engines know about a data set, and its error type.
 
-Shared by the registry of named data sets (``sources``) and the specs built
-for any image classification data (``custom``).
+Shared by the registry of named data sets (``sources``), the specs built
+for any image classification data (``custom``) and every engine. Imports no
+TensorFlow (a spec's tf.data recipes are ``tf_recipes.tf_recipe``s).
 """
 
 import dataclasses
 from typing import Any, Callable, Dict, Optional, Tuple
 
-__all__ = ["DataError", "DatasetInfo", "DatasetSpec"]
+from ir2net_jax.data.constants import CROP_SCALE
+
+__all__ = ["DataError", "DatasetInfo", "DatasetSpec", "Augmentation",
+           "REFERENCE", "normalized_range", "augmentation"]
 
 
 class DataError(ValueError):
@@ -52,8 +56,9 @@ class DatasetSpec:
     cache: whether each host's decoded split is small enough to keep in memory
       (then every host reads the whole training split: one global stream).
     decoders: tfds ``decoders`` argument (ImageNet keeps JPEG bytes).
-    train_recipe: ``(image, seed, image_size, augmentation) -> float32
-      image`` (``augmentation``: a ``recipes.Augmentation``).
+    train_recipe: the tf.data engine's ``(image, seed, image_size,
+      augmentation) -> float32 image`` (``augmentation``: an
+      :class:`Augmentation`).
     eval_recipe: ``(image, image_size) -> float32 image``.
     value_range: smallest and largest normalised pixel value.
     recipe: name of the augmentation recipe, for logs and tests:
@@ -86,3 +91,60 @@ class DatasetSpec:
   folder: Optional[str] = None
   flip: bool = True
   crop: str = "pad"
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """The random choices of a train recipe that a config may change.
+
+  Attributes:
+    flip: mirror left-right with probability 1/2.
+    crop_padding: zero padding of the pad-and-crop recipes (digits, CIFAR and
+      'cifar' for any data); None: the recipe's own (2 for digits, 4 at 32
+      pixels for CIFAR, in proportion at other sizes).
+    crop_scale: (min, max) area fraction of RandomResizedCrop (ImageNet and
+      'imagenet' for any data).
+  """
+  flip: bool = True
+  crop_padding: Optional[int] = None
+  crop_scale: Tuple[float, float] = CROP_SCALE
+
+
+REFERENCE = Augmentation()
+
+
+def normalized_range(mean: Tuple[float, ...],
+                     std: Tuple[float, ...]) -> Tuple[float, float]:
+  """Smallest and largest value a normalised 0..255 image can take."""
+  lows = [(0.0 - m) / s for m, s in zip(mean, std)]
+  highs = [(1.0 - m) / s for m, s in zip(mean, std)]
+  return min(lows), max(highs)
+
+
+_CROP_FIELDS = {"pad": ("crop_padding", "pad-and-crop"),
+                "resized": ("crop_scale", "RandomResizedCrop")}
+
+
+def augmentation(config, spec: DatasetSpec) -> Augmentation:
+  """The train recipe's flip, padding and scale: the config's where it sets
+  them, else the data set's recipe's (the same for every engine).
+
+  Raises:
+    DataError: a crop field that the data set's recipe does not use (it
+      would change nothing).
+  """
+  for crop, (field, what) in _CROP_FIELDS.items():
+    if crop != spec.crop and config.get(field) is not None:
+      used, used_what = _CROP_FIELDS[spec.crop]
+      raise DataError(
+          f"{field} applies to the {what} recipes, but {config.get('dataset')}"
+          f" is trained with the {spec.recipe or spec.tfds_name} recipe "
+          f"({used_what}): set {used} instead, or leave {field} unset "
+          f"(--config.{field}=None).")
+  flip = config.get("flip")
+  scale = config.get("crop_scale")
+  return Augmentation(
+      flip=spec.flip if flip is None else bool(flip),
+      crop_padding=config.get("crop_padding"),
+      crop_scale=CROP_SCALE if scale is None else tuple(
+          float(v) for v in scale))

@@ -187,9 +187,13 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
     "dtype": (_OneOf(("float32", "bfloat16")), "the conv / dense compute "
               "dtype (mixed precision: parameters stay float32)"),
     "remat": (_BOOL, "recompute each residual block in the backward pass"),
-    "input_engine": (_OneOf(("auto", "tf.data", "device")), "where batches "
-                     "are made: 'device' keeps digits and CIFAR-10 on the "
-                     "accelerators"),
+    "input_engine": (_OneOf(("auto", "tf.data", "grain", "device")),
+                     "where batches are made: 'device' keeps digits and "
+                     "CIFAR-10 on the accelerators, 'grain' decodes on the "
+                     "host without TensorFlow"),
+    "input_workers": (_Number(int, -1), "grain's decoding processes; 0 "
+                      "decodes in threads of the training process, -1 one "
+                      "process per core"),
     "device_data_limit": (_Number(float, 0, 1, low_open=True), "the largest "
                           "fraction of a device's memory the device engine "
                           "fills with data"),

@@ -43,6 +43,7 @@ RESUMABLE_FIELDS = frozenset({
     "keep_checkpoints",
     "num_epochs", "num_train_steps", "coordinator_address", "num_processes",
     "process_id", "restriction_images", "device_data_limit",
+    "input_workers",
 })
 
 # The data sets whose own train recipe does not flip (``flip=None`` there

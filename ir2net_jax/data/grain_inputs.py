@@ -1,0 +1,452 @@
+"""The grain input engine: host decoding in worker processes, no TensorFlow.
+
+``config.input_engine='grain'`` serves ``folder:PATH`` trees (the files
+listed as tfds' ``ImageFolder`` lists them, ``folders``) and tfds data sets
+prepared as ArrayRecord (``imagenet2012``, ``cifar10``, ``tfds:NAME``, read
+with ``tfds.data_source``; ``tfds build NAME --file_format=array_record``).
+digits is the device engine's (or tf.data's).
+
+The stream, the same on any number of hosts and workers:
+
+* one global order: epoch ``e`` is a permutation of the split drawn from
+  ``(seed, e)``, truncated to ``steps_per_epoch * global_batch`` examples,
+  so batches never straddle epochs;
+* the global batch of step ``s`` is the next ``global_batch`` examples of
+  that order, and host ``h`` of ``n`` reads and decodes only its rows
+  ``h * B .. (h + 1) * B - 1`` (``B = global_batch / n``). ImageNet's global
+  batch is thus the same whatever the number of hosts, as CIFAR's is;
+* the example at position ``i`` of epoch ``e`` is augmented with a numpy
+  Generator seeded by ``(seed, e * examples_per_epoch + i)``.
+
+So the batch at step ``s`` depends on ``(seed, s)`` only: a run resumed at
+``s`` reads exactly what an uninterrupted one reads from ``s`` on, and the
+number of worker processes (``config.input_workers``) changes the speed,
+never the batches.
+
+The recipes are ``host_recipes``' numpy ones, which mean what the tf.data
+recipes mean (same crops, flips, lighting and resize; pixels equal up to the
+decoders' rounding). Batches leave the host as uint8 (a quarter of float32's
+bytes); :meth:`GrainInputs.batch_fn` converts and normalises them on the
+devices, inside the train step.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ir2net_jax.data import constants, folders, host_recipes, sources
+from ir2net_jax.data.specs import DataError, DatasetInfo
+
+__all__ = ["grain_installed", "check_config", "dataset_info", "TrainOrder",
+           "Records", "open_records", "GrainInputs", "default_workers"]
+
+Batch = Dict[str, np.ndarray]
+# Never reached: a train stream has no end (grain's datasets need one).
+_ENDLESS = 1 << 60
+
+
+@functools.cache
+def grain_installed() -> bool:
+  """Whether grain imports here."""
+  try:
+    import grain  # pylint: disable=g-import-not-at-top,unused-import
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return True
+
+
+def _recipe_kind(settings: sources.Settings) -> str:
+  """'small' (pad and crop) or 'large' (RandomResizedCrop)."""
+  spec = settings.spec
+  if spec.recipe == "digits":
+    raise DataError(
+        "digits are served by the device engine (or tf.data), not grain: "
+        "pass --config.input_engine=device (or auto).")
+  return "small" if spec.crop == "pad" else "large"
+
+
+def check_config(config) -> sources.Settings:
+  """The data settings, checked for this engine (cheap: reads no data).
+
+  Raises:
+    DataError: grain is not installed, or the data set is not one it serves.
+  """
+  if not grain_installed():
+    raise DataError("input_engine='grain' needs grain and array_record: "
+                    "`pip install grain array_record` (or "
+                    "--config.input_engine=auto).")
+  settings = sources.read_settings(config)
+  _recipe_kind(settings)
+  return settings
+
+
+class Records:
+  """One split as a random-access source: ``records[i] -> (image, label)``,
+  the image encoded (bytes) or a uint8 array, the label an int.
+
+  Picklable: what grain's worker processes receive is the recipe to open it
+  (a file list, or a tfds name, split and data_dir), not an open file.
+  """
+
+  def __init__(self, open_fn: Callable[[], Tuple[Any, Callable]],
+               length: int):
+    self._open_fn = open_fn
+    self._length = length
+    self._opened = None
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, index: int):
+    if self._opened is None:
+      self._opened = self._open_fn()
+    source, read = self._opened
+    return read(source, int(index))
+
+  def __getstate__(self):
+    return {**self.__dict__, "_opened": None}
+
+
+def _read_file(source, index):
+  paths, labels = source
+  with open(paths[index], "rb") as f:
+    return f.read(), int(labels[index])
+
+
+def _open_folder(root, split):
+  return folders.scan(root).splits[split], _read_file
+
+
+def _read_tfds(keys, source, index):
+  example = source[index]
+  return example[keys[0]], int(example[keys[1]])
+
+
+def _open_tfds(name, split, data_dir, image_key, label_key):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  source = tfds.data_source(
+      name, split=split, data_dir=data_dir, download=False,
+      decoders={image_key: tfds.decode.SkipDecoding()})
+  return source, functools.partial(_read_tfds, (image_key, label_key))
+
+
+def _tfds_builder(settings: sources.Settings):
+  """The prepared ArrayRecord builder of a tfds data set."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  name, data_dir = settings.spec.tfds_name, settings.data_dir
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"{name}: cannot open the tfds builder in data_dir="
+                    f"{data_dir!r}: {e}") from e
+  fix = (f"`tfds build {name} --data_dir=DIR --file_format=array_record` "
+         "(on a machine with the data), or --config.input_engine=tf.data")
+  if not builder.is_prepared():
+    raise DataError(f"{name} is not prepared in {builder.data_dir} "
+                    f"(data_dir={data_dir or 'the tfds default'}); the grain "
+                    f"engine reads ArrayRecord data prepared with {fix}.")
+  file_format = str(getattr(builder.info.file_format, "value",
+                            builder.info.file_format))
+  if file_format != "array_record":
+    raise DataError(f"{name} in {builder.data_dir} is stored as "
+                    f"{file_format}; the grain engine reads ArrayRecord: "
+                    f"prepare it with {fix}.")
+  return builder
+
+
+def open_records(settings: sources.Settings, split: str) -> Records:
+  """``split`` of the configured data set as :class:`Records`.
+
+  Raises:
+    DataError: no such split; data not prepared as ArrayRecord.
+  """
+  spec = settings.spec
+  if spec.folder is not None:
+    tree = folders.scan(spec.folder)
+    if split not in tree.splits:
+      raise DataError(
+          f"folder {spec.folder} has no split {split!r} (its splits, the "
+          f"subfolders holding <class>/ images: {sorted(tree.splits)}); name "
+          "one with --config.train_split / --config.eval_split (a folder "
+          "serves whole splits only, no slices like 'train[:90%]').")
+    return Records(functools.partial(_open_folder, spec.folder, split),
+                   tree.num_examples(split))
+  builder = _tfds_builder(settings)
+  opener = functools.partial(_open_tfds, spec.tfds_name, split,
+                             settings.data_dir, spec.image_key,
+                             spec.label_key)
+  try:
+    length = len(opener()[0])
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"Cannot read split {split!r} of {builder.name}: {e} "
+                    f"(known splits: {sorted(builder.info.splits)}); name "
+                    "one with --config.train_split / --config.eval_split."
+                    ) from e
+  return Records(opener, length)
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Split sizes, classes and image size, as this engine reads them.
+
+  Raises:
+    DataError: see :func:`check_config` and :func:`open_records`.
+  """
+  settings = check_config(config)
+  num_train, num_eval = (len(open_records(settings, split)) for split in
+                         (settings.train_split, settings.eval_split))
+  return DatasetInfo(num_train=num_train, num_eval=num_eval,
+                     num_classes=settings.spec.num_classes,
+                     image_size=settings.image_size,
+                     train_split=settings.train_split,
+                     eval_split=settings.eval_split)
+
+
+# ------------------------------------------------------------ the recipes --
+
+def _recipes(settings: sources.Settings, decoder: str):
+  """``(train(image, rng), eval(image))``, uint8 (S, S, 3) out."""
+  size, aug, spec = settings.image_size, settings.augmentation, settings.spec
+  if _recipe_kind(settings) == "small":
+    padding = aug.crop_padding
+    if padding is None:
+      padding = (constants.CIFAR_PADDING if spec.recipe == "cifar10"
+                 else constants.small_padding(size))
+    return (functools.partial(host_recipes.small_train, image_size=size,
+                              padding=padding, flip=aug.flip),
+            functools.partial(host_recipes.small_eval, image_size=size))
+  return (functools.partial(host_recipes.imagenet_train, image_size=size,
+                            scale=aug.crop_scale, flip=aug.flip,
+                            decoder=decoder,
+                            with_lighting=spec.recipe == "imagenet2012"),
+          functools.partial(host_recipes.imagenet_eval, image_size=size,
+                            decoder=decoder))
+
+
+# -------------------------------------------------------------- the order --
+
+def _keys(seed: int) -> Tuple[int, int]:
+  """The shuffle and augmentation keys of ``seed`` (numpy's SeedSequence is
+  stable across versions and machines)."""
+  state = np.random.SeedSequence([seed, 0x6772]).generate_state(2, np.uint64)
+  return int(state[0] >> 1), int(state[1] >> 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOrder:
+  """Which example, augmented with which seed, sits at each position of a
+  host's stream (see the module docstring).
+
+  Attributes:
+    num_examples: examples in the split.
+    global_batch: examples per step, all hosts together.
+    local_batch: this host's rows of each global batch.
+    rows: the first of them.
+    seed: the data seed.
+  """
+  num_examples: int
+  global_batch: int
+  local_batch: int
+  rows: int
+  seed: int
+
+  @property
+  def steps_per_epoch(self) -> int:
+    return self.num_examples // self.global_batch
+
+  def permutation(self, epoch: int) -> np.ndarray:
+    """The order of epoch ``epoch``: int64 (num_examples,)."""
+    return _permutation(self.num_examples, _keys(self.seed)[0], epoch)
+
+  def locate(self, position: int) -> Tuple[int, int]:
+    """``(example index, example number)`` of this host's ``position``-th
+    example; the number (its place in the run's global stream) seeds its
+    augmentation."""
+    step, row = divmod(position, self.local_batch)
+    epoch, batch = divmod(step, self.steps_per_epoch)
+    i = batch * self.global_batch + self.rows + row
+    per_epoch = self.steps_per_epoch * self.global_batch
+    return int(self.permutation(epoch)[i]), epoch * per_epoch + i
+
+  def rng(self, number: int) -> np.random.Generator:
+    return np.random.default_rng([_keys(self.seed)[1], number])
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(num_examples: int, key: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([key, epoch]).permutation(num_examples)
+
+
+class _TrainExample:
+  """position -> {'image': uint8 (S, S, 3), 'label': int32 ()}."""
+
+  def __init__(self, records: Records, order: TrainOrder, recipe):
+    self._records, self._order, self._recipe = records, order, recipe
+
+  def __call__(self, position: int) -> Batch:
+    index, number = self._order.locate(int(position))
+    image, label = self._records[index]
+    return {"image": self._recipe(image, self._order.rng(number)),
+            "label": np.int32(label)}
+
+
+class _EvalExample:
+  """position -> one padded eval example, ``mask`` 0 past the host's end."""
+
+  def __init__(self, records: Records, start: int, count: int, recipe,
+               image_size: int):
+    self._records, self._start, self._count = records, start, count
+    self._recipe, self._size = recipe, image_size
+
+  def __call__(self, position: int) -> Batch:
+    position = int(position)
+    if position >= self._count:
+      return {"image": np.zeros((self._size, self._size, 3), np.uint8),
+              "label": np.int32(0), "mask": np.float32(0)}
+    image, label = self._records[self._start + position]
+    return {"image": self._recipe(image), "label": np.int32(label),
+            "mask": np.float32(1)}
+
+
+def default_workers() -> int:
+  """``input_workers=-1``: one process per core this process may use, none
+  (threads only) on hosts of fewer than 4 cores."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(
+      os, "sched_getaffinity") else (os.cpu_count() or 1)
+  return cores if cores >= 4 else 0
+
+
+def _iterate(dataset, workers: int, threads: int) -> Iterator[Batch]:
+  """Batches of a grain MapDataset, in order, ``workers`` processes (0: in
+  this process) with ``threads`` threads each."""
+  import grain  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():   # grain reads its flags; outside absl.app
+    flags.FLAGS.mark_as_parsed()    # (tests, notebooks) take their defaults
+  stream = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=2 * threads))
+  if workers > 0:
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=2))
+  return iter(stream)
+
+
+class GrainInputs:
+  """The grain engine behind ``engines.open_inputs``' interface: uint8 host
+  batches, placed on the devices ``config.prefetch`` steps ahead and
+  normalised there (:meth:`batch_fn`, inside the train step)."""
+
+  engine = "grain"
+
+  def __init__(self, config, mesh, eval_batch_size: int,
+               num_classes: Optional[int] = None,
+               process_index: Optional[int] = None,
+               process_count: Optional[int] = None):
+    self.settings = check_config(config)
+    self._config, self._mesh = config, mesh
+    self._num_classes = num_classes
+    self._index = (jax.process_index() if process_index is None
+                   else process_index)
+    self._count = (jax.process_count() if process_count is None
+                   else process_count)
+    self._train = open_records(self.settings, self.settings.train_split)
+    self._eval = open_records(self.settings, self.settings.eval_split)
+    self.info = DatasetInfo(
+        num_train=len(self._train), num_eval=len(self._eval),
+        num_classes=self.settings.spec.num_classes,
+        image_size=self.settings.image_size,
+        train_split=self.settings.train_split,
+        eval_split=self.settings.eval_split)
+    self._train_recipe, self._eval_recipe = _recipes(
+        self.settings, host_recipes.resolve_decoder("auto"))
+    workers = config.get("input_workers")
+    self.workers = default_workers() if workers in (None, -1) else workers
+    self._threads = max(1, min(8, default_workers() or os.cpu_count() or 1))
+    self._eval_batch = self._local(eval_batch_size)
+    self._finish = jax.jit(self.batch_fn())
+    logging.info("grain: %d worker processes, %s decoding",
+                 self.workers, host_recipes.resolve_decoder("auto"))
+
+  def _local(self, global_batch: int) -> int:
+    if global_batch < 1 or global_batch % self._count:
+      raise DataError(f"global_batch_size={global_batch} must be a positive "
+                      f"multiple of process_count={self._count}.")
+    return global_batch // self._count
+
+  def train_order(self) -> TrainOrder:
+    local = self._local(self._config.batch_size)
+    order = TrainOrder(num_examples=len(self._train),
+                       global_batch=self._config.batch_size,
+                       local_batch=local, rows=self._index * local,
+                       seed=self._config.seed)
+    if order.steps_per_epoch == 0:
+      raise DataError(f"{self.settings.train_split!r} has {len(self._train)} "
+                      f"examples, fewer than a batch of "
+                      f"{self._config.batch_size}.")
+    return order
+
+  def host_train_batches(self, start_step: int = 0,
+                         workers: Optional[int] = None) -> Iterator[Batch]:
+    """This host's train batches from ``start_step`` on, uint8 on the host:
+    ``image`` (B, S, S, 3), ``label`` int32 (B,)."""
+    import grain  # pylint: disable=g-import-not-at-top
+    order = self.train_order()
+    first = start_step * order.local_batch
+    dataset = grain.MapDataset.range(first, first + _ENDLESS).map(
+        _TrainExample(self._train, order, self._train_recipe)).batch(
+            order.local_batch, drop_remainder=True)
+    batches = _iterate(dataset, self.workers if workers is None else workers,
+                       self._threads)
+    if self._num_classes is None:
+      return batches
+    return sources.checked_labels(batches, self._num_classes, self.settings)
+
+  def host_eval_batches(self) -> Iterator[Batch]:
+    """This host's eval batches, padded (``mask`` 0): every host yields
+    ``ceil(max examples per host / B)`` of them."""
+    import grain  # pylint: disable=g-import-not-at-top
+    parts = np.array_split(np.arange(len(self._eval)), self._count)
+    mine = parts[self._index]
+    batches = -(-max(len(p) for p in parts) // self._eval_batch)
+    dataset = grain.MapDataset.range(batches * self._eval_batch).map(
+        _EvalExample(self._eval, int(mine[0]) if len(mine) else 0,
+                     len(mine), self._eval_recipe,
+                     self.settings.image_size)).batch(self._eval_batch)
+    return _iterate(dataset, 0, self._threads)
+
+  def batch_fn(self) -> Callable[[Batch, Any], Batch]:
+    """``(uint8 batch, step) -> batch``: float images, normalised, in the
+    config's dtype (the step's and the eval's first op)."""
+    dtype = jnp.dtype(self.settings.dtype)
+
+    def finish(batch, step=None):
+      del step   # a host batch is the step's already
+      return {**batch, "image": host_recipes.normalize(
+          batch["image"], dtype=dtype)}
+    return finish
+
+  def _placed(self, batches):
+    from ir2net_jax.data.prefetch import prefetch_to_device  # pylint: disable=g-import-not-at-top
+    return prefetch_to_device(batches, self._config.prefetch,
+                              jax.sharding.NamedSharding(
+                                  self._mesh, jax.sharding.PartitionSpec(
+                                      self._mesh.axis_names)))
+
+  def train_batches(self, start_step: int = 0) -> Iterator:
+    return self._placed(self.host_train_batches(start_step))
+
+  def eval_batches(self) -> Iterator:
+    for batch in self._placed(self.host_eval_batches()):
+      yield self._finish(batch)
+
+  def first_eval_images(self, count: int) -> np.ndarray:
+    count = min(count, len(self._eval))
+    images = np.stack([self._eval_recipe(self._eval[i][0])
+                       for i in range(count)])
+    return np.asarray(host_recipes.normalize(
+        images, dtype=np.dtype(self.settings.dtype)))
