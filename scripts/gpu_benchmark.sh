@@ -29,21 +29,8 @@ STEPS=${STEPS:-10}
 WARMUP=${WARMUP:-2}
 RECIPE_TIMEOUT=${RECIPE_TIMEOUT:-150}
 BUDGET=${BUDGET:-460}
-PYTHON=${PYTHON:-python3}
 MIN_RUN_S=40  # A run given less than this would only compile.
-export PYTHONUNBUFFERED=1
-
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-LOG=${OUT:+$OUT/gpu_benchmark.log}
-LOG=${LOG:-$WORK/log}
-exec > >(tee "$LOG") 2>&1
-
-if compgen -G ".whl/*.whl" > /dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile \
-      --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/gpu_common.sh gpu_benchmark
 
 echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), $(hostname)"
 if command -v nvidia-smi > /dev/null; then

@@ -293,10 +293,44 @@ def test_decoders_table(capsys):
   from ir2net_jax.tools.benchmark import decoders  # pylint: disable=g-import-not-at-top
   rows = decoders.main(["--examples=16", "--workers=1,2", "--image_size=64"])
   table = capsys.readouterr().out
-  assert [r["decoder"] for r in rows] == ["tf.data", "pil_full", "pil",
-                                          "simplejpeg"]
+  assert [r["decoder"] for r in rows] == [
+      "tf.data", "pil_full", "pil", "simplejpeg", "simplejpeg, device finish",
+      "grain engine"]
   for r in rows:
     assert r["images_per_s_1_workers"] > 0 and r["images_per_s_2_workers"] > 0
     assert r["cores_for_float_resnet18"] == pytest.approx(
         14_000 / r["images_per_s_per_core"])
     assert f"| {r['decoder']} |" in table
+
+
+def test_loop_rate_and_input_wait_from_a_runs_scalars(tmp_path):
+  """The loop's img/s is steps over their wall time (intervals weighted by
+  their length, the compiling first step left out), and so is the wait."""
+  from ir2net_jax.tools.benchmark import loop  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.train import metric_writer  # pylint: disable=g-import-not-at-top
+  writer = metric_writer.MetricWriter(str(tmp_path))
+  # Steps 2..11 at 2 steps/s (5 s, 20% waiting), 12..41 at 10 steps/s (3 s,
+  # no waiting).
+  writer.write_scalars(11, {"steps_per_sec": 2.0, "input_wait_fraction": 0.2})
+  writer.write_scalars(41, {"steps_per_sec": 10.0, "input_wait_fraction": 0.0})
+  writer.close()
+  got = loop.loop_images_per_s(str(tmp_path), batch_size=8)
+  assert got["loop_images_per_s"] == pytest.approx(40 * 8 / 8.0)
+  assert got["input_wait_fraction"] == pytest.approx(0.2 * 5 / 8.0)
+
+
+@pytest.mark.slow
+def test_loop_benchmark_runs_the_loop_and_the_step(tmp_path, capsys):
+  from ir2net_jax.configs import digits  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.tools.benchmark import loop  # pylint: disable=g-import-not-at-top
+  config = digits.get_config("smoke")
+  config.data_dir = str(tmp_path / "tfds")
+  config.restriction_images, config.diagnostics = 0, False   # compile less
+  row = loop.benchmark_loop(config, steps=6, workdir=str(tmp_path / "run"))
+  assert row["input_engine"] == "device" and row["steps"] == 6
+  assert row["step_images_per_s"] > 0 and row["loop_images_per_s"] > 0
+  assert 0 <= row["input_wait_fraction"] <= 1
+  assert row["loop_over_step"] == pytest.approx(
+      row["loop_images_per_s"] / row["step_images_per_s"])
+  assert os.path.exists(tmp_path / "run" / "summary.json")
+  assert "| digits_resnet20 | device |" in loop.format_row(row)

@@ -21,7 +21,7 @@ import train_utils
 
 # Long enough that the preemption (one or two steps after step 1) lands
 # before the end.
-STEPS = 30
+STEPS = 12
 PREPARING = "preparing ir2net_digits"
 
 

@@ -99,19 +99,25 @@ PathFinder.find_spec = classmethod(_without_tensorflow)
 """
 
 
+def _without_tensorflow(tmp_path):
+  """The repository root, and an environment whose processes (2 CPU devices
+  each) find no TensorFlow."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
+  return root, dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}",
+                    JAX_PLATFORMS="cpu",
+                    XLA_FLAGS="--xla_force_host_platform_device_count=2")
+
+
 @pytest.mark.slow
 def test_launch_trains_evaluates_and_resumes_digits_without_tensorflow(
     tmp_path):
   """The README's run, TensorFlow absent: train, evaluate, checkpoint,
   pictures, TensorBoard and summary.json, then a resume and ir2net-eval."""
   from ir2net_jax.train import run_metrics  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  site = tmp_path / "site"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
-  env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}",
-             JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  root, env = _without_tensorflow(tmp_path)
   workdir = tmp_path / "run"
 
   def run(*args):
@@ -167,13 +173,7 @@ def test_launch_trains_and_resumes_on_a_folder_with_grain_without_tensorflow(
   import numpy as np  # pylint: disable=g-import-not-at-top
   import photos  # pylint: disable=g-import-not-at-top
   import train_utils  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  site = tmp_path / "site"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
-  env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}",
-             JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  root, env = _without_tensorflow(tmp_path)
   tree = photos.write_tree(str(tmp_path / "tree"), {"train": 8, "test": 4},
                            [(60, 80), (80, 60), (70, 70)])
   args = ["launch.py", "--config=configs/digits.py:smoke",

@@ -26,8 +26,9 @@ never the batches.
 The recipes are ``host_recipes``' numpy ones, which mean what the tf.data
 recipes mean (same crops, flips, lighting and resize; pixels equal up to the
 decoders' rounding). Batches leave the host as uint8 (a quarter of float32's
-bytes); :meth:`GrainInputs.batch_fn` converts and normalises them on the
-devices, inside the train step.
+bytes); :meth:`GrainInputs.batch_fn` (:func:`finish_batch`) converts and
+normalises them on the devices, inside the train step, and applies there the
+ImageNet recipe's lighting and flip, which the host only draws.
 """
 
 import dataclasses
@@ -44,7 +45,8 @@ from ir2net_jax.data import constants, folders, host_recipes, sources
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
 __all__ = ["grain_installed", "check_config", "dataset_info", "TrainOrder",
-           "Records", "open_records", "GrainInputs", "default_workers"]
+           "Records", "open_records", "finish_batch", "GrainInputs",
+           "default_workers"]
 
 Batch = Dict[str, np.ndarray]
 # Never reached: a train stream has no end (grain's datasets need one).
@@ -210,22 +212,64 @@ def dataset_info(config) -> DatasetInfo:
 # ------------------------------------------------------------ the recipes --
 
 def _recipes(settings: sources.Settings, decoder: str):
-  """``(train(image, rng), eval(image))``, uint8 (S, S, 3) out."""
+  """``(train(image, rng) -> dict, eval(image) -> uint8 (S, S, 3))``.
+
+  The CIFAR recipe's train examples are finished on the host: ``{'image':
+  uint8 (S, S, 3)}``. The ImageNet recipe's leave the lighting and the flip
+  (drawn here, in the reference's order) to the device, where they cost
+  nothing: ``{'image': the crop, 'shift': int32 (3,), 'flip': bool}``.
+  """
   size, aug, spec = settings.image_size, settings.augmentation, settings.spec
   if _recipe_kind(settings) == "small":
     padding = aug.crop_padding
     if padding is None:
       padding = (constants.CIFAR_PADDING if spec.recipe == "cifar10"
                  else constants.small_padding(size))
-    return (functools.partial(host_recipes.small_train, image_size=size,
-                              padding=padding, flip=aug.flip),
+    return (functools.partial(_small_train, image_size=size, padding=padding,
+                              flip=aug.flip),
             functools.partial(host_recipes.small_eval, image_size=size))
-  return (functools.partial(host_recipes.imagenet_train, image_size=size,
+  return (functools.partial(_large_train, image_size=size,
                             scale=aug.crop_scale, flip=aug.flip,
                             decoder=decoder,
                             with_lighting=spec.recipe == "imagenet2012"),
           functools.partial(host_recipes.imagenet_eval, image_size=size,
                             decoder=decoder))
+
+
+def _small_train(image, rng, **kwargs) -> Batch:
+  return {"image": host_recipes.small_train(image, rng, **kwargs)}
+
+
+def _large_train(image, rng, **kwargs) -> Batch:
+  crop, shift, flipped = host_recipes.imagenet_train_parts(image, rng,
+                                                           **kwargs)
+  return {"image": crop, "shift": shift, "flip": np.bool_(flipped)}
+
+
+def finish_batch(batch: Batch, dtype=np.float32) -> Batch:
+  """A host batch made a model input, on the device (or the host): the
+  lighting shift and the flip applied where the batch carries them, then
+  ``ToTensor`` + ``Normalize``.
+
+  Args:
+    batch: ``image`` uint8 (B, S, S, 3), ``label`` (B,), optionally
+      ``shift`` int32 (B, 3), ``flip`` bool (B,), ``mask`` (B,).
+    dtype: of the images out.
+
+  Returns:
+    ``image`` (B, S, S, 3) in ``dtype``, normalised, and the batch's
+    ``label`` (and ``mask``).
+  """
+  images = batch["image"]
+  if "shift" in batch:
+    images = host_recipes.shift_levels(images, batch["shift"][:, None, None])
+  if "flip" in batch:
+    flip = batch["flip"][:, None, None, None]
+    images = jnp.where(flip, images[:, :, ::-1], images)
+  out = {k: v for k, v in batch.items()
+         if k not in ("image", "shift", "flip")}
+  out["image"] = host_recipes.normalize(images, dtype=dtype)
+  return out
 
 
 # -------------------------------------------------------------- the order --
@@ -291,7 +335,7 @@ class _TrainExample:
   def __call__(self, position: int) -> Batch:
     index, number = self._order.locate(int(position))
     image, label = self._records[index]
-    return {"image": self._recipe(image, self._order.rng(number)),
+    return {**self._recipe(image, self._order.rng(number)),
             "label": np.int32(label)}
 
 
@@ -322,12 +366,14 @@ def default_workers() -> int:
 
 
 def _iterate(dataset, workers: int, threads: int) -> Iterator[Batch]:
-  """Batches of a grain MapDataset, in order, ``workers`` processes (0: in
-  this process) with ``threads`` threads each."""
+  """Batches of a grain MapDataset, in order: made by ``workers`` processes
+  of one thread each, or (``workers=0``) by ``threads`` threads of this
+  process."""
   import grain  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   if not flags.FLAGS.is_parsed():   # grain reads its flags; outside absl.app
     flags.FLAGS.mark_as_parsed()    # (tests, notebooks) take their defaults
+  threads = 1 if workers > 0 else threads
   stream = dataset.to_iter_dataset(grain.ReadOptions(
       num_threads=threads, prefetch_buffer_size=2 * threads))
   if workers > 0:
@@ -392,8 +438,10 @@ class GrainInputs:
 
   def host_train_batches(self, start_step: int = 0,
                          workers: Optional[int] = None) -> Iterator[Batch]:
-    """This host's train batches from ``start_step`` on, uint8 on the host:
-    ``image`` (B, S, S, 3), ``label`` int32 (B,)."""
+    """This host's train batches from ``start_step`` on, on the host:
+    ``image`` uint8 (B, S, S, 3), ``label`` int32 (B,), and for the
+    ImageNet recipe ``shift`` int32 (B, 3) and ``flip`` bool (B,), which
+    :func:`finish_batch` applies."""
     import grain  # pylint: disable=g-import-not-at-top
     order = self.train_order()
     first = start_step * order.local_batch
@@ -417,17 +465,16 @@ class GrainInputs:
         _EvalExample(self._eval, int(mine[0]) if len(mine) else 0,
                      len(mine), self._eval_recipe,
                      self.settings.image_size)).batch(self._eval_batch)
-    return _iterate(dataset, 0, self._threads)
+    return _iterate(dataset, self.workers, self._threads)
 
   def batch_fn(self) -> Callable[[Batch, Any], Batch]:
-    """``(uint8 batch, step) -> batch``: float images, normalised, in the
-    config's dtype (the step's and the eval's first op)."""
+    """``(host batch, step) -> batch``: :func:`finish_batch` in the
+    config's dtype (the train step's and the eval's first op)."""
     dtype = jnp.dtype(self.settings.dtype)
 
     def finish(batch, step=None):
       del step   # a host batch is the step's already
-      return {**batch, "image": host_recipes.normalize(
-          batch["image"], dtype=dtype)}
+      return finish_batch(batch, dtype)
     return finish
 
   def _placed(self, batches):

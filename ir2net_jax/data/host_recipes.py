@@ -54,7 +54,8 @@ from PIL import Image
 from ir2net_jax.data import constants
 
 __all__ = ["DECODERS", "resolve_decoder", "random_resized_crop_window",
-           "eval_window", "decode_window", "lighting", "imagenet_train",
+           "eval_window", "decode_window", "lighting_shift", "shift_levels",
+           "lighting", "imagenet_train_parts", "imagenet_train",
            "imagenet_eval", "decode_rgb", "pad_and_crop", "small_train",
            "small_eval", "normalize"]
 
@@ -206,22 +207,53 @@ def _simplejpeg_window(encoded: bytes, header, window_fn, image_size: int,
   return _resize(Image.fromarray(pixels[y0:y1, x0:x1]), box, image_size)
 
 
-def lighting(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-  """ReActNet's ``Lighting(0.1)`` on a uint8 (H, W, 3) image, uint8 out:
-  ``uint8(clip(image + offset, 0, 255))``, as ``recipes.pil_lighting``
-  mirrors it.
+def lighting_shift(rng: np.random.Generator) -> np.ndarray:
+  """ReActNet's ``Lighting(0.1)`` draw as whole levels: int32 (3,).
 
-  The offset is almost always below one level, and then the result is
-  integer arithmetic: a channel with a negative offset drops by one level
-  (but not below 0), one with a non-negative offset stays.
+  The reference adds the offset ``eigvec @ (alpha * eigval)`` to the uint8
+  image, clips to [0, 255] and truncates. For an integer level ``x`` that is
+  ``clip(x + floor(offset), 0, 255)``: with offsets almost always below one
+  level, a channel with a negative offset drops by one level (not below 0)
+  and one with a non-negative offset stays.
   """
   alpha = rng.normal(0.0, constants.LIGHTING_ALPHASTD, 3)
-  offset = (np.asarray(constants.IMAGENET_PCA_EIGVEC) @ (
-      alpha * np.asarray(constants.IMAGENET_PCA_EIGVAL))).astype(np.float32)
-  if np.all(np.abs(offset) < 1):
-    drop = (offset < 0).astype(np.uint8)
-    return image - np.minimum(image, drop)
-  return np.clip(image + offset, 0, 255).astype(np.uint8)
+  offset = np.asarray(constants.IMAGENET_PCA_EIGVEC) @ (
+      alpha * np.asarray(constants.IMAGENET_PCA_EIGVAL))
+  return np.floor(offset).astype(np.int32)
+
+
+def shift_levels(images, shift):
+  """uint8 (..., 3) images plus int (..., 3) ``shift`` (broadcast), clipped
+  to [0, 255]: uint8 out. Works on numpy and on jax arrays."""
+  return (images.astype(np.int32) + shift).clip(0, 255).astype(np.uint8)
+
+
+def lighting(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """ReActNet's ``Lighting(0.1)`` on a uint8 (H, W, 3) image, uint8 out:
+  ``uint8(clip(image + offset, 0, 255))`` (see :func:`lighting_shift`), as
+  ``recipes.pil_lighting`` mirrors it."""
+  return shift_levels(image, lighting_shift(rng))
+
+
+def imagenet_train_parts(
+    encoded: bytes, rng: np.random.Generator, image_size: int,
+    scale: Tuple[float, float] = constants.CROP_SCALE, flip: bool = True,
+    decoder: str = "auto", with_lighting: bool = True
+) -> Tuple[np.ndarray, np.ndarray, bool]:
+  """:func:`imagenet_train` with the lighting and the flip drawn but not
+  applied, for a device to apply (``grain_inputs`` does).
+
+  Returns:
+    ``(crop, shift, flipped)``: the resized crop, uint8 (S, S, 3); the
+    lighting as whole levels, int32 (3,) (zeros without lighting); whether
+    to mirror it.
+  """
+  crop = decode_window(
+      encoded, lambda h, w: random_resized_crop_window(h, w, rng, scale),
+      image_size, decoder)
+  shift = (lighting_shift(rng) if with_lighting
+           else np.zeros(3, np.int32))
+  return crop, shift, bool(flip and rng.random() < 0.5)
 
 
 def imagenet_train(encoded: bytes, rng: np.random.Generator, image_size: int,
@@ -233,14 +265,10 @@ def imagenet_train(encoded: bytes, rng: np.random.Generator, image_size: int,
   The draws, in order: the crop window, the lighting (unless
   ``with_lighting`` is False: the recipe for any data), the flip.
   """
-  image = decode_window(
-      encoded, lambda h, w: random_resized_crop_window(h, w, rng, scale),
-      image_size, decoder)
-  if with_lighting:
-    image = lighting(image, rng)
-  if flip and rng.random() < 0.5:
-    image = image[:, ::-1]
-  return np.ascontiguousarray(image)
+  crop, shift, flipped = imagenet_train_parts(
+      encoded, rng, image_size, scale, flip, decoder, with_lighting)
+  image = shift_levels(crop, shift)
+  return np.ascontiguousarray(image[:, ::-1] if flipped else image)
 
 
 def imagenet_eval(encoded: bytes, image_size: int,

@@ -148,9 +148,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with preemption.StopSignals() as stop_signals:
       for step in range(start_step + 1, num_steps + 1):
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          state, metrics = train_step(state, next(train_iter), teacher_vars)
+          waiting = time.perf_counter()
+          batch = next(train_iter)
+          report.waited(time.perf_counter() - waiting)
+          state, metrics = train_step(state, batch, teacher_vars)
         pending.append((step, metrics))
-        report(step)
         stop = stop_signals.stop_requested(step)
         log_now = step % config.log_every_steps == 0 or step == num_steps
         end_of_epoch = step % steps_per_epoch == 0
@@ -169,6 +171,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             writer.write_histograms(step, {f"train_{k}": v
                                            for k, v in histograms.items()})
           pending = []
+        # After the logging step's sync: steps/s counts steps done, not
+        # steps dispatched.
+        report(step)
         is_best = False
         if eval_now:
           last_eval = evaluate.evaluate_split(

@@ -147,7 +147,10 @@ class MetricWriter:
 
 class ReportProgress:
   """Every ``every_steps`` steps: steps/s and the ETA, logged and written
-  (scalar ``steps_per_sec``, as clu's ``ReportProgress``).
+  (scalar ``steps_per_sec``, as clu's ``ReportProgress``), and the share of
+  that time the loop waited for its next batch (scalar
+  ``input_wait_fraction``, from :meth:`waited`): near 0 when the input
+  engine keeps up, the share of time the devices idled for data when not.
 
   Args:
     num_train_steps: the run's last step.
@@ -158,22 +161,30 @@ class ReportProgress:
   def __init__(self, num_train_steps: int, writer: MetricWriter,
                every_steps: int):
     self._num, self._writer, self._every = num_train_steps, writer, every_steps
-    self._last: Optional[tuple] = None  # (step, time)
+    self._last: Optional[tuple] = None  # (step, time, waited)
+    self._waited = 0.0
+
+  def waited(self, seconds: float) -> None:
+    """Adds time the loop spent waiting for a batch."""
+    self._waited += seconds
 
   def __call__(self, step: int) -> None:
     now = time.monotonic()
     if self._last is None:
-      self._last = (step, now)  # the first step compiles: not timed
+      self._last = (step, now, self._waited)  # the first step compiles
       return
     if step % self._every and step != self._num:
       return
-    first, then = self._last
-    self._last = (step, now)
+    first, then, waited = self._last
+    self._last = (step, now, self._waited)
     if now <= then or step <= first:
       return
     rate = (step - first) / (now - then)
+    wait = min(1.0, (self._waited - waited) / (now - then))
     eta = (self._num - step) / rate
-    logging.info("step %d/%d: %.3g steps/s, %.1f%%, ETA %dh%02dm%02ds", step,
-                 self._num, rate, 100 * step / self._num, eta // 3600,
-                 eta % 3600 // 60, eta % 60)
-    self._writer.write_scalars(step, {"steps_per_sec": rate})
+    logging.info("step %d/%d: %.3g steps/s, %.1f%%, ETA %dh%02dm%02ds, "
+                 "%.0f%% waiting for input", step, self._num, rate,
+                 100 * step / self._num, eta // 3600, eta % 3600 // 60,
+                 eta % 60, 100 * wait)
+    self._writer.write_scalars(step, {"steps_per_sec": rate,
+                                      "input_wait_fraction": wait})

@@ -1,6 +1,8 @@
 """The ImageNet train augmentation per decoder and worker count, on the host.
 
   python -m ir2net_jax.tools.benchmark.decoders [--examples=512] [--workers=1,2]
+  python -m ir2net_jax.tools.benchmark.decoders --write_folder=DIR
+      [--classes=1000] [--train_per_class=10] [--eval_per_class=1]
 
 For each decoder, the ImageNet train recipe (decode, RandomResizedCrop,
 lighting, flip; uint8 out, normalisation left to the device) over JPEGs with
@@ -16,14 +18,29 @@ and 14,000 img/s (a float ResNet-18 on an H100-class GPU):
   with that decoder (``host_recipes``: Pillow at full size; Pillow at 1/2,
   1/4 or 1/8 size where the crop window allows it; libjpeg-turbo through
   simplejpeg at any n/8 size), uint8 out; workers = processes.
+* ``simplejpeg, device finish``: the host's share of the recipe when the
+  lighting and the flip are left to the device
+  (``host_recipes.imagenet_train_parts``, as the grain engine runs it).
+* ``grain engine``: the whole grain engine (``data.grain_inputs``) on a
+  ``folder:`` of the same JPEGs, batches of 16 out of its worker processes
+  (workers = ``config.input_workers``): reading files, the recipe, batching
+  and the transfer between processes.
+
+``--write_folder=DIR`` writes such JPEGs as an ImageNet-shaped ``folder:``
+tree instead (``DIR/train/<class>/``, ``DIR/val/<class>/``), on every core,
+for timing a whole run (``benchmark.loop``, ``scripts/gpu_input_check.sh``).
 """
 
 import argparse
 import concurrent.futures
+import contextlib
 import functools
 import importlib.util
 import io
 import json
+import multiprocessing
+import os
+import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -32,7 +49,8 @@ from PIL import Image
 
 from ir2net_jax.data import engines, host_recipes
 
-__all__ = ["imagenet_like_jpegs", "benchmark_decoders", "main"]
+__all__ = ["imagenet_like_jpegs", "write_imagenet_like_folder",
+           "benchmark_decoders", "main"]
 
 # img/s a host must feed one GPU (module docstring).
 TARGETS = {"ir2net_a_stage2": 5_300, "float_resnet18": 14_000}
@@ -63,6 +81,33 @@ def imagenet_like_jpegs(count: int, seed: int = 0) -> List[bytes]:
   return jpegs
 
 
+_DEVICE_FINISH = "simplejpeg, device finish"
+_GRAIN = "grain engine"
+
+
+def _write_class(root: str, index: int, counts: Dict[str, int]) -> int:
+  jpegs = imagenet_like_jpegs(sum(counts.values()), seed=index)
+  for split, count in counts.items():
+    directory = os.path.join(root, split, f"n{index:08d}")
+    os.makedirs(directory, exist_ok=True)
+    for i in range(count):
+      with open(os.path.join(directory, f"{i:05d}.JPEG"), "wb") as f:
+        f.write(jpegs.pop())
+  return sum(counts.values())
+
+
+def write_imagenet_like_folder(root: str, classes: int = 1000,
+                               train_per_class: int = 10,
+                               eval_per_class: int = 1,
+                               workers: Optional[int] = None) -> int:
+  """Writes :func:`imagenet_like_jpegs` as ``root/{train,val}/<class>/``,
+  class ``c``'s images from seed ``c``; returns how many."""
+  counts = {"train": train_per_class, "val": eval_per_class}
+  with _pool(workers) as pool:
+    return sum(pool.map(functools.partial(_write_class, root,
+                                          counts=counts), range(classes)))
+
+
 def _chunk(jpegs: Sequence[bytes], first: int, count: int, image_size: int,
            decoder: str) -> int:
   """Augments examples ``first .. first + count - 1`` (cycling over
@@ -70,8 +115,12 @@ def _chunk(jpegs: Sequence[bytes], first: int, count: int, image_size: int,
   batch = np.empty((count, image_size, image_size, 3), np.uint8)
   for i in range(count):
     rng = np.random.default_rng([0, first + i])
-    batch[i] = host_recipes.imagenet_train(
-        jpegs[(first + i) % len(jpegs)], rng, image_size, decoder=decoder)
+    jpeg = jpegs[(first + i) % len(jpegs)]
+    if decoder == _DEVICE_FINISH:
+      batch[i] = host_recipes.imagenet_train_parts(jpeg, rng, image_size)[0]
+    else:
+      batch[i] = host_recipes.imagenet_train(jpeg, rng, image_size,
+                                             decoder=decoder)
   return count
 
 
@@ -86,18 +135,25 @@ def _worker_chunk(first, count, image_size, decoder):
   return _chunk(_WORKER_JPEGS, first, count, image_size, decoder)
 
 
-def _host_images_per_s(jpegs, workers: int, examples: int, image_size: int,
+def _pool(workers: Optional[int], jpegs: Sequence[bytes] = ()
+          ) -> concurrent.futures.ProcessPoolExecutor:
+  """Worker processes started fresh ('spawn'): forking a process that runs
+  JAX's threads can deadlock."""
+  return concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"),
+      initializer=_init_worker, initargs=(list(jpegs),))
+
+
+def _host_images_per_s(pool, workers: int, examples: int, image_size: int,
                        decoder: str, chunk: int = 16) -> float:
-  with concurrent.futures.ProcessPoolExecutor(
-      workers, initializer=_init_worker, initargs=(jpegs,)) as pool:
-    run = functools.partial(_worker_chunk, image_size=image_size,
-                            decoder=decoder)
-    list(pool.map(run, range(0, workers * chunk, chunk),
-                  [chunk] * workers))   # start-up, untimed
-    start = time.perf_counter()
-    starts = range(0, examples, chunk)
-    done = sum(pool.map(run, starts, [chunk] * len(starts)))
-    return done / (time.perf_counter() - start)
+  run = functools.partial(_worker_chunk, image_size=image_size,
+                          decoder=decoder)
+  list(pool.map(run, range(0, workers * chunk, chunk),
+                [chunk] * workers))   # start-up, untimed
+  start = time.perf_counter()
+  starts = range(0, examples, chunk)
+  done = sum(pool.map(run, starts, [chunk] * len(starts)))
+  return done / (time.perf_counter() - start)
 
 
 def _tf_images_per_s(jpegs, workers: int, examples: int,
@@ -125,6 +181,39 @@ def _tf_images_per_s(jpegs, workers: int, examples: int,
   return -(-examples // 16) * 16 / (time.perf_counter() - start)
 
 
+def _grain_images_per_s(folder: str, workers: int, examples: int,
+                        image_size: int, batch: int = 16) -> float:
+  import jax  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.configs import default  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import grain_inputs  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.train import parallel  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.update(dict(dataset=f"folder:{folder}", augment="imagenet",
+                     image_size=image_size, batch_size=batch,
+                     input_engine="grain", input_workers=workers, flip=True))
+  inputs = grain_inputs.GrainInputs(
+      config, parallel.data_mesh(jax.devices()[:1]), batch)
+  batches = inputs.host_train_batches(0)
+  for _ in range(2 * max(1, workers)):   # start-up, untimed
+    next(batches)
+  steps = -(-examples // batch)
+  start = time.perf_counter()
+  for _ in range(steps):
+    next(batches)
+  rate = steps * batch / (time.perf_counter() - start)
+  del batches
+  return rate
+
+
+def _write_folder(jpegs: Sequence[bytes], root: str) -> str:
+  for split, names in (("train", range(len(jpegs))), ("test", range(2))):
+    os.makedirs(os.path.join(root, split, "c"))
+    for i in names:
+      with open(os.path.join(root, split, "c", f"{i:05d}.jpg"), "wb") as f:
+        f.write(jpegs[i])
+  return root
+
+
 def benchmark_decoders(examples: int = 512, workers: Sequence[int] = (1, 2),
                        image_size: int = 224, num_jpegs: int = 128
                        ) -> List[Dict[str, Any]]:
@@ -132,24 +221,38 @@ def benchmark_decoders(examples: int = 512, workers: Sequence[int] = (1, 2),
   jpegs = imagenet_like_jpegs(num_jpegs)
   decoders = ["pil_full", "pil"]
   if importlib.util.find_spec("simplejpeg") is not None:
-    decoders.append("simplejpeg")
+    decoders += ["simplejpeg", _DEVICE_FINISH]
+  if importlib.util.find_spec("grain") is not None:
+    decoders.append(_GRAIN)
   if engines.tensorflow_installed():
     decoders.insert(0, "tf.data")
   rows = []
-  for decoder in decoders:
-    row: Dict[str, Any] = {"decoder": decoder, "image_size": image_size}
-    for n in workers:
-      if decoder == "tf.data":
-        rate = _tf_images_per_s(jpegs, n, examples, image_size)
-      else:
-        rate = _host_images_per_s(jpegs, n, examples, image_size, decoder)
-      row[f"images_per_s_{n}_workers"] = rate
-    per_core = max(row[f"images_per_s_{n}_workers"] / n for n in workers)
-    row["images_per_s_per_core"] = per_core
-    for name, target in TARGETS.items():
-      row[f"cores_for_{name}"] = target / per_core
-    rows.append(row)
+  with contextlib.ExitStack() as stack:
+    tmp = stack.enter_context(tempfile.TemporaryDirectory())
+    folder = _write_folder(jpegs, os.path.join(tmp, "jpegs"))
+    pools = {n: stack.enter_context(_pool(n, jpegs)) for n in workers}
+    for decoder in decoders:
+      rows.append(_row(decoder, jpegs, folder, pools, examples, image_size))
   return rows
+
+
+def _row(decoder, jpegs, folder, pools, examples, image_size):
+  """One decoder's row (see :func:`benchmark_decoders`)."""
+  row: Dict[str, Any] = {"decoder": decoder, "image_size": image_size}
+  workers = list(pools)
+  for n in workers:
+    if decoder == "tf.data":
+      rate = _tf_images_per_s(jpegs, n, examples, image_size)
+    elif decoder == _GRAIN:
+      rate = _grain_images_per_s(folder, n, examples, image_size)
+    else:
+      rate = _host_images_per_s(pools[n], n, examples, image_size, decoder)
+    row[f"images_per_s_{n}_workers"] = rate
+  per_core = max(row[f"images_per_s_{n}_workers"] / n for n in workers)
+  row["images_per_s_per_core"] = per_core
+  for name, target in TARGETS.items():
+    row[f"cores_for_{name}"] = target / per_core
+  return row
 
 
 def format_rows(rows: Sequence[Dict[str, Any]],
@@ -179,7 +282,20 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
                       help="comma-separated worker counts")
   parser.add_argument("--image_size", type=int, default=224)
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--write_folder", default="",
+                      help="write an ImageNet-shaped folder here instead")
+  parser.add_argument("--classes", type=int, default=1000)
+  parser.add_argument("--train_per_class", type=int, default=10)
+  parser.add_argument("--eval_per_class", type=int, default=1)
   args = parser.parse_args(argv)
+  if args.write_folder:
+    start = time.perf_counter()
+    count = write_imagenet_like_folder(args.write_folder, args.classes,
+                                       args.train_per_class,
+                                       args.eval_per_class)
+    print(f"wrote {count} JPEGs to {args.write_folder} in "
+          f"{time.perf_counter() - start:.0f} s")
+    return []
   workers = [int(w) for w in args.workers.split(",") if w.strip()]
   rows = benchmark_decoders(args.examples, workers, args.image_size)
   print(json.dumps(rows, indent=1) if args.json
