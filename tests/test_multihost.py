@@ -154,6 +154,37 @@ def test_two_processes_run_launch_like_one_and_resume_after_preemption(
     assert np.max(np.abs(state_r[k] / state_p[k] - 1)) > 1e-2, k
 
 
+@pytest.mark.slow
+def test_two_processes_on_the_grain_engine_train_like_one(tmp_path):
+  """A folder of JPEGs on the grain engine: two processes of one device each
+  read and decode only their rows of each global batch, and train like one
+  process of two devices (the first BatchNorm's statistics, which depend
+  on the images alone)."""
+  import photos  # pylint: disable=g-import-not-at-top
+  tree = photos.write_tree(str(tmp_path / "tree"), {"train": 8, "test": 2},
+                           [(48, 64), (64, 48)])
+  args = (f"--config.dataset=folder:{tree}", "--config.image_size=32",
+          "--config.batch_size=8", "--config.input_engine=grain",
+          "--config.input_workers=0", "--config.restriction_images=0", *ARGS)
+  port = train_utils.free_port()
+  two = [train_utils.launch(
+      tmp_path / "two", f"--config.coordinator_address=127.0.0.1:{port}",
+      "--config.num_processes=2", f"--config.process_id={i}",
+      "--config.num_train_steps=4", *args) for i in range(2)]
+  one = train_utils.launch(tmp_path / "one", "--config.num_train_steps=4",
+                           *args, devices=2)
+  for log in _finish(two + [one]):
+    assert "input engine: grain" in log
+  _, state_two = train_utils.final_state(tmp_path / "two")
+  _, state_one = train_utils.final_state(tmp_path / "one")
+  first_bn = [k for k in state_one if k.startswith(FIRST_BN)]
+  assert len(first_bn) == 2, first_bn
+  for k in first_bn:
+    np.testing.assert_allclose(state_two[k], state_one[k], rtol=1e-3,
+                               err_msg=k)
+  assert _summary(tmp_path / "two")["processes"] == 2
+
+
 # Two processes open the data as a run starts (``startup.prepare`` calls
 # ``data.dataset_info`` before anything is compiled).
 _OPEN_DATA = r"""
