@@ -164,3 +164,30 @@ def test_labels_outside_the_model_are_refused():
   with pytest.raises(DataError, match="outside the model's 5 classes"):
     on_device.DeviceInputs(config, parallel.data_mesh(jax.devices()[:1]),
                            eval_batch_size=48, num_classes=5)
+
+
+@pytest.mark.parametrize("file_format", ["array_record", "tfrecord"])
+@pytest.mark.parametrize("tensorflow", [True, False])
+def test_tfds_splits_read_with_and_without_tensorflow(tmp_path, monkeypatch,
+                                                      file_format, tensorflow):
+  """How CIFAR-10 reaches the devices: ArrayRecord files through
+  ``as_data_source`` (with or without TensorFlow), TFRecord files through
+  tf.data (TensorFlow needed, else an error with the fix); both give the
+  split's examples and labels. A tfds builder prepared here stands in for
+  CIFAR-10 (8x8 grey digits, PNG encoded)."""
+  from ir2net_jax.data import digits_tfds  # pylint: disable=g-import-not-at-top
+  data_dir = str(tmp_path / file_format)
+  digits_tfds.Ir2netDigits(data_dir=data_dir).download_and_prepare(
+      file_format=file_format)
+  monkeypatch.setattr(on_device, "tensorflow_installed", lambda: tensorflow)
+  read = lambda: on_device._tfds_arrays(  # pylint: disable=protected-access
+      "ir2net_digits", data_dir, "test")
+  if file_format == "tfrecord" and not tensorflow:
+    with pytest.raises(DataError, match="--file_format=array_record"):
+      read()
+    return
+  images, labels = read()
+  want_images, want_labels = digits.load_split("test")
+  assert images.dtype == np.uint8 and labels.dtype == np.int32
+  key = lambda im, lb: sorted(zip(lb.tolist(), [i.tobytes() for i in im]))
+  assert key(images, labels) == key(want_images, want_labels)

@@ -211,16 +211,24 @@ def _tfds_arrays(name: str, data_dir: Optional[str],
         f"{data_dir or 'the tfds default'}); prepare it once with `tfds build "
         f"{name} --data_dir=DIR` (add --file_format=array_record to read it "
         "without TensorFlow) and pass --config.data_dir=DIR.")
+  file_format = str(getattr(builder.info.file_format, "value",
+                            builder.info.file_format))
+  if file_format != "array_record" and not tensorflow_installed():
+    raise DataError(
+        f"{name} in {builder.data_dir} is stored as {file_format}, which "
+        "only TensorFlow reads: install it (`pip install tensorflow-cpu`), or "
+        f"prepare the data again with `tfds build {name} --data_dir=DIR "
+        "--file_format=array_record`.")
   try:
-    if tensorflow_installed():
-      ds = builder.as_dataset(split=split, shuffle_files=False)
-      batches = list(tfds.as_numpy(ds.batch(4096)))
-      arrays = {k: np.concatenate([b[k] for b in batches])
-                for k in ("image", "label")}
-    else:
+    if file_format == "array_record":
       source = builder.as_data_source(split=split)
       examples = source.__getitems__(list(range(len(source))))
       arrays = {k: np.stack([e[k] for e in examples])
+                for k in ("image", "label")}
+    else:
+      ds = builder.as_dataset(split=split, shuffle_files=False)
+      batches = list(tfds.as_numpy(ds.batch(4096)))
+      arrays = {k: np.concatenate([b[k] for b in batches])
                 for k in ("image", "label")}
   except (KeyError, ValueError, NotImplementedError) as e:
     raise DataError(f"cannot read split {split!r} of {name} from "
