@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -254,3 +255,25 @@ def test_command_line_draws_image_files(smoke_run, tmp_path):
                         + 3 * (cell + grid_lib.GAP),
                         grid_lib.GAP + 4 * (cell + grid_lib.GAP)
                         + grid_lib.LABEL, 3)
+
+
+@pytest.mark.parametrize("dataset,size", [("digits", 32), ("cifar10", 32),
+                                          ("imagenet2012", 64)])
+def test_image_files_load_alike_without_tensorflow(tmp_path, monkeypatch,
+                                                   dataset, size):
+  """``--images`` without TensorFlow: the numpy recipes give the tf.data
+  recipes' inputs up to the decoders' rounding (mean under 2 levels)."""
+  import photos  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import constants, images, on_device  # pylint: disable=g-import-not-at-top
+  photos.write_tree(str(tmp_path / "tree"), {"x": 2}, [(50, 70), (80, 60)])
+  config = ml_collections.ConfigDict({"dataset": dataset,
+                                      "image_size": size})
+  pattern = str(tmp_path / "tree" / "x" / "*" / "*.jpg")
+  with_tf = images.load_images(config, pattern)
+  monkeypatch.setattr(on_device, "tensorflow_installed", lambda: False)
+  without = images.load_images(config, pattern)
+  assert with_tf.shape == without.shape == (6, size, size, 3)
+  std = np.array(constants.DIGITS_STD if dataset == "digits"
+                 else constants.IMAGENET_STD) * 255
+  levels = np.abs(with_tf - without) * std
+  assert levels.reshape(6, -1).mean(1).max() < 2.0, levels.mean()

@@ -1,11 +1,14 @@
 """Input engines for digits, CIFAR-10, ImageNet, and any image
 classification data (a tfds builder or a folder of images).
 
-Two engines (``engines``; ``config.input_engine``): ``'device'`` keeps
+Three engines (``engines``; ``config.input_engine``): ``'device'`` keeps
 digits and CIFAR-10 on the accelerators and draws each batch inside the
-train step (``on_device``, no TensorFlow needed for digits); ``'tf.data'``
+train step (``on_device``, no TensorFlow needed for digits); ``'grain'``
+decodes ``folder:`` trees and ArrayRecord tfds data on the host in worker
+processes with numpy recipes (``grain_inputs``, no TensorFlow); ``'tf.data'``
 is the host pipeline of tfds + tf.data (``pipeline``), for every data set.
-``'auto'`` (the default) picks the first that can serve the config.
+``'auto'`` (the default) picks device, else grain (folders, or anything
+without TensorFlow), else tf.data; see ``engines``.
 
 Public API::
 
@@ -18,11 +21,13 @@ The tf.data engine's own iterators (importing them imports TensorFlow)::
   it = eval_iterator(config, global_batch_size=...)
   it = prefetch_to_device(it, size=2, sharding=NamedSharding(mesh, P('data')))
 
-Batches are dicts of host-local numpy arrays, B = global_batch_size //
-process_count: ``image`` (B, S, S, 3) normalised, ``label`` int32 (B,), and
-for eval ``mask`` float32 (B,) (0 marks padding). Training batches are an
-infinite, deterministic function of (seed, host, step); eval counts every
-example once over all hosts and batches.
+The tf.data engine's batches are dicts of host-local numpy arrays,
+B = global_batch_size // process_count: ``image`` (B, S, S, 3) normalised,
+``label`` int32 (B,), and for eval ``mask`` float32 (B,) (0 marks padding).
+Training batches are an infinite, deterministic function of (seed, host,
+step); eval counts every example once over all hosts and batches. (The
+grain engine's host batches are uint8, finished on the devices by its
+``batch_fn``; the device engine's are drawn inside the step.)
 
 Config fields read (``ml_collections.ConfigDict``; a missing or None field
 takes the default shown):
@@ -47,7 +52,9 @@ takes the default shown):
   50000 for cifar10 (the whole split), 16384 for imagenet2012; for tfds:
   and folder: data the whole split if cached, else 16384.
 * ``dtype``: 'float32' | 'bfloat16', dtype of ``image``; 'float32'.
-* ``input_engine``: 'auto' | 'tf.data' | 'device'; 'auto'.
+* ``input_engine``: 'auto' | 'tf.data' | 'grain' | 'device'; 'auto'.
+* ``input_workers``: grain's decoding processes; -1 = one per core (none,
+  only threads, below 4 cores).
 * ``device_data_limit``: the largest fraction of one device's memory the
   device engine fills with data; 0.25.
 

@@ -274,6 +274,7 @@ def finish_batch(batch: Batch, dtype=np.float32) -> Batch:
 
 # -------------------------------------------------------------- the order --
 
+@functools.lru_cache(maxsize=8)   # on every example's path
 def _keys(seed: int) -> Tuple[int, int]:
   """The shuffle and augmentation keys of ``seed`` (numpy's SeedSequence is
   stable across versions and machines)."""

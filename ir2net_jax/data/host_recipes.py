@@ -93,15 +93,18 @@ def random_resized_crop_window(
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def eval_window(height: int, width: int, image_size: int) -> Tuple[Window,
-                                                                    Tuple[int, int]]:
-  """``Resize(round(S * 256 / 224))`` + ``CenterCrop(S)`` as one window.
+def eval_window(height: int, width: int, image_size: int,
+                resize: Optional[int] = None
+                ) -> Tuple[Window, Tuple[int, int]]:
+  """``Resize(resize)`` + ``CenterCrop(S)`` as one window; ``resize``
+  defaults to ``round(S * 256 / 224)``, ImageNet's.
 
   Returns:
     ``(window, resized)``: the window of the original image that the centre
     crop keeps, and the (height, width) the whole image is resized to.
   """
-  resize = int(round(image_size * 256 / 224))
+  if resize is None:
+    resize = int(round(image_size * 256 / 224))
   if height <= width:
     new_h, new_w = resize, int(resize * width / height)
   else:

@@ -1,15 +1,19 @@
 """Image files as a data set's eval recipe prepares its own images (the
-restriction pictures of ``ir2net_jax.tools.visualize``)."""
+restriction pictures of ``ir2net_jax.tools.visualize``): with the tf.data
+recipes where TensorFlow is installed, else with their numpy counterparts
+(``host_recipes``, ``on_device.upsample_bilinear``), which agree up to the
+decoders' rounding."""
 
 import glob
+import io
 import os
 from typing import Sequence
 
 import numpy as np
-import tensorflow as tf
+from PIL import Image
 
-from ir2net_jax.data import augment, sources
-from ir2net_jax.data.custom import IMAGE_SUFFIXES
+from ir2net_jax.data import constants, host_recipes, on_device, sources
+from ir2net_jax.data.folders import IMAGE_SUFFIXES
 from ir2net_jax.data.specs import DataError
 
 __all__ = ["load_images"]
@@ -50,9 +54,14 @@ def load_images(config, patterns: str) -> np.ndarray:
     DataError: a pattern matches no .png / .jpg file, or none is given.
   """
   settings = sources.read_settings(config)
+  files = _image_files(patterns)
+  if not on_device.tensorflow_installed():
+    return np.stack([_numpy_recipe(config, settings, f) for f in files])
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import augment  # pylint: disable=g-import-not-at-top
   spec, size = settings.spec, settings.image_size
   out = []
-  for path in _image_files(patterns):
+  for path in files:
     encoded = tf.io.read_file(path)
     if spec.decoders:  # the recipe decodes (JPEG bytes; PNG decodes too)
       image = spec.eval_recipe(encoded, size)
@@ -66,3 +75,25 @@ def load_images(config, patterns: str) -> np.ndarray:
       image = spec.eval_recipe(image, size)
     out.append(np.asarray(image, np.float32))
   return np.stack(out)
+
+
+def _numpy_recipe(config, settings: sources.Settings, path: str) -> np.ndarray:
+  """:func:`load_images`' recipe for one file without TensorFlow."""
+  with open(path, "rb") as f:
+    encoded = f.read()
+  spec, size = settings.spec, settings.image_size
+  mean, std = constants.IMAGENET_MEAN, constants.IMAGENET_STD
+  if config.dataset == "digits":
+    with Image.open(io.BytesIO(encoded)) as opened:
+      grey = np.asarray(opened.convert("L"))[None, ..., None]
+    image = np.repeat(on_device.upsample_bilinear(grey, size)[0], 3, -1)
+    mean, std = constants.DIGITS_MEAN, constants.DIGITS_STD
+  elif spec.crop == "resized":
+    image = host_recipes.imagenet_eval(encoded, size)
+  elif spec.decoders:   # the CIFAR recipe of tfds: and folder: data
+    image = host_recipes.small_eval(encoded, size)
+  else:                 # cifar10: resize the shorter side, centre crop
+    image = host_recipes.decode_window(
+        encoded, lambda h, w: host_recipes.eval_window(h, w, size, size)[0],
+        size, reduce=False)
+  return host_recipes.normalize(image, mean, std)
