@@ -80,9 +80,9 @@ def test_train_step_without_tensorflow(tmp_path):
   assert p.stdout.startswith("OK")
 
 
-# Imported first in every process of the run (sitecustomize): TensorFlow is
-# then absent as on a GPU image (``find_spec`` finds nothing, an import
-# raises ModuleNotFoundError), not broken.
+# Imported first in every process of the run (sitecustomize): TensorFlow and
+# tensorflow_datasets are then absent as on a GPU image (``find_spec`` finds
+# nothing, an import raises ModuleNotFoundError), not broken.
 _NO_TENSORFLOW = r"""
 from importlib.machinery import PathFinder
 
@@ -90,7 +90,7 @@ _find_spec = PathFinder.find_spec.__func__
 
 
 def _without_tensorflow(cls, name, path=None, target=None):
-  if name.split(".")[0] == "tensorflow":
+  if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
     return None
   return _find_spec(cls, name, path, target)
 

@@ -45,7 +45,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import logging
 import numpy as np
 import PIL.Image
-import tensorflow_datasets as tfds
 
 from ir2net_jax.data import constants, folders
 from ir2net_jax.data.folders import FOLDER_PREFIX, IMAGE_SUFFIXES
@@ -87,8 +86,9 @@ def unprepared_error(tfds_name: str, builder, data_dir: Optional[str]
 
 
 @functools.lru_cache(maxsize=64)
-def open_folder(root: str) -> tfds.core.DatasetBuilder:
+def open_folder(root: str) -> "tfds.core.DatasetBuilder":
   """tfds' ImageFolder of ``root`` (lists every file once per process)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds.folder_dataset.ImageFolder(root)
 
 
@@ -172,7 +172,7 @@ def _make_spec(*, tfds_name: str, where: str, num_classes: int,
       shuffle_buffer=shuffle_buffer, cache=cache,
       # Images stay encoded until the recipe decodes them to RGB: whatever
       # the stored channels, and a cache holds the compact bytes.
-      decoders={image_key: tfds.decode.SkipDecoding()},
+      decoders=(image_key,),
       train_recipe=train, eval_recipe=evaluate,
       value_range=normalized_range(constants.IMAGENET_MEAN,
                                    constants.IMAGENET_STD),
@@ -190,6 +190,7 @@ def _pick(keys: List[str], preferred: str) -> Optional[str]:
 
 def _feature_keys(info, where: str) -> Tuple[str, str]:
   """(image key, label key) of a tfds builder's features."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   features = info.features
   images = [k for k, f in features.items()
             if isinstance(f, tfds.features.Image)]
@@ -218,6 +219,7 @@ def _tfds_spec(name: str, data_dir: Optional[str], augment: str
   if not name:
     raise DataError("dataset='tfds:' names no builder; pass e.g. "
                     "--config.dataset=tfds:mnist.")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except (ValueError, AssertionError, KeyError) as e:

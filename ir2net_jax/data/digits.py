@@ -26,9 +26,11 @@ import numpy as np
 
 from ir2net_jax.data.specs import DataError
 
-__all__ = ["NUM_TRAIN", "NUM_TEST", "TEST_EVERY", "load_split", "split_keys"]
+__all__ = ["NUM_TRAIN", "NUM_TEST", "TEST_EVERY", "TFDS_NAME", "load_split",
+           "split_keys"]
 
 TEST_EVERY = 5  # example i is a test example iff i % TEST_EVERY == 0
+TFDS_NAME = "ir2net_digits"   # the tfds builder of digits_tfds
 NUM_TRAIN = 1437
 NUM_TEST = 360
 _MAX_GREY = 16  # load_digits' grey levels are 0..16

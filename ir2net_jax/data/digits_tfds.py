@@ -17,7 +17,7 @@ __all__ = ["Ir2netDigits"]
 class Ir2netDigits(tfds.core.GeneratorBasedBuilder):
   """scikit-learn's digits, 8x8x1 uint8 images in 0..255, labels 0..9."""
 
-  name = "ir2net_digits"
+  name = digits.TFDS_NAME
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Train: i % 5 != 0 (1437); test: i % 5 == 0 (360)."}
 

@@ -15,9 +15,8 @@ from typing import Dict, Iterator, Optional, Tuple
 
 from absl import logging
 import numpy as np
-import tensorflow_datasets as tfds
 
-from ir2net_jax.data import constants, custom, digits, digits_tfds
+from ir2net_jax.data import constants, custom, digits
 from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
     Augmentation, DataError, DatasetSpec, augmentation, normalized_range)
 from ir2net_jax.data.tf_recipes import tf_recipe
@@ -31,7 +30,7 @@ __all__ = [
 
 DATASETS: Dict[str, DatasetSpec] = {
     "digits": DatasetSpec(
-        tfds_name=digits_tfds.Ir2netDigits.name, num_classes=10, image_size=32,
+        tfds_name=digits.TFDS_NAME, num_classes=10, image_size=32,
         fixed_image_size=True, eval_split="test",
         shuffle_buffer=digits.NUM_TRAIN, cache=True, decoders=None,
         train_recipe=tf_recipe("digits_train"),
@@ -52,7 +51,7 @@ DATASETS: Dict[str, DatasetSpec] = {
         tfds_name="imagenet2012", num_classes=1000, image_size=224,
         fixed_image_size=False, eval_split="validation",
         shuffle_buffer=16_384, cache=False,
-        decoders={"image": tfds.decode.SkipDecoding()},
+        decoders=("image",),
         train_recipe=tf_recipe("imagenet_train"),
         eval_recipe=tf_recipe("imagenet_eval"),
         value_range=normalized_range(constants.IMAGENET_MEAN,
@@ -143,7 +142,7 @@ def read_settings(config) -> Settings:
       dtype=dtype, augmentation=augmentation(config, spec))
 
 
-def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
+def open_builder(settings: Settings) -> "tfds.core.DatasetBuilder":
   """Returns the prepared tfds builder, preparing it where that is possible.
 
   digits is built locally on first use (well under a second). ImageNet is
@@ -154,6 +153,8 @@ def open_builder(settings: Settings) -> tfds.core.DatasetBuilder:
   Raises:
     DataError: the data set is not prepared and cannot be prepared here.
   """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import digits_tfds  # pylint: disable=g-import-not-at-top
   data_dir = settings.data_dir
   if settings.spec.folder is not None:
     return custom.open_folder(settings.spec.folder)
@@ -224,8 +225,11 @@ class HostSplit:
 
 
 def _as_dataset(builder, split, spec: DatasetSpec) -> "tf.data.Dataset":
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  decoders = ({k: tfds.decode.SkipDecoding() for k in spec.decoders}
+              if spec.decoders else None)
   ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders=spec.decoders,
+                          decoders=decoders,
                           read_config=tfds.ReadConfig(try_autocache=False))
   return ds.map(lambda ex: {"image": ex[spec.image_key],
                             "label": ex[spec.label_key]})
@@ -234,6 +238,7 @@ def _as_dataset(builder, split, spec: DatasetSpec) -> "tf.data.Dataset":
 def _known_host_counts(builder, split: str,
                        process_count: int) -> Optional[Tuple[int, ...]]:
   """Examples per host from the metadata, or None if the metadata has none."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   splits = builder.info.splits
   if not splits:  # Not recorded, as under tfds.testing.mock_data.
     return None
@@ -258,7 +263,7 @@ def _count(ds: "tf.data.Dataset") -> int:
   return int(ds.reduce(np.int64(0), lambda count, _: count + 1))
 
 
-def read_split(builder: tfds.core.DatasetBuilder, split: str,
+def read_split(builder: "tfds.core.DatasetBuilder", split: str,
                spec: DatasetSpec, process_index: int,
                process_count: int) -> HostSplit:
   """Reads this host's slice of ``split``: disjoint slices cover the split.
@@ -285,6 +290,7 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str,
   else:
     counts = _known_host_counts(builder, split, process_count)
   if counts is not None:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     host_split = tfds.split_for_jax_process(
         split, process_index=process_index, process_count=process_count)
     ds = _as_dataset(builder, host_split, spec)

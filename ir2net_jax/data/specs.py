@@ -55,7 +55,9 @@ class DatasetSpec:
     shuffle_buffer: default shuffle buffer, in examples.
     cache: whether each host's decoded split is small enough to keep in memory
       (then every host reads the whole training split: one global stream).
-    decoders: tfds ``decoders`` argument (ImageNet keeps JPEG bytes).
+    decoders: the features tfds leaves encoded (``SkipDecoding``: ImageNet's
+      JPEG bytes; any image of ``tfds:`` and ``folder:`` data), for the
+      recipe to decode; None decodes every feature.
     train_recipe: the tf.data engine's ``(image, seed, image_size,
       augmentation) -> float32 image`` (``augmentation``: an
       :class:`Augmentation`).
@@ -81,7 +83,7 @@ class DatasetSpec:
   eval_split: str
   shuffle_buffer: int
   cache: bool
-  decoders: Optional[Dict[str, Any]]
+  decoders: Optional[Tuple[str, ...]]
   train_recipe: Callable[..., Any]
   eval_recipe: Callable[..., Any]
   value_range: Tuple[float, float]
