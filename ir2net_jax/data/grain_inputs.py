@@ -153,8 +153,7 @@ def _tfds_builder(settings: sources.Settings):
     raise DataError(f"{name} is not prepared in {builder.data_dir} "
                     f"(data_dir={data_dir or 'the tfds default'}); the grain "
                     f"engine reads ArrayRecord data prepared with {fix}.")
-  file_format = str(getattr(builder.info.file_format, "value",
-                            builder.info.file_format))
+  file_format = sources.file_format(builder)
   if file_format != "array_record":
     raise DataError(f"{name} in {builder.data_dir} is stored as "
                     f"{file_format}; the grain engine reads ArrayRecord: "
@@ -200,9 +199,13 @@ def dataset_info(config) -> DatasetInfo:
     DataError: see :func:`check_config` and :func:`open_records`.
   """
   settings = check_config(config)
-  num_train, num_eval = (len(open_records(settings, split)) for split in
-                         (settings.train_split, settings.eval_split))
-  return DatasetInfo(num_train=num_train, num_eval=num_eval,
+  return _info(settings, *(open_records(settings, split) for split in
+                           (settings.train_split, settings.eval_split)))
+
+
+def _info(settings: sources.Settings, train: "Records",
+          evaluate: "Records") -> DatasetInfo:
+  return DatasetInfo(num_train=len(train), num_eval=len(evaluate),
                      num_classes=settings.spec.num_classes,
                      image_size=settings.image_size,
                      train_split=settings.train_split,
@@ -403,12 +406,7 @@ class GrainInputs:
                    else process_count)
     self._train = open_records(self.settings, self.settings.train_split)
     self._eval = open_records(self.settings, self.settings.eval_split)
-    self.info = DatasetInfo(
-        num_train=len(self._train), num_eval=len(self._eval),
-        num_classes=self.settings.spec.num_classes,
-        image_size=self.settings.image_size,
-        train_split=self.settings.train_split,
-        eval_split=self.settings.eval_split)
+    self.info = _info(self.settings, self._train, self._eval)
     self._train_recipe, self._eval_recipe = _recipes(
         self.settings, host_recipes.resolve_decoder("auto"))
     workers = config.get("input_workers")

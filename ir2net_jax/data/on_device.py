@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from ir2net_jax.data import constants, digits
+from ir2net_jax.data import constants, digits, sources
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
 __all__ = ["DATASETS", "DeviceArrays", "DeviceInputs", "TooLarge", "can_serve",
@@ -211,8 +211,7 @@ def _tfds_arrays(name: str, data_dir: Optional[str],
         f"{data_dir or 'the tfds default'}); prepare it once with `tfds build "
         f"{name} --data_dir=DIR` (add --file_format=array_record to read it "
         "without TensorFlow) and pass --config.data_dir=DIR.")
-  file_format = str(getattr(builder.info.file_format, "value",
-                            builder.info.file_format))
+  file_format = sources.file_format(builder)
   if file_format != "array_record" and not tensorflow_installed():
     raise DataError(
         f"{name} in {builder.data_dir} is stored as {file_format}, which "

@@ -23,7 +23,7 @@ from ir2net_jax.data.tf_recipes import tf_recipe
 
 __all__ = [
     "DataError", "DatasetSpec", "DATASETS", "dataset_spec", "Settings",
-    "read_settings", "checked_labels", "augmentation", "DTYPES",
+    "read_settings", "checked_labels", "augmentation", "DTYPES", "file_format",
     "open_builder", "HostSplit", "read_split",
 ]
 
@@ -251,6 +251,14 @@ def _known_host_counts(builder, split: str,
     raise DataError(f"Cannot read split {split!r} of {builder.name}: {e} "
                     f"(known splits: {sorted(splits)}); name one with "
                     "--config.train_split / --config.eval_split.") from e
+
+
+def file_format(builder) -> str:
+  """How a prepared tfds builder stores its data: 'tfrecord' (what tf.data
+  reads) or 'array_record' (what ``tfds.data_source`` reads, no
+  TensorFlow)."""
+  found = builder.info.file_format
+  return str(getattr(found, "value", found))
 
 
 _UNKNOWN_CARDINALITY = -2   # tf.data.UNKNOWN_CARDINALITY
