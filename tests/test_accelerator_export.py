@@ -231,3 +231,33 @@ def test_device_input_engine_step_lowers_for_accelerators(platform):
   assert "custom_call @xla_python" not in text and "callback" not in text
   convs = _ops(text, "convolution")
   assert convs and all(c[0] == ("bf16", "bf16") for c in convs), convs[:2]
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_grain_windows_resized_on_accelerators(platform):
+  """grain's finish with the windows on canvases (input_resize='device', as
+  'auto' runs on accelerators) lowers for GPUs and TPUs: the resize is two
+  float32 matrix products a window at full precision (TPUs' default would
+  round the weights to bfloat16), the images leave it in bfloat16, and no
+  host callback."""
+  from ir2net_jax.data import grain_inputs, host_recipes  # pylint: disable=g-import-not-at-top
+  size, batch = 224, 8
+  side = host_recipes.canvas_size(size)
+  spec = jax.ShapeDtypeStruct
+  finish = jax.jit(functools.partial(grain_inputs.finish_batch,
+                                     dtype=jnp.bfloat16, image_size=size))
+  text = jax.export.export(finish, platforms=[platform])({
+      "image": spec((batch, side, side, 3), jnp.uint8),
+      "window": spec((batch, 4), jnp.float32),
+      "extent": spec((batch, 2), jnp.int32),
+      "shift": spec((batch, 3), jnp.int32),
+      "flip": spec((batch,), jnp.bool_),
+      "label": spec((batch,), jnp.int32)}).mlir_module()
+  main = next(line for line in text.splitlines() if "@main(" in line)
+  assert f"-> (tensor<{batch}x{size}x{size}x3xbf16>" in main
+  dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
+  assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots)
+  for d in dots:   # (operands) -> result, every one float32
+    assert set(re.findall(r"tensor<[\dx]+x(\w+)>", d.split(" : ")[1])) == {
+        "f32"}, d
+  assert "custom_call @xla_python" not in text and "callback" not in text

@@ -295,7 +295,8 @@ def test_decoders_table(capsys):
   table = capsys.readouterr().out
   assert [r["decoder"] for r in rows] == [
       "tf.data", "pil_full", "pil", "simplejpeg", "simplejpeg, device finish",
-      "grain engine"]
+      "simplejpeg, device resize", "grain engine",
+      "grain engine, device resize"]
   for r in rows:
     assert r["images_per_s_1_workers"] > 0 and r["images_per_s_2_workers"] > 0
     assert r["cores_for_float_resnet18"] == pytest.approx(

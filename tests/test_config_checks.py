@@ -280,3 +280,30 @@ def test_a_field_the_old_record_lacks_is_compared_with_what_its_run_used(
     assert (f"{field}: {old} (not recorded: its run predates the field; "
             f"pass --config.{field}={old}) -> {value!r}") in str(e.value)
     assert "use a new --workdir" in str(e.value)
+
+
+def test_where_windows_are_resized_is_compared_by_what_it_means(tmp_path):
+  """input_resize matters where the grain engine runs a RandomResizedCrop
+  recipe: a run from before the field resized on the host, which 'auto'
+  means on a CPU; 'device' would change its pixels. Elsewhere (digits on
+  the device engine) it changes nothing and is no difference."""
+  c = digits.get_config("smoke")
+  c.dataset, c.augment, c.input_engine = "folder:/data/photos", "imagenet", \
+      "grain"
+  for config, blocks in ((c, True), (digits.get_config("smoke"), False)):
+    workdir = tmp_path / str(blocks)
+    workdir.mkdir()
+    resume.record_config(str(workdir), config)
+    recorded = json.loads((workdir / "config.json").read_text())
+    del recorded["input_resize"]
+    (workdir / "config.json").write_text(json.dumps(recorded))
+    resume.check_resume(str(workdir), config)   # 'auto' is 'host' here
+    changed = config.copy_and_resolve_references()
+    changed.input_resize = "device"
+    if not blocks:
+      resume.check_resume(str(workdir), changed)
+      continue
+    with pytest.raises(config_checks.ConfigError,
+                       match=r"input_resize: 'host' \(not recorded.*-> "
+                             r"'device'"):
+      resume.check_resume(str(workdir), changed)

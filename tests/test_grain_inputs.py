@@ -166,21 +166,29 @@ def test_train_pixel_statistics_match_tf_data(tree, request):
   assert abs(black(ours) - black(theirs)) < 0.02
 
 
-def test_device_finish_is_the_host_recipe(large_tree):
+@pytest.mark.parametrize("resize", ["host", "device"])
+def test_device_finish_is_the_host_recipe(large_tree, resize):
   """The ImageNet recipe's lighting and flip, drawn on the host and applied
   in the jitted finish, give exactly ``host_recipes.imagenet_train``'s
-  images (lighting included: the imagenet2012 recipe)."""
-  config = make_config(f"folder:{large_tree}", image_size=32, flip=True)
+  images (lighting included: the imagenet2012 recipe); with the windows
+  resized on the device too, the same up to the rounding of half-way values
+  (``window_resize``)."""
+  config = make_config(f"folder:{large_tree}", image_size=32, flip=True,
+                       input_resize=resize)
   inputs = open_grain(config)
+  assert inputs.resize == resize
+  canvas = host_recipes.canvas_size(32) if resize == "device" else None
   inputs._train_recipe = functools.partial(  # pylint: disable=protected-access
-      grain_inputs._large_train, image_size=32, scale=(0.08, 1.0),  # pylint: disable=protected-access
-      flip=True, decoder="auto", with_lighting=True)
+      host_recipes.imagenet_train_parts, image_size=32, scale=(0.08, 1.0),
+      flip=True, decoder="auto", with_lighting=True, canvas=canvas)
   order = inputs.train_order()
   batches = inputs.host_train_batches(0)
   finish = jax.jit(inputs.batch_fn())
   flips = shifted = 0
+  levels = []
   for step in range(4):
     batch = next(batches)
+    assert batch["image"].shape[1] == (canvas or 32)
     flips += int(batch["flip"].sum())
     shifted += int(np.any(batch["shift"] != 0, axis=1).sum())
     got = np.asarray(finish(batch)["image"])
@@ -189,11 +197,15 @@ def test_device_finish_is_the_host_recipe(large_tree):
       index, number = order.locate(step * order.local_batch + row)
       encoded, _ = inputs._train[index]  # pylint: disable=protected-access
       want.append(host_recipes.imagenet_train(encoded, order.rng(number), 32))
-    # One level is 0.017 after Normalize: 1e-5 means the same levels (XLA
-    # may normalise with a reciprocal, a last-bit difference).
-    np.testing.assert_allclose(got, host_recipes.normalize(np.stack(want)),
-                               atol=1e-5, rtol=0, err_msg=str(step))
+    if resize == "host":
+      # One level is 0.017 after Normalize: 1e-5 means the same levels (XLA
+      # may normalise with a reciprocal, a last-bit difference).
+      np.testing.assert_allclose(got, host_recipes.normalize(np.stack(want)),
+                                 atol=1e-5, rtol=0, err_msg=str(step))
+    levels.append(np.abs(got * STD + MEAN - np.stack(want)))
   assert 0 < flips < 48 and 0 < shifted   # both were exercised
+  levels = np.concatenate(levels)
+  assert levels.max() < 2.01 and np.mean(levels < 0.01) > 0.9
 
 
 def test_stream_resumes_and_worker_processes_change_nothing(large_tree):
@@ -259,6 +271,10 @@ def test_engine_choice_and_errors(tmp_path, small_tree):
   config.data_dir = str(tmp_path / "nothing")
   with pytest.raises(DataError, match="not prepared"):
     grain_inputs.dataset_info(config)
+  assert grain_inputs.resolve_resize(folder) == (
+      "host" if jax.default_backend() == "cpu" else "device")
+  with pytest.raises(DataError, match="input_resize='bogus'"):
+    grain_inputs.resolve_resize(make_config("digits", input_resize="bogus"))
   with pytest.raises(DataError, match="no split 'valid'"):
     grain_inputs.dataset_info(make_config(f"folder:{small_tree}",
                                           eval_split="valid"))

@@ -168,7 +168,8 @@ def test_launch_trains_evaluates_and_resumes_digits_without_tensorflow(
 def test_launch_trains_and_resumes_on_a_folder_with_grain_without_tensorflow(
     tmp_path):
   """A folder of JPEGs through launch.py with TensorFlow absent: the grain
-  engine with 2 worker processes; a run stopped at step 4 and resumed ends
+  engine with 2 worker processes, the windows resized on the devices (what
+  'auto' does on a GPU); a run stopped at step 4 and resumed ends
   bit-identical to one that never stopped."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import photos  # pylint: disable=g-import-not-at-top
@@ -179,7 +180,8 @@ def test_launch_trains_and_resumes_on_a_folder_with_grain_without_tensorflow(
   args = ["launch.py", "--config=configs/digits.py:smoke",
           f"--config.dataset=folder:{tree}", "--config.image_size=32",
           "--config.batch_size=8", "--config.input_workers=2",
-          "--config.checkpoint_every_steps=2", "--config.flip=True"]
+          "--config.checkpoint_every_steps=2", "--config.flip=True",
+          "--config.input_resize=device"]
 
   def run(workdir, steps):
     p = subprocess.run([sys.executable, *args, f"--workdir={workdir}",
@@ -192,6 +194,7 @@ def test_launch_trains_and_resumes_on_a_folder_with_grain_without_tensorflow(
   log = run(tmp_path / "whole", 6)
   assert "input engine: grain" in log and "2 worker processes" in log
   assert "imagenet recipe" in log   # the images are of several sizes
+  assert "train windows resized on the device" in log
   run(tmp_path / "resumed", 4)
   assert "resumed from step 4" in run(tmp_path / "resumed", 6)
   step_w, whole = train_utils.final_state(tmp_path / "whole")

@@ -31,6 +31,7 @@ FIELDS_ADDED = {
     "input_engine": "tf.data",         # the only engine there was
     "device_data_limit": 0.25,
     "input_workers": -1,
+    "input_resize": "host",            # the windows were resized on the host
 }
 
 # How a run's processes were started: a recorded config's describe that run,

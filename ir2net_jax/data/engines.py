@@ -39,7 +39,8 @@ from ir2net_jax.data import folders, on_device
 from ir2net_jax.data.on_device import tensorflow_installed
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
-__all__ = ["ENGINES", "auto_engine", "resolve_engine", "tensorflow_installed",
+__all__ = ["ENGINES", "auto_engine", "train_resize", "resolve_engine",
+           "tensorflow_installed",
            "dataset_info", "open_inputs", "HostInputs"]
 
 ENGINES = ("auto", "tf.data", "grain", "device")
@@ -66,6 +67,24 @@ def auto_engine(config) -> str:
   the config and the installed packages; ``train.resume`` compares runs
   through it)."""
   return "device" if on_device.can_serve(config) else _host_engine(config)
+
+
+def train_resize(config) -> str:
+  """Where ``config``'s train windows are resized, 'host' or 'device': the
+  grain engine's ``input_resize`` for RandomResizedCrop recipes, else
+  'host' (``train.resume`` compares runs through it)."""
+  name = config.get("input_engine") or "auto"
+  if (auto_engine(config) if name == "auto" else name) != "grain":
+    return "host"
+  grain_inputs = _grain()
+  try:
+    kind = grain_inputs.recipe_kind(grain_inputs.check_config(config))
+  except DataError:   # the data are not here: where it would resize them
+    kind = "large"
+  try:
+    return grain_inputs.resolve_resize(config) if kind == "large" else "host"
+  except DataError:
+    return config.get("input_resize")
 
 
 def resolve_engine(config, log: bool = False) -> str:

@@ -95,5 +95,5 @@ def _numpy_recipe(config, settings: sources.Settings, path: str) -> np.ndarray:
   else:                 # cifar10: resize the shorter side, centre crop
     image = host_recipes.decode_window(
         encoded, lambda h, w: host_recipes.eval_window(h, w, size, size)[0],
-        size, reduce=False)
+        size, reduce=False, context=True)
   return host_recipes.normalize(image, mean, std)

@@ -74,6 +74,9 @@ def _effective(recorded: Dict[str, Any]) -> Dict[str, Any]:
   if recorded.get("input_engine") == "auto":
     recorded = {**recorded, "input_engine": engines.auto_engine(
         ml_collections.ConfigDict(recorded))}
+  if "input_resize" in recorded:
+    recorded = {**recorded, "input_resize": engines.train_resize(
+        ml_collections.ConfigDict(recorded))}
   return recorded
 
 

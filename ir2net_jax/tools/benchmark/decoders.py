@@ -20,11 +20,15 @@ and 14,000 img/s (a float ResNet-18 on an H100-class GPU):
   simplejpeg at any n/8 size), uint8 out; workers = processes.
 * ``simplejpeg, device finish``: the host's share of the recipe when the
   lighting and the flip are left to the device
-  (``host_recipes.imagenet_train_parts``, as the grain engine runs it).
-* ``grain engine``: the whole grain engine (``data.grain_inputs``) on a
-  ``folder:`` of the same JPEGs, batches of 16 out of its worker processes
-  (workers = ``config.input_workers``): reading files, the recipe, batching
-  and the transfer between processes.
+  (``host_recipes.imagenet_train_parts``, as the grain engine runs it with
+  ``input_resize='host'``).
+* ``simplejpeg, device resize``: the same with the resize left to the device
+  too: windows on canvases (``input_resize='device'``).
+* ``grain engine`` and ``grain engine, device resize``: the whole grain
+  engine (``data.grain_inputs``) with ``input_resize='host'`` and
+  ``'device'`` on a ``folder:`` of the same JPEGs, batches of 16 out of its
+  worker processes (workers = ``config.input_workers``): reading files, the
+  recipe, batching and the transfer between processes.
 
 ``--write_folder=DIR`` writes such JPEGs as an ImageNet-shaped ``folder:``
 tree instead (``DIR/train/<class>/``, ``DIR/val/<class>/``), on every core,
@@ -82,7 +86,9 @@ def imagenet_like_jpegs(count: int, seed: int = 0) -> List[bytes]:
 
 
 _DEVICE_FINISH = "simplejpeg, device finish"
+_DEVICE_RESIZE = "simplejpeg, device resize"
 _GRAIN = "grain engine"
+_GRAIN_DEVICE_RESIZE = "grain engine, device resize"
 
 
 def _write_class(root: str, index: int, counts: Dict[str, int]) -> int:
@@ -112,12 +118,16 @@ def _chunk(jpegs: Sequence[bytes], first: int, count: int, image_size: int,
            decoder: str) -> int:
   """Augments examples ``first .. first + count - 1`` (cycling over
   ``jpegs``); returns how many (the batch is built and dropped)."""
-  batch = np.empty((count, image_size, image_size, 3), np.uint8)
+  canvas = (host_recipes.canvas_size(image_size)
+            if decoder == _DEVICE_RESIZE else None)
+  side = canvas or image_size
+  batch = np.empty((count, side, side, 3), np.uint8)
   for i in range(count):
     rng = np.random.default_rng([0, first + i])
     jpeg = jpegs[(first + i) % len(jpegs)]
-    if decoder == _DEVICE_FINISH:
-      batch[i] = host_recipes.imagenet_train_parts(jpeg, rng, image_size)[0]
+    if decoder in (_DEVICE_FINISH, _DEVICE_RESIZE):
+      batch[i] = host_recipes.imagenet_train_parts(
+          jpeg, rng, image_size, canvas=canvas)["image"]
     else:
       batch[i] = host_recipes.imagenet_train(jpeg, rng, image_size,
                                              decoder=decoder)
@@ -182,7 +192,8 @@ def _tf_images_per_s(jpegs, workers: int, examples: int,
 
 
 def _grain_images_per_s(folder: str, workers: int, examples: int,
-                        image_size: int, batch: int = 16) -> float:
+                        image_size: int, resize: str,
+                        batch: int = 16) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   from ir2net_jax.configs import default  # pylint: disable=g-import-not-at-top
   from ir2net_jax.data import grain_inputs  # pylint: disable=g-import-not-at-top
@@ -190,7 +201,8 @@ def _grain_images_per_s(folder: str, workers: int, examples: int,
   config = default.get_config()
   config.update(dict(dataset=f"folder:{folder}", augment="imagenet",
                      image_size=image_size, batch_size=batch,
-                     input_engine="grain", input_workers=workers, flip=True))
+                     input_engine="grain", input_workers=workers, flip=True,
+                     input_resize=resize))
   inputs = grain_inputs.GrainInputs(
       config, parallel.data_mesh(jax.devices()[:1]), batch)
   batches = inputs.host_train_batches(0)
@@ -221,9 +233,9 @@ def benchmark_decoders(examples: int = 512, workers: Sequence[int] = (1, 2),
   jpegs = imagenet_like_jpegs(num_jpegs)
   decoders = ["pil_full", "pil"]
   if importlib.util.find_spec("simplejpeg") is not None:
-    decoders += ["simplejpeg", _DEVICE_FINISH]
+    decoders += ["simplejpeg", _DEVICE_FINISH, _DEVICE_RESIZE]
   if importlib.util.find_spec("grain") is not None:
-    decoders.append(_GRAIN)
+    decoders += [_GRAIN, _GRAIN_DEVICE_RESIZE]
   if engines.tensorflow_installed():
     decoders.insert(0, "tf.data")
   rows = []
@@ -243,8 +255,10 @@ def _row(decoder, jpegs, folder, pools, examples, image_size):
   for n in workers:
     if decoder == "tf.data":
       rate = _tf_images_per_s(jpegs, n, examples, image_size)
-    elif decoder == _GRAIN:
-      rate = _grain_images_per_s(folder, n, examples, image_size)
+    elif decoder in (_GRAIN, _GRAIN_DEVICE_RESIZE):
+      rate = _grain_images_per_s(
+          folder, n, examples, image_size,
+          "device" if decoder == _GRAIN_DEVICE_RESIZE else "host")
     else:
       rate = _host_images_per_s(pools[n], n, examples, image_size, decoder)
     row[f"images_per_s_{n}_workers"] = rate
