@@ -308,3 +308,26 @@ def test_tfds_array_record_data_source(tmp_path):
   with pytest.raises(DataError, match=r"label \d, outside the model's 3"):
     for _ in open_grain(config).host_train_batches(0):
       pass   # a label the model cannot output stops the run
+
+
+def test_closing_the_batches_stops_the_worker_processes(large_tree):
+  """What the loop does when it ends, however it ends: closing the placed
+  batches closes the host batches under them, even while something still
+  holds those (a traceback kept by a notebook does), so no decoding
+  process outlives the run."""
+  import multiprocessing  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import prefetch  # pylint: disable=g-import-not-at-top
+  inputs = open_grain(make_config(f"folder:{large_tree}", image_size=32,
+                                  input_workers=2))
+  before = set(multiprocessing.active_children())
+  host = inputs.host_train_batches(0)
+  placed = prefetch.prefetch_to_device(
+      host, 1, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+  assert next(placed)["image"].shape == (12, 32, 32, 3)
+  workers = set(multiprocessing.active_children()) - before
+  assert len(workers) == 2
+  placed.close()
+  for worker in workers:
+    worker.join(timeout=30)
+  assert not workers & set(multiprocessing.active_children())
+  del host

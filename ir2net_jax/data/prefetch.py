@@ -6,7 +6,15 @@ from typing import Any, Iterable, Iterator
 
 import jax
 
-__all__ = ["prefetch_to_device"]
+__all__ = ["prefetch_to_device", "close_source"]
+
+
+def close_source(iterator) -> None:
+  """Closes ``iterator`` where it can be (generators, grain's iterators,
+  whose worker processes and shared memory it releases)."""
+  close = getattr(iterator, "close", None)
+  if callable(close):
+    close()
 
 
 def prefetch_to_device(iterator: Iterable[Any], size: int,
@@ -28,7 +36,8 @@ def prefetch_to_device(iterator: Iterable[Any], size: int,
     sharding: how the global arrays are laid out over the devices.
 
   Yields:
-    The same pytrees, with global ``jax.Array`` leaves.
+    The same pytrees, with global ``jax.Array`` leaves. Closing this
+    generator closes ``iterator``.
   """
   if size < 0:
     raise ValueError(f"size must be >= 0; got {size}.")
@@ -41,7 +50,10 @@ def prefetch_to_device(iterator: Iterable[Any], size: int,
           lambda x: jax.make_array_from_process_local_data(sharding, x),
           batch))
 
-  enqueue(max(size, 1))
-  while queue:
-    yield queue.popleft()
-    enqueue(1)
+  try:
+    enqueue(max(size, 1))
+    while queue:
+      yield queue.popleft()
+      enqueue(1)
+  finally:
+    close_source(iterator)

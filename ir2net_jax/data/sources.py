@@ -190,17 +190,23 @@ def open_builder(settings: Settings) -> "tfds.core.DatasetBuilder":
 def checked_labels(batches: Iterator[Dict[str, np.ndarray]], num_classes: int,
                    settings: Settings) -> Iterator[Dict[str, np.ndarray]]:
   """Passes ``batches`` on; raises DataError at a label outside [0,
-  num_classes), which would otherwise train silently on a zero target."""
-  for batch in batches:
-    labels = batch["label"]
-    if labels.min() < 0 or labels.max() >= num_classes:
-      bad = labels[(labels < 0) | (labels >= num_classes)]
-      raise DataError(
-          f"{settings.dataset} {settings.train_split!r} has label "
-          f"{int(bad[0])}, outside the model's {num_classes} classes "
-          f"0..{num_classes - 1}; check the data set in data_dir="
-          f"{settings.data_dir!r} and config.num_classes.")
-    yield batch
+  num_classes), which would otherwise train silently on a zero target.
+  Closing it closes ``batches``."""
+  try:
+    for batch in batches:
+      labels = batch["label"]
+      if labels.min() < 0 or labels.max() >= num_classes:
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise DataError(
+            f"{settings.dataset} {settings.train_split!r} has label "
+            f"{int(bad[0])}, outside the model's {num_classes} classes "
+            f"0..{num_classes - 1}; check the data set in data_dir="
+            f"{settings.data_dir!r} and config.num_classes.")
+      yield batch
+  finally:
+    close = getattr(batches, "close", None)
+    if callable(close):   # grain's worker processes and shared memory
+      close()
 
 
 @dataclasses.dataclass(frozen=True)

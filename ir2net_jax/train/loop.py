@@ -23,6 +23,7 @@ from absl import logging
 
 from ir2net_jax import data, models
 from ir2net_jax.configs import ConfigError
+from ir2net_jax.data.prefetch import close_source
 from ir2net_jax.io import checkpoints as checkpoints_lib, weights
 from ir2net_jax.nn import diagnostics
 from ir2net_jax.train import (config_checks, divergence, evaluate,
@@ -211,6 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer.close()
     checkpoints.wait()
     checkpoints.close()
+    close_source(train_iter)   # grain: its worker processes and shared memory
   summary = {
       "name": config.name, "model": config.model, "stage": config.stage,
       "dataset": config.dataset, "steps": max(num_steps, start_step),
