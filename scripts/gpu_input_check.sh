@@ -7,7 +7,9 @@
 #   (b) IR2Net-A stage 2 in bfloat16 at batch 256 on an ImageNet-shaped
 #       folder of generated JPEGs (1000 classes), the grain engine on every
 #       core, with one evaluation and one checkpoint (random weights: the
-#       speed of stage 2, not its accuracy);
+#       speed of stage 2, not its accuracy); the windows resized on the GPU
+#       (input_resize 'auto');
+#   (c) the same for half the steps with the windows resized on the host;
 #   then the ImageNet augmentation per decoder on 1 and all cores.
 #
 #   scripts/gpu_input_check.sh
@@ -62,6 +64,12 @@ loop ir2net_a_stage2 --config=configs/imagenet.py:a,stage=2 --random_weights \
     --steps="$STEPS" --config.dataset="folder:$WORK/inet" \
     --config.eval_split=val --config.input_engine=grain "${SIZE[@]}" \
     --config.checkpoint_every_steps="$STEPS" \
+    --config.eval_every_epochs=100000 --config.log_every_steps=20
+loop ir2net_a_stage2_host_resize --config=configs/imagenet.py:a,stage=2 \
+    --random_weights --steps="$((STEPS / 2))" \
+    --config.dataset="folder:$WORK/inet" --config.eval_split=val \
+    --config.input_engine=grain --config.input_resize=host "${SIZE[@]}" \
+    --config.checkpoint_every_steps=100000 \
     --config.eval_every_epochs=100000 --config.log_every_steps=20
 
 "$PYTHON" - "$WORK" "${OUT:-}" <<'EOF'

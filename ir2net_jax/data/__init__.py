@@ -76,14 +76,15 @@ before any data is read.
 
 from ir2net_jax.data.engines import dataset_info
 from ir2net_jax.data.engines import open_inputs
-from ir2net_jax.data.engines import resolve_engine
+from ir2net_jax.data.engines import resolve_engine, train_resize
 from ir2net_jax.data.prefetch import prefetch_to_device
 from ir2net_jax.data.specs import DataError
 from ir2net_jax.data.specs import DatasetInfo
 
 __all__ = [
     "DataError", "DatasetInfo", "dataset_info", "open_inputs",
-    "resolve_engine", "train_iterator", "eval_iterator", "prefetch_to_device",
+    "resolve_engine", "train_resize", "train_iterator", "eval_iterator",
+    "prefetch_to_device",
 ]
 
 _TF_DATA = ("train_iterator", "eval_iterator")

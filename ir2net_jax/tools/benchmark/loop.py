@@ -123,6 +123,7 @@ def benchmark_loop(config, steps: int, workdir: Optional[str] = None,
   return {
       "config": config.name, "dataset": config.dataset,
       "input_engine": data.resolve_engine(config),
+      "input_resize": data.train_resize(config),
       "batch": config.batch_size, "steps": steps, "dtype": config.dtype,
       "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind,
@@ -138,7 +139,10 @@ def format_row(row: Dict[str, Any]) -> str:
   """One row as a Markdown table."""
   head = ["config", "engine", "batch", "steps", "step img/s", "loop img/s",
           "loop / step", "input wait", "run wall s", "host CPU (cores)"]
-  cells = [row["config"], row["input_engine"], str(row["batch"]),
+  engine = row["input_engine"]
+  if row.get("input_resize") == "device":
+    engine += ", windows resized on the device"
+  cells = [row["config"], engine, str(row["batch"]),
            str(row["steps"]), f"{row['step_images_per_s']:.0f}",
            f"{row['loop_images_per_s']:.0f}", f"{row['loop_over_step']:.2f}",
            f"{row['input_wait_fraction']:.0%}", f"{row['run_wall_s']:.0f}",
