@@ -41,11 +41,13 @@ if [[ -n "${TINY:-}" ]]; then   # a CPU dry run of every command
   STEPS=4; CLASSES=4; PER_CLASS=6
   DIGITS=(--steps=4)
   SIZE=(--config.image_size=32 --config.batch_size=8 --config.eval_batch_size=8)
+  RESIZE=(--config.input_resize=device)   # what 'auto' is on a GPU
   DECODERS=(--examples=16 --workers=1,2 --image_size=64)
 else
   CLASSES=1000
   DIGITS=(--steps=600)
   SIZE=(--config.batch_size=256 --config.dtype=bfloat16)
+  RESIZE=()
   DECODERS=(--examples=2048 --workers=1,$(nproc))
 fi
 
@@ -63,7 +65,7 @@ loop digits --config=configs/digits.py "${DIGITS[@]}" --config.log_every_steps=5
 loop ir2net_a_stage2 --config=configs/imagenet.py:a,stage=2 --random_weights \
     --steps="$STEPS" --config.dataset="folder:$WORK/inet" \
     --config.eval_split=val --config.input_engine=grain "${SIZE[@]}" \
-    --config.checkpoint_every_steps="$STEPS" \
+    "${RESIZE[@]}" --config.checkpoint_every_steps="$STEPS" \
     --config.eval_every_epochs=100000 --config.log_every_steps=20
 loop ir2net_a_stage2_host_resize --config=configs/imagenet.py:a,stage=2 \
     --random_weights --steps="$((STEPS / 2))" \

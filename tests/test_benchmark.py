@@ -334,4 +334,22 @@ def test_loop_benchmark_runs_the_loop_and_the_step(tmp_path, capsys):
   assert row["loop_over_step"] == pytest.approx(
       row["loop_images_per_s"] / row["step_images_per_s"])
   assert os.path.exists(tmp_path / "run" / "summary.json")
-  assert "| digits_resnet20 | device |" in loop.format_row(row)
+  assert row["resize_images_per_s"] is None   # no windows to resize
+  assert "| digits_resnet20 | device | 16 | 6 |" in loop.format_row(row)
+  assert "| - |" in loop.format_row(row)
+
+
+def test_loop_benchmark_times_the_devices_resize_where_it_runs():
+  """Where the grain engine leaves the windows' resize to the devices, the
+  row times it alone; elsewhere it has none."""
+  from ir2net_jax.configs import digits  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.tools.benchmark import loop  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.train import parallel  # pylint: disable=g-import-not-at-top
+  config = digits.get_config("smoke")
+  config.update(dict(dataset="folder:/nowhere", augment="imagenet",
+                     input_engine="grain", image_size=32, batch_size=8,
+                     input_resize="device"))
+  mesh = parallel.data_mesh(jax.devices()[:2])
+  assert loop.resize_images_per_s(config, mesh, repeats=3) > 0
+  config.input_resize = "host"
+  assert loop.resize_images_per_s(config, mesh) is None

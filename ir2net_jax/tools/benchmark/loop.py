@@ -19,7 +19,11 @@ is the loop's cost: waiting for data (``input wait``, the share of the
 loop's time spent in ``next(batches)``, from the run's
 ``input_wait_fraction``), host syncs, logging, evaluation and checkpoints.
 ``host CPU`` is the CPU time of this process and its (finished) children
-over the run's wall time, in cores.
+over the run's wall time, in cores. Where the grain engine leaves the
+resize of the train windows to the devices (``config.input_resize``), the
+row also times that resize alone (``device resize img/s``: the jitted
+``grain_inputs.finish_batch`` on a synthetic batch of canvases already on
+the devices), which the loop's step runs and the step alone does not.
 
 ``--random_weights`` times configs that start from weights without having
 them: an IR2Net stage 2 without its stage-1 run starts from randomly
@@ -29,6 +33,7 @@ without a converted teacher distils from a randomly initialised one
 The speed is the same; the accuracy means nothing.
 """
 
+import functools
 import json
 import os
 import resource
@@ -40,6 +45,7 @@ from typing import Any, Dict, Optional, Sequence
 from absl import app, flags, logging
 import jax
 from ml_collections import config_flags
+import numpy as np
 
 from ir2net_jax import configs, data, models
 from ir2net_jax.io import weights
@@ -47,7 +53,8 @@ from ir2net_jax.train import (loop as loop_lib, parallel, run_metrics,
                               startup, step as step_lib)
 from ir2net_jax.tools.benchmark import step as step_bench
 
-__all__ = ["loop_images_per_s", "benchmark_loop", "format_row", "main"]
+__all__ = ["loop_images_per_s", "resize_images_per_s", "benchmark_loop",
+           "format_row", "main"]
 
 FLAGS = flags.FLAGS
 
@@ -83,6 +90,41 @@ def loop_images_per_s(workdir: str, batch_size: int) -> Dict[str, float]:
           "input_wait_fraction": waited / seconds}
 
 
+def resize_images_per_s(config, mesh, repeats: int = 20) -> Optional[float]:
+  """The device's resize of the train windows, img/s, or None where
+  ``config`` resizes them on the host.
+
+  The whole device finish (windows resized, lighting, flip, normalisation)
+  of a synthetic batch of ``config.batch_size`` canvases on ``mesh``, each
+  window 1.2 S a side (the middle of what the host sends); the median of
+  ``repeats`` timed calls.
+  """
+  if data.train_resize(config) != "device":
+    return None
+  from ir2net_jax.data import grain_inputs, host_recipes  # pylint: disable=g-import-not-at-top
+  size, batch = config.image_size, config.batch_size
+  side = host_recipes.canvas_size(size)
+  rng = np.random.default_rng(0)
+  host = {"image": rng.integers(0, 256, (batch, side, side, 3), np.uint8),
+          "window": np.tile(np.float32([0, 0, 1.2 * size, 1.2 * size]),
+                            (batch, 1)),
+          "extent": np.full((batch, 2), side, np.int32),
+          "shift": np.zeros((batch, 3), np.int32),
+          "flip": rng.random(batch) < 0.5,
+          "label": np.zeros(batch, np.int32)}
+  placed = jax.device_put(host, parallel.batch_sharding(mesh))
+  finish = jax.jit(functools.partial(grain_inputs.finish_batch,
+                                     dtype=jax.numpy.dtype(config.dtype),
+                                     image_size=size))
+  jax.block_until_ready(finish(placed))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(finish(placed))
+    times.append(time.perf_counter() - start)
+  return batch / float(np.median(times))
+
+
 def _random_weights(config, directory: str) -> None:
   """Points ``config`` at randomly initialised weights where it needs
   weights it does not have (module docstring)."""
@@ -114,6 +156,7 @@ def benchmark_loop(config, steps: int, workdir: Optional[str] = None,
     timed.num_classes = startup.prepare(config, training=True).num_classes
     row = step_bench.benchmark_recipe(config.name, timed, mesh,
                                       inference=False)
+    resize = resize_images_per_s(config, mesh)
     workdir = workdir or os.path.join(tmp, "run")
     cpu, start = _cpu_seconds(), time.perf_counter()
     summary = loop_lib.train_and_evaluate(config, workdir)
@@ -127,7 +170,8 @@ def benchmark_loop(config, steps: int, workdir: Optional[str] = None,
       "batch": config.batch_size, "steps": steps, "dtype": config.dtype,
       "devices": jax.device_count(),
       "device_kind": jax.devices()[0].device_kind,
-      "step_images_per_s": row["images_per_s"], **rates,
+      "step_images_per_s": row["images_per_s"],
+      "resize_images_per_s": resize, **rates,
       "loop_over_step": rates["loop_images_per_s"] / row["images_per_s"],
       "run_wall_s": wall, "host_cpu_cores": cpu / wall,
       "host_cores": os.cpu_count(),
@@ -137,13 +181,16 @@ def benchmark_loop(config, steps: int, workdir: Optional[str] = None,
 
 def format_row(row: Dict[str, Any]) -> str:
   """One row as a Markdown table."""
-  head = ["config", "engine", "batch", "steps", "step img/s", "loop img/s",
-          "loop / step", "input wait", "run wall s", "host CPU (cores)"]
+  head = ["config", "engine", "batch", "steps", "step img/s",
+          "device resize img/s", "loop img/s", "loop / step", "input wait",
+          "run wall s", "host CPU (cores)"]
   engine = row["input_engine"]
   if row.get("input_resize") == "device":
     engine += ", windows resized on the device"
   cells = [row["config"], engine, str(row["batch"]),
            str(row["steps"]), f"{row['step_images_per_s']:.0f}",
+           ("-" if row.get("resize_images_per_s") is None
+            else f"{row['resize_images_per_s']:.0f}"),
            f"{row['loop_images_per_s']:.0f}", f"{row['loop_over_step']:.2f}",
            f"{row['input_wait_fraction']:.0%}", f"{row['run_wall_s']:.0f}",
            f"{row['host_cpu_cores']:.1f} of {row['host_cores']}"]
