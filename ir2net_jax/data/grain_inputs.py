@@ -50,8 +50,8 @@ from ir2net_jax.data import (constants, folders, host_recipes, sources,
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
 __all__ = ["grain_installed", "check_config", "dataset_info", "TrainOrder",
-           "Records", "open_records", "recipe_kind", "RESIZES", "resolve_resize",
-           "finish_batch", "GrainInputs", "default_workers"]
+           "Records", "open_records", "recipe_kind", "RESIZES",
+           "resolve_resize", "finish_batch", "GrainInputs", "default_workers"]
 
 Batch = Dict[str, np.ndarray]
 RESIZES = ("auto", "host", "device")
