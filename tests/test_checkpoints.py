@@ -168,6 +168,33 @@ def test_a_process_that_fails_stops_every_process():
     _agree([{2, 4}, {2, 4}], fail={0})
 
 
+def test_a_load_that_fails_on_one_process_stops_every_process():
+  """``on_every_process`` (the stage-1, init_from and teacher loads): each
+  process offers its outcome before raising, so none is left waiting at a
+  collective for one that stopped."""
+  sent = []
+
+  def gather_with(others):
+    def gather(offer):
+      sent.append(offer)
+      return [offer] + others
+    return gather
+
+  assert checkpoints.on_every_process(lambda: "weights", "failed",
+                                      gather_with([0, 0])) == "weights"
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"process\(es\) \[2\] could not load it"):
+    checkpoints.on_every_process(lambda: "weights", "could not load it",
+                                 gather_with([0, -2]))
+
+  def broken():
+    raise FileNotFoundError("no stage 1 here")
+  with pytest.raises(FileNotFoundError, match="no stage 1 here"):
+    checkpoints.on_every_process(broken, "failed", gather_with([0]))
+  assert sent == [0, 0, -2]   # the failure was offered before raising
+  assert checkpoints.on_every_process(lambda: 3, "failed") == 3   # 1 process
+
+
 # best/ after a fallback ----------------------------------------------------
 
 @pytest.mark.parametrize("best_at,run_best", [((4, 6), 4), ((2, 6), None)])

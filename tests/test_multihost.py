@@ -3,7 +3,8 @@
 The whole loop: per-host input pipelines, a shared data_dir prepared once,
 orbax saves from both processes, the evaluation, a preemption that both
 processes stop at one step and resume from bit-identically; and two
-processes that resume from the step both can read. Loopback addresses only.
+processes that resume from the step both can read; a stage 2 that one
+process cannot start stops both. Loopback addresses only.
 """
 
 import json
@@ -183,6 +184,43 @@ def test_two_processes_on_the_grain_engine_train_like_one(tmp_path):
     np.testing.assert_allclose(state_two[k], state_one[k], rtol=1e-3,
                                err_msg=k)
   assert _summary(tmp_path / "two")["processes"] == 2
+
+
+_TINY_IR2NET = """
+import ml_collections
+from ir2net_jax.configs import digits
+def get_config(arg=None):
+  c = digits.get_config("smoke")
+  c.model = "ir2net_a"
+  c.model_kwargs = ml_collections.ConfigDict({"num_blocks": (1, 1, 1, 1)})
+  c.restriction_images = 0
+  return c
+"""
+
+
+@pytest.mark.slow
+def test_stage2_that_one_process_cannot_start_stops_every_process(tmp_path):
+  """Stage 2 on two processes where only process 0 finds the stage-1 run
+  (one host's disk lacks it): both stop within seconds, process 0 naming
+  process 1, and neither waits at the first collective for the other.
+  Before, process 0 waited 30 s and failed with Gloo's timeout."""
+  config = tmp_path / "tiny_ir2net.py"
+  config.write_text(_TINY_IR2NET)
+  _finish([train_utils.launch(tmp_path / "stage1", "--config.stage=1",
+                              "--config.num_train_steps=1",
+                              config=str(config))])
+  port = train_utils.free_port()
+  procs = [train_utils.launch(
+      tmp_path / f"stage2_{i}", "--config.stage=2",
+      f"--config.stage1_checkpoint={tmp_path / ('stage1', 'nowhere')[i]}",
+      f"--config.coordinator_address=127.0.0.1:{port}",
+      "--config.num_processes=2", f"--config.process_id={i}",
+      config=str(config)) for i in range(2)]
+  logs = [p.communicate(timeout=120)[0].decode() for p in procs]
+  assert all(p.returncode == 1 for p in procs), [l[-2000:] for l in logs]
+  assert "no stage-1 run at" in logs[1]
+  assert re.search(r"process\(es\) \[1\] found no stage-1 run", logs[0])
+  assert "DEADLINE_EXCEEDED" not in logs[0]
 
 
 # Two processes open the data as a run starts (``startup.prepare`` calls

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 __all__ = ["CheckpointError", "Checkpoints", "is_step_directory", "latest_step",
            "check_fits", "restore_variables", "read_meta", "open_read_only",
-           "first_line"]
+           "first_line", "on_every_process"]
 
 
 # Reads of a checkpoint before it counts as unreadable, and the wait before
@@ -323,6 +323,38 @@ def _gather(offer: int) -> List[int]:
   return [int(x) for x in multihost_utils.process_allgather(np.int32(offer))]
 
 
+def _offers(offer_fn: Callable[[], int], failure: str,
+            gather: Callable[[int], List[int]] = _gather) -> List[int]:
+  """Every process's ``offer_fn()`` (an int of at least -1), in process
+  order; where it raised on any process, raises on every one: that
+  process's own error there, a CheckpointError naming the process(es) and
+  ``failure`` on the others, so that no process waits at the next
+  collective for one that stopped."""
+  error = None
+  try:
+    offer = offer_fn()
+  except Exception as e:  # raised below, once every process knows
+    error, offer = e, _FAILED
+  offers = gather(offer)
+  if error is not None:
+    raise error
+  failed = [i for i, o in enumerate(offers) if o == _FAILED]
+  if failed:
+    raise CheckpointError(f"process(es) {failed} {failure}")
+  return offers
+
+
+def on_every_process(fn: Callable[[], Any], failure: str,
+                     gather: Callable[[int], List[int]] = _gather) -> Any:
+  """``fn()``, which every process of a run calls, stopping them all where
+  it fails on any (see :func:`_offers`; ``failure`` completes the message
+  the others raise, e.g. 'could not read the teacher (see their logs)').
+  On one process it is ``fn()``."""
+  results = []
+  _offers(lambda: results.append(fn()) or 0, failure, gather)
+  return results[0]
+
+
 def _agree_on_step(newest_at_most: Callable[[Optional[int]], Optional[int]],
                    gather: Callable[[int], List[int]] = _gather
                    ) -> Optional[int]:
@@ -345,20 +377,11 @@ def _agree_on_step(newest_at_most: Callable[[Optional[int]], Optional[int]],
   """
   bound = None
   while True:
-    error = None
-    try:
+    def offer(bound=bound):
       step = newest_at_most(bound)
-      offer = _NONE if step is None else step
-    except Exception as e:  # raised below, once every process knows
-      error, offer = e, _FAILED
-    offers = gather(offer)
-    if error is not None:
-      raise error
-    if _FAILED in offers:
-      failed = [i for i, o in enumerate(offers) if o == _FAILED]
-      raise CheckpointError(
-          f"process(es) {failed} could not read the checkpoints (see their "
-          f"logs); nothing was moved")
+      return _NONE if step is None else step
+    offers = _offers(offer, "could not read the checkpoints (see their "
+                     "logs); nothing was moved", gather)
     bound = min(offers)
     if bound == max(offers):
       return None if bound == _NONE else bound

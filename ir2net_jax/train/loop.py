@@ -25,6 +25,7 @@ from ir2net_jax import data, models
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.data.prefetch import close_source
 from ir2net_jax.io import checkpoints as checkpoints_lib, weights
+from ir2net_jax.io.checkpoints import on_every_process
 from ir2net_jax.nn import diagnostics
 from ir2net_jax.train import (config_checks, divergence, evaluate,
                               metric_writer, optim, parallel, pictures,
@@ -68,8 +69,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                  and not config.init_from and not resuming)
   stage1_dir = (weights.stage1_directory(config, workdir) if from_stage1
                 else None)
+  # Every process reads the weights a run starts from; where one cannot,
+  # every one stops (on_every_process), none waits for it at a collective.
   if from_stage1:
-    weights.check_stage1(config, stage1_dir)
+    on_every_process(lambda: weights.check_stage1(config, stage1_dir),
+                     f"found no stage-1 run of {config.model} at "
+                     f"{stage1_dir} (see their logs)")
   resume.check_resume(workdir, config)
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch < 1:
@@ -83,18 +88,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                             config_checks.eval_batch_size(config), num_classes)
   teacher, teacher_vars = (None, {})
   if config.loss == "distillation":
-    teacher, teacher_vars = _load_teacher(config, num_classes)
+    teacher, teacher_vars = on_every_process(
+        lambda: _load_teacher(config, num_classes),
+        f"could not load the teacher {config.teacher_checkpoint} (see their "
+        "logs)")
   variables = models.init_variables(model, config.image_size, config.seed)
   if from_stage1:
-    variables = weights.restore_stage1_variables(stage1_dir, variables,
-                                                 config.model)
+    variables = on_every_process(
+        lambda: weights.restore_stage1_variables(stage1_dir, variables,
+                                                 config.model),
+        f"could not restore the last stage-1 checkpoint in {stage1_dir} "
+        "(see their logs)")
     logging.info("stage 2: starting from the last stage-1 checkpoint in %s",
                  stage1_dir)
   elif config.init_from and not resuming:
-    variables = weights.load_variables(
+    variables = on_every_process(lambda: weights.load_variables(
         config.init_from, variables, config.model,
         fresh=[m.strip() for m in config.init_from_fresh.split(",")
-               if m.strip()]).variables
+               if m.strip()]).variables,
+        f"could not load init_from={config.init_from} (see their logs)")
     logging.info("starting from the variables in %s", config.init_from)
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch)
