@@ -40,8 +40,7 @@ from ir2net_jax.data.on_device import tensorflow_installed
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
 __all__ = ["ENGINES", "auto_engine", "train_resize", "resolve_engine",
-           "tensorflow_installed",
-           "dataset_info", "open_inputs", "HostInputs"]
+           "tensorflow_installed", "dataset_info", "open_inputs", "HostInputs"]
 
 ENGINES = ("auto", "tf.data", "grain", "device")
 

@@ -17,6 +17,7 @@ from absl import logging
 import numpy as np
 
 from ir2net_jax.data import constants, custom, digits
+from ir2net_jax.data.prefetch import close_source
 from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
     Augmentation, DataError, DatasetSpec, augmentation, normalized_range)
 from ir2net_jax.data.tf_recipes import tf_recipe
@@ -204,9 +205,7 @@ def checked_labels(batches: Iterator[Dict[str, np.ndarray]], num_classes: int,
             f"{settings.data_dir!r} and config.num_classes.")
       yield batch
   finally:
-    close = getattr(batches, "close", None)
-    if callable(close):   # grain's worker processes and shared memory
-      close()
+    close_source(batches)   # grain's worker processes and shared memory
 
 
 @dataclasses.dataclass(frozen=True)
