@@ -350,9 +350,14 @@ def on_every_process(fn: Callable[[], Any], failure: str,
   it fails on any (see :func:`_offers`; ``failure`` completes the message
   the others raise, e.g. 'could not read the teacher (see their logs)').
   On one process it is ``fn()``."""
-  results = []
-  _offers(lambda: results.append(fn()) or 0, failure, gather)
-  return results[0]
+  result = None
+
+  def succeed() -> int:
+    nonlocal result
+    result = fn()
+    return 0
+  _offers(succeed, failure, gather)
+  return result
 
 
 def _agree_on_step(newest_at_most: Callable[[Optional[int]], Optional[int]],
