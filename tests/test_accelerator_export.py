@@ -236,28 +236,30 @@ def test_device_input_engine_step_lowers_for_accelerators(platform):
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_grain_windows_resized_on_accelerators(platform):
   """grain's finish with the windows on canvases (input_resize='device', as
-  'auto' runs on accelerators) lowers for GPUs and TPUs: the resize is two
-  float32 matrix products a window at full precision (TPUs' default would
-  round the weights to bfloat16), the images leave it in bfloat16, and no
-  host callback."""
+  'auto' runs on accelerators) lowers for GPUs and TPUs: the resize's
+  matrix products take bfloat16 operands (levels and 8-bit digits, exact
+  there) into float32 results, whose integer sums stay exact; the images
+  leave it in bfloat16; no host callback."""
   from ir2net_jax.data import grain_inputs, host_recipes  # pylint: disable=g-import-not-at-top
   size, batch = 224, 8
   side = host_recipes.canvas_size(size)
+  taps = host_recipes.resize_taps(side, size)
   spec = jax.ShapeDtypeStruct
   finish = jax.jit(functools.partial(grain_inputs.finish_batch,
-                                     dtype=jnp.bfloat16, image_size=size))
+                                     dtype=jnp.bfloat16))
   text = jax.export.export(finish, platforms=[platform])({
       "image": spec((batch, side, side, 3), jnp.uint8),
-      "window": spec((batch, 4), jnp.float32),
-      "extent": spec((batch, 2), jnp.int32),
+      "resize": spec((batch, 2, size, 1 + taps), jnp.int32),
+      "vertical_first": spec((batch,), jnp.bool_),
       "shift": spec((batch, 3), jnp.int32),
       "flip": spec((batch,), jnp.bool_),
       "label": spec((batch,), jnp.int32)}).mlir_module()
   main = next(line for line in text.splitlines() if "@main(" in line)
   assert f"-> (tensor<{batch}x{size}x{size}x3xbf16>" in main
   dots = [line for line in text.splitlines() if "stablehlo.dot_general" in line]
-  assert dots and all("precision = [HIGHEST, HIGHEST]" in d for d in dots)
-  for d in dots:   # (operands) -> result, every one float32
-    assert set(re.findall(r"tensor<[\dx]+x(\w+)>", d.split(" : ")[1])) == {
-        "f32"}, d
+  assert len(dots) == 2, dots
+  for d in dots:   # (bf16 digits, bf16 levels) -> f32
+    operands, result = d.split(" : ")[1].split(" -> ")
+    assert set(re.findall(r"tensor<[\dx]+x(\w+)>", operands)) == {"bf16"}, d
+    assert re.findall(r"tensor<[\dx]+x(\w+)>", result) == ["f32"], d
   assert "custom_call @xla_python" not in text and "callback" not in text

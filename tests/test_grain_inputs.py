@@ -170,9 +170,8 @@ def test_train_pixel_statistics_match_tf_data(tree, request):
 def test_device_finish_is_the_host_recipe(large_tree, resize):
   """The ImageNet recipe's lighting and flip, drawn on the host and applied
   in the jitted finish, give exactly ``host_recipes.imagenet_train``'s
-  images (lighting included: the imagenet2012 recipe); with the windows
-  resized on the device too, the same up to the rounding of half-way values
-  (``window_resize``)."""
+  images (lighting included: the imagenet2012 recipe), with the windows
+  resized on the host or on the device (``window_resize``)."""
   config = make_config(f"folder:{large_tree}", image_size=32, flip=True,
                        input_resize=resize)
   inputs = open_grain(config)
@@ -185,7 +184,6 @@ def test_device_finish_is_the_host_recipe(large_tree, resize):
   batches = inputs.host_train_batches(0)
   finish = jax.jit(inputs.batch_fn())
   flips = shifted = 0
-  levels = []
   for step in range(4):
     batch = next(batches)
     assert batch["image"].shape[1] == (canvas or 32)
@@ -197,15 +195,11 @@ def test_device_finish_is_the_host_recipe(large_tree, resize):
       index, number = order.locate(step * order.local_batch + row)
       encoded, _ = inputs._train[index]  # pylint: disable=protected-access
       want.append(host_recipes.imagenet_train(encoded, order.rng(number), 32))
-    if resize == "host":
-      # One level is 0.017 after Normalize: 1e-5 means the same levels (XLA
-      # may normalise with a reciprocal, a last-bit difference).
-      np.testing.assert_allclose(got, host_recipes.normalize(np.stack(want)),
-                                 atol=1e-5, rtol=0, err_msg=str(step))
-    levels.append(np.abs(got * STD + MEAN - np.stack(want)))
+    # One level is 0.017 after Normalize: 1e-5 means the same levels (XLA
+    # may normalise with a reciprocal, a last-bit difference).
+    np.testing.assert_allclose(got, host_recipes.normalize(np.stack(want)),
+                               atol=1e-5, rtol=0, err_msg=str(step))
   assert 0 < flips < 48 and 0 < shifted   # both were exercised
-  levels = np.concatenate(levels)
-  assert levels.max() < 2.01 and np.mean(levels < 0.01) > 0.9
 
 
 def test_stream_resumes_and_worker_processes_change_nothing(large_tree):

@@ -4,7 +4,9 @@ eval images match, reduced-size decoding changes pixels by rounding only."""
 
 import io
 
+import jax
 import numpy as np
+import PIL
 import pytest
 import tensorflow as tf
 from PIL import Image
@@ -141,46 +143,118 @@ def test_eval_is_the_references_resize_then_centre_crop(jpegs):
     assert d.max() <= 1 and np.mean(d == 0) > 0.995, (d.max(), d.mean())
 
 
-def test_resize_weights_are_pillows_bilinear_filter():
-  # Halving: the triangle spans two input pixels a side, (1, 3, 3, 1) / 8;
-  # at the edge the missing pixel's weight is left out and the rest
-  # renormalised; past the image's extent nothing is read.
-  w = np.asarray(window_resize.resize_weights(0.0, 16.0, 16, 8, 20))
-  np.testing.assert_allclose(w[3, 5:9], [0.125, 0.375, 0.375, 0.125])
-  np.testing.assert_allclose(w[0, :3], np.array([3, 3, 1]) / 7, rtol=1e-6)
-  assert np.all(w[:, 16:] == 0) and np.allclose(w.sum(1), 1)
+def test_resize_coefficients_are_pillows_fixed_point():
+  # Halving: the triangle spans two input pixels a side, (1, 3, 3, 1) / 8 in
+  # units of 2^-22; at the edge the missing pixel's weight is left out and
+  # the rest renormalised (3, 3, 1) / 7, rounded; nothing past the extent.
+  one = 1 << host_recipes.PRECISION_BITS
+  table = host_recipes.resize_coefficients(0.0, 16.0, 16, 8, taps=5)
+  assert table.dtype == np.int32 and table.shape == (8, 6)
+  np.testing.assert_array_equal(table[3], [5, one // 8, 3 * one // 8,
+                                           3 * one // 8, one // 8, 0])
+  np.testing.assert_array_equal(
+      table[0], [0, *np.floor(0.5 + np.array([3, 3, 1]) / 7 * one), 0, 0])
+  assert np.all(table[:, 0] + np.count_nonzero(table[:, 1:], axis=1) <= 16)
   # The same size, whole pixels: the identity.
   np.testing.assert_array_equal(
-      np.asarray(window_resize.resize_weights(0.0, 8.0, 8, 8, 12)),
-      np.eye(8, 12))
+      host_recipes.resize_coefficients(2.0, 10.0, 12, 8, taps=3),
+      np.c_[np.arange(2, 10), np.full(8, one), np.zeros((8, 2))])
+  assert host_recipes.resize_taps(336, 224) == 4
+  with pytest.raises(ValueError, match="reads 6 pixels .* taps=5"):
+    host_recipes.resize_coefficients(0.0, 60.0, 60, 20, taps=5)
+
+
+def _dense(table, in_size):
+  """int32 (S, 1 + K) coefficients -> int64 (S, in_size) weights."""
+  dense = np.zeros((len(table), in_size + table.shape[1]), np.int64)
+  for tap in range(1, table.shape[1]):
+    dense[np.arange(len(table)), table[:, 0] + tap - 1] = table[:, tap]
+  assert not dense[:, in_size:].any()   # nothing past the image
+  return dense[:, :in_size]
+
+
+def _fixed_point_resize(pixels, box, size):
+  """Pillow's resize from ``resize_coefficients`` and ``vertical_first``,
+  in int64 numpy: the arithmetic the device's resize must reproduce."""
+  left, top, right, bottom = box
+  height, width = pixels.shape[:2]
+  taps = host_recipes.resize_taps(max(height, width), size)
+  tables = [host_recipes.resize_coefficients(top, bottom, height, size, taps),
+            host_recipes.resize_coefficients(left, right, width, size, taps)]
+  dense = [_dense(t, n) for t, n in zip(tables, (height, width))]
+  x = pixels.astype(np.int64)
+  first = host_recipes.vertical_first(height, width, size)
+  if first:
+    x, dense = x.transpose(1, 0, 2), dense[::-1]
+  half = 1 << (host_recipes.PRECISION_BITS - 1)
+  x = np.clip((np.einsum("lk,jkc->jlc", dense[1], x) + half)
+              >> host_recipes.PRECISION_BITS, 0, 255)
+  x = np.clip((np.einsum("ij,jlc->ilc", dense[0], x) + half)
+              >> host_recipes.PRECISION_BITS, 0, 255)
+  return (x.transpose(1, 0, 2) if first else x).astype(np.uint8), first
+
+
+def test_fixed_point_resize_is_pillows_to_the_pixel():
+  """Random images, sizes and float boxes, shrinking and enlarging, either
+  pass first: the coefficients and the pass order give exactly Pillow's
+  pixels (Pillow 13 runs the vertical pass first where the height shrinks
+  much more than the width; the order shows in the pixels)."""
+  rng = np.random.default_rng(7)
+  orders = set()
+  for trial in range(60):
+    height, width = (int(n) for n in rng.integers(12, 300, 2))
+    pixels = rng.integers(0, 256, (height, width, 3), np.uint8)
+    if trial % 2:   # smooth images, where half-way sums are common
+      pixels = np.asarray(Image.fromarray(pixels).resize(
+          (width // 5 + 1, height // 5 + 1)).resize((width, height)))
+    size = int(rng.choice([224, 64, 17]))
+    left, top = rng.uniform(0, width - 1), rng.uniform(0, height - 1)
+    box = (left, top, rng.uniform(left + 0.5, width),
+           rng.uniform(top + 0.5, height))
+    if trial % 3 == 0:
+      box = tuple(float(round(v)) for v in box)
+      box = (box[0], box[1], max(box[2], box[0] + 1), max(box[3], box[1] + 1))
+    ours, first = _fixed_point_resize(pixels, box, size)
+    orders.add(first)
+    np.testing.assert_array_equal(
+        ours, host_recipes.resize_box(pixels, box, size), err_msg=str(box))
+  if int(PIL.__version__.split(".")[0]) >= 13:
+    assert orders == {True, False}
 
 
 def test_windows_resized_on_the_device_are_pillows(jpegs):
   """``imagenet_train_parts(canvas=C)`` + ``resize_windows``: the same
-  draws as the host recipe, and its pixels up to the rounding of half-way
-  values (measured: 95% equal, the rest one level off). The canvas's
-  padding is never read: it is filled with white here."""
+  draws as the host recipe and exactly its pixels, either pass first. The
+  canvas's padding is never read: it is filled with white here."""
+  firsts = set()
   for size in (224, 64):
     canvas = host_recipes.canvas_size(size)
-    hosts, canvases, windows, extents = [], [], [], []
+    hosts, canvases, tables, orders = [], [], [], []
     for i, jpeg in enumerate(jpegs):
-      on_host = host_recipes.imagenet_train_parts(
-          jpeg, np.random.default_rng(i), size)
-      parts = host_recipes.imagenet_train_parts(
-          jpeg, np.random.default_rng(i), size, canvas=canvas)
-      assert parts["image"].shape == (canvas, canvas, 3)
-      np.testing.assert_array_equal(parts["shift"], on_host["shift"])
-      assert parts["flip"] == on_host["flip"]
-      image, (h, w) = parts["image"].copy(), parts["extent"]
-      image[h:], image[:, w:] = 255, 255
-      hosts.append(on_host["image"])
-      canvases.append(image)
-      windows.append(parts["window"])
-      extents.append(parts["extent"])
-    got = np.asarray(window_resize.resize_windows(
-        np.stack(canvases), np.stack(windows), np.stack(extents), size))
-    d = np.abs(got.astype(int) - np.stack(hosts))
-    assert d.max() <= 2 and np.mean(d == 0) > 0.9, (size, d.mean())
-    resized_here = [bool(np.all(e == size)) for e in extents]
-    assert not all(resized_here), size   # most windows go to the device
-  assert any(resized_here)   # at S = 64 large JPEGs' windows do not fit
+      for seed in (i, 100 + i):
+        on_host = host_recipes.imagenet_train_parts(
+            jpeg, np.random.default_rng(seed), size)
+        parts = host_recipes.imagenet_train_parts(
+            jpeg, np.random.default_rng(seed), size, canvas=canvas)
+        assert parts["image"].shape == (canvas, canvas, 3)
+        np.testing.assert_array_equal(parts["shift"], on_host["shift"])
+        assert parts["flip"] == on_host["flip"]
+        # The last pixel each axis's coefficients read: the rest is padding.
+        rows, columns = (int(np.max(t[:, 0] + np.count_nonzero(
+            t[:, 1:], axis=1))) for t in parts["resize"])
+        image = parts["image"].copy()
+        image[rows:], image[:, columns:] = 255, 255
+        hosts.append(on_host["image"])
+        canvases.append(image)
+        tables.append(parts["resize"])
+        orders.append(parts["vertical_first"])
+    got = np.asarray(jax.jit(window_resize.resize_windows)(
+        np.stack(canvases), np.stack(tables), np.stack(orders)))
+    np.testing.assert_array_equal(got, np.stack(hosts), err_msg=str(size))
+    firsts |= set(map(bool, orders))
+    identity = [bool(np.all(t[:, :, 1] == 1 << host_recipes.PRECISION_BITS))
+                for t in tables]
+    assert not all(identity), size   # most windows go to the device
+  assert any(identity)   # at S = 64 large JPEGs' windows do not fit
+  if int(PIL.__version__.split(".")[0]) >= 13:
+    assert firsts == {True, False}

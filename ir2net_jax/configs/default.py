@@ -71,9 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.input_engine = "auto"
   c.device_data_limit = 0.25   # most of a device's memory 'device' may fill
   c.input_workers = -1   # grain's decoding processes; -1: the host's cores
-  # Where grain resizes RandomResizedCrop windows: 'host' | 'device' (the
-  # host sends them unresized, about a fifth less host work per image, twice
-  # the bytes) | 'auto' ('device' on accelerators, 'host' on CPUs).
+  # Where grain resizes RandomResizedCrop windows, to the same pixels:
+  # 'host' | 'device' (the host sends them unresized, about a fifth less
+  # host work per image, twice the bytes) | 'auto' ('device' on
+  # accelerators, 'host' on CPUs).
   c.input_resize = "auto"
 
   # Loss: 'cross_entropy' (labels) or 'distillation' (frozen teacher).

@@ -56,8 +56,8 @@ takes the default shown):
 * ``input_workers``: grain's decoding processes; -1 = one per core (none,
   only threads, below 4 cores).
 * ``input_resize``: 'auto' | 'host' | 'device', where grain resizes the
-  RandomResizedCrop windows (``window_resize``); 'auto' = 'device' on
-  accelerators, 'host' on CPUs.
+  RandomResizedCrop windows (``window_resize``), to the same pixels;
+  'auto' = 'device' on accelerators, 'host' on CPUs.
 * ``device_data_limit``: the largest fraction of one device's memory the
   device engine fills with data; 0.25.
 

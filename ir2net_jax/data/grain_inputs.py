@@ -31,8 +31,9 @@ normalises them on the devices, inside the train step, and applies there the
 ImageNet recipe's lighting and flip, which the host only draws. With
 ``config.input_resize='device'`` (what 'auto' means on accelerators) the
 RandomResizedCrop windows leave the host unresized too, on fixed-size
-canvases, and are resized there (``window_resize``): a fifth less work per
-image on the host, about twice the bytes per batch.
+canvases, and are resized there (``window_resize``) to exactly the pixels
+the host would make: a fifth less work per image on the host, about twice
+the bytes per batch, the same batches.
 """
 
 import dataclasses
@@ -267,8 +268,7 @@ def resolve_resize(config) -> str:
   return name
 
 
-def finish_batch(batch: Batch, dtype=np.float32,
-                 image_size: Optional[int] = None) -> Batch:
+def finish_batch(batch: Batch, dtype=np.float32) -> Batch:
   """A host batch made a model input, on the device (or the host): the
   windows resized, the lighting shift and the flip applied where the batch
   carries them, then ``ToTensor`` + ``Normalize``.
@@ -276,26 +276,26 @@ def finish_batch(batch: Batch, dtype=np.float32,
   Args:
     batch: ``image`` uint8 (B, S, S, 3), ``label`` (B,), optionally
       ``shift`` int32 (B, 3), ``flip`` bool (B,), ``mask`` (B,); or
-      ``image`` uint8 canvases (B, C, C, 3) with their ``window`` float32
-      (B, 4) and ``extent`` int32 (B, 2) (``window_resize``).
+      ``image`` uint8 canvases (B, C, C, 3) with their ``resize`` int32
+      (B, 2, S, 1 + K) and ``vertical_first`` bool (B,)
+      (``window_resize``).
     dtype: of the images out.
-    image_size: S, for batches of canvases.
 
   Returns:
     ``image`` (B, S, S, 3) in ``dtype``, normalised, and the batch's
     ``label`` (and ``mask``).
   """
   images = batch["image"]
-  if "window" in batch:
-    images = window_resize.resize_windows(images, batch["window"],
-                                          batch["extent"], image_size)
+  if "resize" in batch:
+    images = window_resize.resize_windows(images, batch["resize"],
+                                          batch["vertical_first"])
   if "shift" in batch:
     images = host_recipes.shift_levels(images, batch["shift"][:, None, None])
   if "flip" in batch:
     flip = batch["flip"][:, None, None, None]
     images = jnp.where(flip, images[:, :, ::-1], images)
   out = {k: v for k, v in batch.items()
-         if k not in ("image", "shift", "flip", "window", "extent")}
+         if k not in ("image", "shift", "flip", "resize", "vertical_first")}
   out["image"] = host_recipes.normalize(images, dtype=dtype)
   return out
 
@@ -471,8 +471,8 @@ class GrainInputs:
     ``image`` uint8 (B, S, S, 3), ``label`` int32 (B,), and for the
     ImageNet recipe ``shift`` int32 (B, 3) and ``flip`` bool (B,), which
     :func:`finish_batch` applies (and with ``resize == 'device'`` the
-    windows on canvases, ``image`` uint8 (B, C, C, 3), ``window`` float32
-    (B, 4), ``extent`` int32 (B, 2), which it resizes)."""
+    windows on canvases, ``image`` uint8 (B, C, C, 3), ``resize`` int32
+    (B, 2, S, 1 + K), ``vertical_first`` bool (B,), which it resizes)."""
     import grain  # pylint: disable=g-import-not-at-top
     order = self.train_order()
     first = start_step * order.local_batch
@@ -502,11 +502,10 @@ class GrainInputs:
     """``(host batch, step) -> batch``: :func:`finish_batch` in the
     config's dtype (the train step's and the eval's first op)."""
     dtype = jnp.dtype(self.settings.dtype)
-    size = self.settings.image_size
 
     def finish(batch, step=None):
       del step   # a host batch is the step's already
-      return finish_batch(batch, dtype, size)
+      return finish_batch(batch, dtype)
     return finish
 
   def _placed(self, batches):

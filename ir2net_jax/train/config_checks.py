@@ -195,8 +195,9 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
                       "decodes in threads of the training process, -1 one "
                       "process per core"),
     "input_resize": (_OneOf(("auto", "host", "device")), "where the grain "
-                     "engine resizes RandomResizedCrop windows; 'auto': "
-                     "'device' on accelerators, 'host' on CPUs"),
+                     "engine resizes RandomResizedCrop windows (the same "
+                     "pixels either way); 'auto': 'device' on "
+                     "accelerators, 'host' on CPUs"),
     "device_data_limit": (_Number(float, 0, 1, low_open=True), "the largest "
                           "fraction of a device's memory the device engine "
                           "fills with data"),

@@ -29,7 +29,8 @@ __all__ = ["check_resume", "record_config", "RESUMABLE_FIELDS",
 
 # The fields that change no result, so they may differ when a workdir's run
 # resumes: where the data lie, logging, evaluation and checkpoint cadence,
-# speed options (binary_compute_dtype, remat and xla_cpu_flags are exact),
+# speed options (binary_compute_dtype, remat and xla_cpu_flags are exact;
+# input_workers and input_resize change how batches are made, never them),
 # the diagnostics (extra outputs of the step, the same updates), the
 # process layout, and the run's length. num_epochs and num_train_steps
 # extend (or shorten) a run; the cosine schedule then follows the new
@@ -43,7 +44,7 @@ RESUMABLE_FIELDS = frozenset({
     "keep_checkpoints",
     "num_epochs", "num_train_steps", "coordinator_address", "num_processes",
     "process_id", "restriction_images", "device_data_limit",
-    "input_workers",
+    "input_workers", "input_resize",
 })
 
 # The data sets whose own train recipe does not flip (``flip=None`` there
@@ -73,9 +74,6 @@ def _effective(recorded: Dict[str, Any]) -> Dict[str, Any]:
                 "flip": recorded["dataset"] not in NO_FLIP_DATASETS}
   if recorded.get("input_engine") == "auto":
     recorded = {**recorded, "input_engine": engines.auto_engine(
-        ml_collections.ConfigDict(recorded))}
-  if "input_resize" in recorded:
-    recorded = {**recorded, "input_resize": engines.train_resize(
         ml_collections.ConfigDict(recorded))}
   return recorded
 

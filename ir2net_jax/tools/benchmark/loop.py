@@ -104,18 +104,18 @@ def resize_images_per_s(config, mesh, repeats: int = 20) -> Optional[float]:
   from ir2net_jax.data import grain_inputs, host_recipes  # pylint: disable=g-import-not-at-top
   size, batch = config.image_size, config.batch_size
   side = host_recipes.canvas_size(size)
+  axis = host_recipes.resize_coefficients(
+      0.0, 1.2 * size, side, size, host_recipes.resize_taps(side, size))
   rng = np.random.default_rng(0)
   host = {"image": rng.integers(0, 256, (batch, side, side, 3), np.uint8),
-          "window": np.tile(np.float32([0, 0, 1.2 * size, 1.2 * size]),
-                            (batch, 1)),
-          "extent": np.full((batch, 2), side, np.int32),
+          "resize": np.broadcast_to(axis, (batch, 2) + axis.shape),
+          "vertical_first": np.zeros(batch, bool),
           "shift": np.zeros((batch, 3), np.int32),
           "flip": rng.random(batch) < 0.5,
           "label": np.zeros(batch, np.int32)}
   placed = jax.device_put(host, parallel.batch_sharding(mesh))
   finish = jax.jit(functools.partial(grain_inputs.finish_batch,
-                                     dtype=jax.numpy.dtype(config.dtype),
-                                     image_size=size))
+                                     dtype=jax.numpy.dtype(config.dtype)))
   jax.block_until_ready(finish(placed))
   times = []
   for _ in range(repeats):
