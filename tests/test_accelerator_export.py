@@ -240,10 +240,11 @@ def test_grain_windows_resized_on_accelerators(platform):
   matrix products take bfloat16 operands (levels and 8-bit digits, exact
   there) into float32 results, whose integer sums stay exact; the images
   leave it in bfloat16; no host callback."""
-  from ir2net_jax.data import grain_inputs, host_recipes  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import (  # pylint: disable=g-import-not-at-top
+      grain_inputs, host_recipes, pillow_resize)
   size, batch = 224, 8
   side = host_recipes.canvas_size(size)
-  taps = host_recipes.resize_taps(side, size)
+  taps = pillow_resize.resize_taps(side, size)
   spec = jax.ShapeDtypeStruct
   finish = jax.jit(functools.partial(grain_inputs.finish_batch,
                                      dtype=jnp.bfloat16))

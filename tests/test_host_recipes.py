@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ir2net_jax.data import augment, host_recipes, recipes, window_resize
+from ir2net_jax.data import (augment, host_recipes, pillow_resize, recipes,
+                             window_resize)
 from ir2net_jax.tools.benchmark import decoders
 
 
@@ -147,8 +148,8 @@ def test_resize_coefficients_are_pillows_fixed_point():
   # Halving: the triangle spans two input pixels a side, (1, 3, 3, 1) / 8 in
   # units of 2^-22; at the edge the missing pixel's weight is left out and
   # the rest renormalised (3, 3, 1) / 7, rounded; nothing past the extent.
-  one = 1 << host_recipes.PRECISION_BITS
-  table = host_recipes.resize_coefficients(0.0, 16.0, 16, 8, taps=5)
+  one = 1 << pillow_resize.PRECISION_BITS
+  table = pillow_resize.resize_coefficients(0.0, 16.0, 16, 8, taps=5)
   assert table.dtype == np.int32 and table.shape == (8, 6)
   np.testing.assert_array_equal(table[3], [5, one // 8, 3 * one // 8,
                                            3 * one // 8, one // 8, 0])
@@ -157,11 +158,11 @@ def test_resize_coefficients_are_pillows_fixed_point():
   assert np.all(table[:, 0] + np.count_nonzero(table[:, 1:], axis=1) <= 16)
   # The same size, whole pixels: the identity.
   np.testing.assert_array_equal(
-      host_recipes.resize_coefficients(2.0, 10.0, 12, 8, taps=3),
+      pillow_resize.resize_coefficients(2.0, 10.0, 12, 8, taps=3),
       np.c_[np.arange(2, 10), np.full(8, one), np.zeros((8, 2))])
-  assert host_recipes.resize_taps(336, 224) == 4
+  assert pillow_resize.resize_taps(336, 224) == 4
   with pytest.raises(ValueError, match="reads 6 pixels .* taps=5"):
-    host_recipes.resize_coefficients(0.0, 60.0, 60, 20, taps=5)
+    pillow_resize.resize_coefficients(0.0, 60.0, 60, 20, taps=5)
 
 
 def _dense(table, in_size):
@@ -178,19 +179,19 @@ def _fixed_point_resize(pixels, box, size):
   in int64 numpy: the arithmetic the device's resize must reproduce."""
   left, top, right, bottom = box
   height, width = pixels.shape[:2]
-  taps = host_recipes.resize_taps(max(height, width), size)
-  tables = [host_recipes.resize_coefficients(top, bottom, height, size, taps),
-            host_recipes.resize_coefficients(left, right, width, size, taps)]
+  taps = pillow_resize.resize_taps(max(height, width), size)
+  tables = [pillow_resize.resize_coefficients(top, bottom, height, size, taps),
+            pillow_resize.resize_coefficients(left, right, width, size, taps)]
   dense = [_dense(t, n) for t, n in zip(tables, (height, width))]
   x = pixels.astype(np.int64)
-  first = host_recipes.vertical_first(height, width, size)
+  first = pillow_resize.vertical_first(height, width, size)
   if first:
     x, dense = x.transpose(1, 0, 2), dense[::-1]
-  half = 1 << (host_recipes.PRECISION_BITS - 1)
+  half = 1 << (pillow_resize.PRECISION_BITS - 1)
   x = np.clip((np.einsum("lk,jkc->jlc", dense[1], x) + half)
-              >> host_recipes.PRECISION_BITS, 0, 255)
+              >> pillow_resize.PRECISION_BITS, 0, 255)
   x = np.clip((np.einsum("ij,jlc->ilc", dense[0], x) + half)
-              >> host_recipes.PRECISION_BITS, 0, 255)
+              >> pillow_resize.PRECISION_BITS, 0, 255)
   return (x.transpose(1, 0, 2) if first else x).astype(np.uint8), first
 
 
@@ -252,7 +253,7 @@ def test_windows_resized_on_the_device_are_pillows(jpegs):
         np.stack(canvases), np.stack(tables), np.stack(orders)))
     np.testing.assert_array_equal(got, np.stack(hosts), err_msg=str(size))
     firsts |= set(map(bool, orders))
-    identity = [bool(np.all(t[:, :, 1] == 1 << host_recipes.PRECISION_BITS))
+    identity = [bool(np.all(t[:, :, 1] == 1 << pillow_resize.PRECISION_BITS))
                 for t in tables]
     assert not all(identity), size   # most windows go to the device
   assert any(identity)   # at S = 64 large JPEGs' windows do not fit

@@ -44,7 +44,7 @@ evaluation with the pixels around it (it resizes, then crops).
 Resizing on the device. ``imagenet_train_parts(canvas=C)`` leaves the resize
 out too: it returns the decoded window unresized on a fixed (C, C, 3) canvas
 (:func:`canvas_size`), with the integers Pillow would resize it with
-(:func:`resize_coefficients`, :func:`vertical_first`), and
+(``pillow_resize``), and
 ``window_resize.resize_windows`` resizes it on the accelerators to exactly
 Pillow's pixels. That takes a fifth of the host's work per image away, for
 about twice the bytes per batch.
@@ -54,22 +54,18 @@ per example (e.g. from ``(seed, example index)``), so a pipeline that seeds
 them so is deterministic whatever its worker count.
 """
 
-import functools
 import io
 import math
 from typing import Dict, Optional, Tuple
 
 import numpy as np
-import PIL
 from PIL import Image
 
-from ir2net_jax.data import constants
+from ir2net_jax.data import constants, pillow_resize
 
 __all__ = ["DECODERS", "resolve_decoder", "random_resized_crop_window",
            "eval_window", "decode_region", "decode_window", "resize_box",
-           "canvas_size", "resize_taps", "resize_coefficients",
-           "vertical_first",
-           "lighting_shift", "shift_levels", "lighting",
+           "canvas_size", "lighting_shift", "shift_levels", "lighting",
            "imagenet_train_parts", "imagenet_train",
            "imagenet_eval", "decode_rgb", "pad_and_crop", "small_train",
            "small_eval", "normalize"]
@@ -288,102 +284,6 @@ def canvas_size(image_size: int) -> int:
   return 8 * math.ceil(1.5 * image_size / 8)
 
 
-# Pillow's fixed point for 8-bit images (libImaging/Resample.c): weights in
-# units of 2^-22, sums rounded half up, then floored to levels.
-PRECISION_BITS = 22
-_PILLOW_13 = int(PIL.__version__.split(".")[0]) >= 13
-
-
-def resize_taps(canvas: int, image_size: int) -> int:
-  """How many input pixels, at most, Pillow's bilinear filter reads for one
-  output pixel of a window at most ``canvas`` pixels long resized to S:
-  those within ``max(1, C / S)`` of its centre, ``ceil(2 max(1, C / S))``,
-  and one for the rounding of the ends (Pillow's own bound, its ``ksize``,
-  is looser)."""
-  return math.ceil(2 * max(1.0, canvas / image_size)) + 1
-
-
-def resize_coefficients(start, end, in_size, out_size: int,
-                        taps: int) -> np.ndarray:
-  """Pillow's bilinear resize of an axis as the integers it computes with.
-
-  What ``Image.resize(BILINEAR, box)`` computes for the box's ``start`` and
-  ``end`` on an axis (Resample.c's ``precompute_coeffs`` and
-  ``normalize_coeffs_8bpc``: the same float64 operations in the same order,
-  from the box in float32 as Pillow takes it), so that
-  ``window_resize.resize_windows`` reproduces Pillow's pixels exactly.
-  Axes broadcast: pass (2,) arrays for a window's rows and columns at once.
-
-  Args:
-    start, end: float (...), the window's first and end coordinates.
-    in_size: int (...), the pixels the image has on the axis (no weight
-      reaches past them).
-    out_size: S.
-    taps: K, at least the pixels any output pixel reads
-      (:func:`resize_taps`).
-
-  Returns:
-    int32 (..., S, 1 + K): column 0 each output pixel's first input pixel,
-    the rest its weights in units of 2^-22 (zeros past the pixels it
-    reads).
-  """
-  in0 = np.asarray(start, np.float32)[..., None]
-  in1 = np.asarray(end, np.float32)[..., None]
-  scale = (in1 - in0).astype(np.float64) / out_size
-  filterscale = np.maximum(scale, 1.0)   # the bilinear filter's support is 1
-  center = in0 + _half_steps(out_size) * scale
-  # C's (int) truncates toward zero; whole numbers are exact in float64.
-  first = np.maximum(0.0, np.trunc(center - filterscale + 0.5))
-  last = np.minimum(np.asarray(in_size)[..., None],
-                    np.trunc(center + filterscale + 0.5))
-  needed = int((last - first).max())
-  if needed > taps:
-    raise ValueError(f"a window of {float(np.max(in1 - in0))} pixels "
-                     f"resized to {out_size} reads {needed} pixels an output "
-                     f"pixel, more than taps={taps}.")
-  # (..., K, S), so that numpy's inner loops run along S.
-  pixel = first[..., None, :] + np.arange(taps, dtype=np.float64)[:, None]
-  weights = pixel - center[..., None, :]
-  weights += 0.5
-  weights *= (1.0 / filterscale)[..., None]
-  np.abs(weights, out=weights)
-  np.subtract(1.0, weights, out=weights)
-  np.maximum(weights, 0.0, out=weights)
-  weights *= pixel < last[..., None, :]
-  total = weights[..., 0, :]
-  for tap in range(1, taps):   # Pillow's order of summation, to the last bit
-    total = total + weights[..., tap, :]
-  weights /= total[..., None, :]
-  weights *= 1 << PRECISION_BITS
-  weights += 0.5
-  out = np.empty(first.shape + (1 + taps,), np.int32)
-  out[..., 0] = first
-  out[..., 1:] = np.swapaxes(weights, -1, -2)   # truncated, as C's (int)
-  return out
-
-
-@functools.lru_cache(maxsize=None)
-def _half_steps(size: int) -> np.ndarray:
-  """float64 (S,): 0.5, 1.5, ... (Pillow's ``xx + 0.5``)."""
-  steps = np.arange(size) + 0.5
-  steps.flags.writeable = False
-  return steps
-
-
-def vertical_first(height: int, width: int, image_size: int) -> bool:
-  """Whether Pillow resizes an (h, w) image to (S, S) vertical pass first.
-
-  Pillow resizes in two passes, each rounded to levels, so their order
-  shows in the pixels. Up to Pillow 12 the horizontal pass always runs
-  first; from 13 on, the vertical one does where the height shrinks by more
-  than twice as many pixels as the width (``ImagingResampleInner``).
-  """
-  if not _PILLOW_13:
-    return False
-  return height - image_size > 0 and (
-      height - image_size > 2 * (width - image_size))
-
-
 def imagenet_train_parts(
     encoded: bytes, rng: np.random.Generator, image_size: int,
     scale: Tuple[float, float] = constants.CROP_SCALE, flip: bool = True,
@@ -407,9 +307,9 @@ def imagenet_train_parts(
     (C, C, 3); ``shift``: the lighting as whole levels, int32 (3,) (zeros
     without lighting); ``flip``: bool (), whether to mirror it; and with
     ``canvas``, ``resize``: int32 (2, S, 1 + K), Pillow's coefficients for
-    the rows and then the columns (:func:`resize_coefficients`, K =
-    :func:`resize_taps`), which read none of the canvas's padding, and
-    ``vertical_first``: bool (), the order of Pillow's passes.
+    the rows and then the columns (``pillow_resize.resize_coefficients``,
+    K = ``pillow_resize.resize_taps``), which read none of the canvas's
+    padding, and ``vertical_first``: bool (), the order of Pillow's passes.
   """
   pixels, box = decode_region(
       encoded, lambda h, w: random_resized_crop_window(h, w, rng, scale),
@@ -427,11 +327,12 @@ def imagenet_train_parts(
     left, top, right, bottom = 0, 0, image_size, image_size
   image = np.zeros((canvas, canvas, 3), np.uint8)
   image[:height, :width] = pixels
-  resize = resize_coefficients((top, left), (bottom, right), (height, width),
-                               image_size, resize_taps(canvas, image_size))
+  resize = pillow_resize.resize_coefficients(
+      (top, left), (bottom, right), (height, width), image_size,
+      pillow_resize.resize_taps(canvas, image_size))
   return {"image": image, "resize": resize,
-          "vertical_first": np.bool_(vertical_first(height, width,
-                                                    image_size)),
+          "vertical_first": np.bool_(pillow_resize.vertical_first(
+              height, width, image_size)),
           **parts}
 
 

@@ -10,10 +10,10 @@ resizes them all in the train step, to the same pixels as
 use).
 
 Pillow computes in fixed point: each axis's weights are integers in units
-of 2^-22 (``host_recipes.resize_coefficients`` computes them on the host,
+of 2^-22 (``pillow_resize.resize_coefficients`` computes them on the host,
 in float64 as Pillow does), each pass sums ``pixel * weight`` in int32 from
 2^21, then floors to a level (clipped to [0, 255]); the two passes run in
-the order ``host_recipes.vertical_first`` says. Here each pass is a matrix
+the order ``pillow_resize.vertical_first`` says. Here each pass is a matrix
 product whose operands are exact in bfloat16: the levels (0..255) and the
 weights cut into three 8-bit digits, so every product and partial sum is an
 integer below 2^24, exact in the float32 accumulators of any backend
@@ -32,7 +32,7 @@ there.
 import jax
 import jax.numpy as jnp
 
-from ir2net_jax.data.host_recipes import PRECISION_BITS
+from ir2net_jax.data.pillow_resize import PRECISION_BITS
 
 __all__ = ["resize_windows"]
 
@@ -41,7 +41,7 @@ def _axis_weights(coefficients, in_size: int):
   """One axis's coefficients as a dense matrix.
 
   Args:
-    coefficients: int32 (S, 1 + K), ``host_recipes.resize_coefficients``:
+    coefficients: int32 (S, 1 + K), ``pillow_resize.resize_coefficients``:
       each output pixel's first input pixel, then its K weights.
     in_size: C, the input pixels on this axis.
 
@@ -88,9 +88,9 @@ def resize_windows(canvases, coefficients, vertical_first):
   Args:
     canvases: uint8 (B, C, C, 3).
     coefficients: int32 (B, 2, S, 1 + K): each canvas's rows' and then
-      columns' coefficients (``host_recipes.resize_coefficients``).
+      columns' coefficients (``pillow_resize.resize_coefficients``).
     vertical_first: bool (B,), the order of each window's passes
-      (``host_recipes.vertical_first``).
+      (``pillow_resize.vertical_first``).
 
   Returns:
     uint8 (B, S, S, 3).

@@ -101,11 +101,12 @@ def resize_images_per_s(config, mesh, repeats: int = 20) -> Optional[float]:
   """
   if data.train_resize(config) != "device":
     return None
-  from ir2net_jax.data import grain_inputs, host_recipes  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import (  # pylint: disable=g-import-not-at-top
+      grain_inputs, host_recipes, pillow_resize)
   size, batch = config.image_size, config.batch_size
   side = host_recipes.canvas_size(size)
-  axis = host_recipes.resize_coefficients(
-      0.0, 1.2 * size, side, size, host_recipes.resize_taps(side, size))
+  axis = pillow_resize.resize_coefficients(
+      0.0, 1.2 * size, side, size, pillow_resize.resize_taps(side, size))
   rng = np.random.default_rng(0)
   host = {"image": rng.integers(0, 256, (batch, side, side, 3), np.uint8),
           "resize": np.broadcast_to(axis, (batch, 2) + axis.shape),
