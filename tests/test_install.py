@@ -19,7 +19,7 @@ from ir2net_jax.models import costs, create_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ("ir2net-train", "ir2net-eval", "ir2net-convert", "ir2net-costs",
-           "ir2net-benchmark")
+           "ir2net-benchmark", "ir2net-preresize")
 MODES = ("source", "editable", "git")
 
 _CHECK = r"""
@@ -184,3 +184,9 @@ def test_console_scripts_take_recipe_names(install, tmp_path):
                 "--skip_pipeline"], tmp_path)
   assert bench.returncode == 1
   assert "error: unknown recipes ['no_such_recipe']" in bench.stderr
+
+  missing = tmp_path / "no_such_tree"
+  shrink = _run([bin_dir / "ir2net-preresize", f"--input={missing}",
+                 f"--output={tmp_path / 'small'}"], tmp_path)
+  assert shrink.returncode == 2
+  assert f"--input {missing} is not a directory" in shrink.stderr
