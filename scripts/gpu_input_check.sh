@@ -9,7 +9,10 @@
 #       core, with one evaluation and one checkpoint (random weights: the
 #       speed of stage 2, not its accuracy); the windows resized on the GPU
 #       (input_resize 'auto');
-#   (c) the same for half the steps with the windows resized on the host;
+#   (c) the same for half the steps with the windows resized on the host
+#       (the same batches: only the speed differs);
+#   (d) (b) for a third of the steps on a copy of the folder with shorter
+#       sides of 256 pixels (ir2net-preresize), what feeds a faster model;
 #   then the ImageNet augmentation per decoder on 1 and all cores.
 #
 #   scripts/gpu_input_check.sh
@@ -74,6 +77,14 @@ loop ir2net_a_stage2_host_resize --config=configs/imagenet.py:a,stage=2 \
     --config.input_engine=grain --config.input_resize=host "${SIZE[@]}" \
     --config.checkpoint_every_steps=100000 \
     --config.eval_every_epochs=100000 --config.log_every_steps=20
+"$PYTHON" -m ir2net_jax.tools.preresize --input="$WORK/inet" \
+    --output="$WORK/inet256" --shorter_side=256
+loop ir2net_a_stage2_shorter_256 --config=configs/imagenet.py:a,stage=2 \
+    --random_weights --steps="$((STEPS > 6 ? STEPS / 3 : 2))" \
+    --config.dataset="folder:$WORK/inet256" --config.eval_split=val \
+    --config.input_engine=grain "${SIZE[@]}" "${RESIZE[@]}" \
+    --config.checkpoint_every_steps=100000 \
+    --config.eval_every_epochs=100000 --config.log_every_steps=20
 
 "$PYTHON" - "$WORK" "${OUT:-}" <<'EOF'
 import glob, json, os, sys
@@ -81,10 +92,11 @@ from ir2net_jax.tools.benchmark import loop
 rows = []
 for path in sorted(glob.glob(sys.argv[1] + "/*.json")):
   try:
-    rows.append(json.load(open(path)))
+    rows.append({"run": os.path.basename(path)[:-5], **json.load(open(path))})
   except ValueError:
     print("no row:", os.path.basename(path))
 for row in rows:
+  print(f"{row['run']}:")
   print(loop.format_row(row))
 if sys.argv[2]:
   with open(os.path.join(sys.argv[2], "input_check.json"), "w") as f:
