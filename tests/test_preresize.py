@@ -2,6 +2,7 @@
 shorter side at most N (torchvision's ``Resize(N)`` size), small images
 copied byte for byte, an interrupted copy resumed, bad arguments refused."""
 
+import io
 import os
 
 import numpy as np
@@ -118,3 +119,16 @@ def test_resized_size_is_torchvisions_resize():
   assert preresize.resized_size(375, 500, 256) == (256, 341)
   assert preresize.resized_size(256, 999, 256) is None
   assert preresize.resized_size(300, 300, 256) == (256, 256)
+
+
+def test_the_decoders_benchmark_times_preresized_jpegs():
+  """``benchmark.decoders --shorter_side=N`` runs its recipes on the JPEGs
+  as this tool writes them."""
+  from ir2net_jax.tools.benchmark import decoders  # pylint: disable=g-import-not-at-top
+  jpegs = decoders.imagenet_like_jpegs(6, seed=1)
+  small = decoders._preresized(jpegs, 128)  # pylint: disable=protected-access
+  assert len(small) == len(jpegs)
+  for before, after in zip(jpegs, small):
+    with Image.open(io.BytesIO(before)) as a, Image.open(io.BytesIO(after)) as b:
+      assert min(b.size) == min(128, min(a.size)) and b.format == "JPEG"
+      assert preresize.resized_size(*a.size, 128) in (None, b.size)

@@ -1,6 +1,7 @@
 """The ImageNet train augmentation per decoder and worker count, on the host.
 
   python -m ir2net_jax.tools.benchmark.decoders [--examples=512] [--workers=1,2]
+      [--shorter_side=256]
   python -m ir2net_jax.tools.benchmark.decoders --write_folder=DIR
       [--classes=1000] [--train_per_class=10] [--eval_per_class=1]
 
@@ -29,6 +30,9 @@ and 14,000 img/s (a float ResNet-18 on an H100-class GPU):
   ``'device'`` on a ``folder:`` of the same JPEGs, batches of 16 out of its
   worker processes (workers = ``config.input_workers``): reading files, the
   recipe, batching and the transfer between processes.
+
+``--shorter_side=N`` times the same JPEGs as ``ir2net-preresize`` stores
+them with shorter sides of at most N pixels.
 
 ``--write_folder=DIR`` writes such JPEGs as an ImageNet-shaped ``folder:``
 tree instead (``DIR/train/<class>/``, ``DIR/val/<class>/``), on every core,
@@ -217,6 +221,20 @@ def _grain_images_per_s(folder: str, workers: int, examples: int,
   return rate
 
 
+def _preresized(jpegs: Sequence[bytes], shorter_side: int) -> List[bytes]:
+  """``jpegs`` through ``ir2net-preresize`` (``tools.preresize``)."""
+  from ir2net_jax.tools import preresize  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    source = _write_folder(jpegs, os.path.join(tmp, "in"))
+    target = os.path.join(tmp, "out")
+    preresize.preresize_tree(source, target, shorter_side, workers=0)
+    out = []
+    for i in range(len(jpegs)):
+      with open(os.path.join(target, "train", "c", f"{i:05d}.jpg"), "rb") as f:
+        out.append(f.read())
+  return out
+
+
 def _write_folder(jpegs: Sequence[bytes], root: str) -> str:
   for split, names in (("train", range(len(jpegs))), ("test", range(2))):
     os.makedirs(os.path.join(root, split, "c"))
@@ -227,10 +245,15 @@ def _write_folder(jpegs: Sequence[bytes], root: str) -> str:
 
 
 def benchmark_decoders(examples: int = 512, workers: Sequence[int] = (1, 2),
-                       image_size: int = 224, num_jpegs: int = 128
+                       image_size: int = 224, num_jpegs: int = 128,
+                       shorter_side: Optional[int] = None
                        ) -> List[Dict[str, Any]]:
-  """One row per decoder: img/s per worker count, per core, cores needed."""
+  """One row per decoder: img/s per worker count, per core, cores needed;
+  with ``shorter_side``, on the JPEGs as ``ir2net-preresize`` writes them
+  with that shorter side."""
   jpegs = imagenet_like_jpegs(num_jpegs)
+  if shorter_side:
+    jpegs = _preresized(jpegs, shorter_side)
   decoders = ["pil_full", "pil"]
   if importlib.util.find_spec("simplejpeg") is not None:
     decoders += ["simplejpeg", _DEVICE_FINISH, _DEVICE_RESIZE]
@@ -295,6 +318,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
   parser.add_argument("--workers", default="1,2",
                       help="comma-separated worker counts")
   parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--shorter_side", type=int, default=0,
+                      help="time JPEGs stored with this shorter side "
+                           "(ir2net-preresize) instead")
   parser.add_argument("--json", action="store_true")
   parser.add_argument("--write_folder", default="",
                       help="write an ImageNet-shaped folder here instead")
@@ -311,7 +337,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
           f"{time.perf_counter() - start:.0f} s")
     return []
   workers = [int(w) for w in args.workers.split(",") if w.strip()]
-  rows = benchmark_decoders(args.examples, workers, args.image_size)
+  rows = benchmark_decoders(args.examples, workers, args.image_size,
+                            shorter_side=args.shorter_side or None)
   print(json.dumps(rows, indent=1) if args.json
         else format_rows(rows, workers))
   return rows
