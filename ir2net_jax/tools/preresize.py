@@ -30,6 +30,7 @@ output are kept, so an interrupted run resumes where it stopped.
 import argparse
 import concurrent.futures
 import functools
+import multiprocessing
 import os
 import shutil
 import time
@@ -77,13 +78,17 @@ def preresize_file(source: str, target: str, shorter_side: int,
         image = image.convert("RGBA" if "transparency" in image.info
                               else "RGB")
       resized = image.resize(size, Image.Resampling.BILINEAR)
-  if size is None:
-    shutil.copyfile(source, partial)
-  elif kind == "JPEG":
-    resized.save(partial, format="JPEG", quality=quality)
-  else:
-    resized.save(partial, format="PNG")
-  os.replace(partial, target)
+  try:
+    if size is None:
+      shutil.copyfile(source, partial)
+    else:
+      resized.save(partial, format="JPEG" if kind == "JPEG" else "PNG",
+                   **({"quality": quality} if kind == "JPEG" else {}))
+    os.replace(partial, target)
+  except BaseException:
+    if os.path.exists(partial):
+      os.remove(partial)
+    raise
   return "copied" if size is None else "resized"
 
 
@@ -149,8 +154,10 @@ def preresize_tree(source: str, target: str, shorter_side: int = 256,
   start = last_log = time.perf_counter()
   if workers is None:
     workers = os.cpu_count() or 1
-  pool = (concurrent.futures.ProcessPoolExecutor(workers) if workers
-          else None)
+  pool = None
+  if workers:   # spawned, not forked: this process has imported JAX
+    pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"))
   results = pool.map(one, names, chunksize=64) if pool else map(one, names)
   try:
     for done, (name, outcome) in enumerate(results, 1):
