@@ -34,7 +34,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 from absl import logging
 from PIL import Image
@@ -92,20 +92,6 @@ def preresize_file(source: str, target: str, shorter_side: int,
   return "copied" if size is None else "resized"
 
 
-def _files(root: str) -> Iterator[str]:
-  """The image files under ``root`` that the ``folder:`` reader lists,
-  relative to it (split/class/name)."""
-  for split in sorted(os.listdir(root)):
-    if not os.path.isdir(os.path.join(root, split)):
-      continue
-    for name in sorted(os.listdir(os.path.join(root, split))):
-      class_dir = os.path.join(root, split, name)
-      if os.path.isdir(class_dir):
-        for f in sorted(os.listdir(class_dir)):
-          if f.lower().endswith(folders.IMAGE_SUFFIXES):
-            yield os.path.join(split, name, f)
-
-
 def _one(name: str, source: str, target: str, shorter_side: int,
          quality: int) -> Tuple[str, str]:
   """``(name, outcome)`` of :func:`preresize_file` on ``name`` (relative);
@@ -144,7 +130,10 @@ def preresize_tree(source: str, target: str, shorter_side: int = 256,
   if shorter_side < 1 or not 1 <= quality <= 95:
     raise ValueError(f"--shorter_side={shorter_side} must be at least 1 "
                      f"and --quality={quality} in 1..95.")
-  names = list(_files(source))
+  # What the folder: reader lists (folders.scan), relative to the tree.
+  names = sorted(os.path.relpath(path, source)
+                 for paths, _ in folders.scan(source).splits.values()
+                 for path in paths)
   if not names:
     raise ValueError(f"--input {source} holds no images as split/class/"
                      f"image ({', '.join(folders.IMAGE_SUFFIXES)}).")
