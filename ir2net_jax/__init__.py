@@ -10,8 +10,8 @@ JAX nor TensorFlow)::
   model = ir2net_jax.create_model("ir2net_c", stage=2)
 
 The layers, bottom to top (arrows only go down; ``tests/test_layout.py``):
-``backend`` and ``configs`` < ``nn`` < ``models`` < ``data`` and ``io`` <
-``train`` < ``tools`` (the command lines).
+``backend``, ``configs`` and ``storage`` < ``nn`` < ``models`` < ``data``
+and ``io`` < ``train`` < ``tools`` (the command lines).
 """
 
 import importlib

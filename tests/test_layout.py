@@ -17,7 +17,7 @@ PACKAGE = "ir2net_jax"
 
 # Bottom to top: a module may import its own layer's modules and lower ones.
 LAYERS = (
-    ("backend", "configs"),
+    ("backend", "configs", "storage"),
     ("nn",),
     ("models",),
     ("data", "io"),

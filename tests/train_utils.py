@@ -73,6 +73,15 @@ def final_state(workdir):
   return step, {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
 
 
+def flat_variables(variables):
+  """``{path: array}`` of ``{'params', 'batch_stats'}``, keyed as
+  ``final_state`` keys them."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      {"params": variables["params"],
+       "batch_stats": variables["batch_stats"]})[0]
+  return {jax.tree_util.keystr(path): np.asarray(v) for path, v in leaves}
+
+
 def truncate_files(directory) -> None:
   """Cuts every file under ``directory`` to half its size: a checkpoint that
   no number of reads can decode."""

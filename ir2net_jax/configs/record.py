@@ -11,6 +11,7 @@ import ml_collections
 from absl import logging
 
 from ir2net_jax.configs import ConfigError, default
+from ir2net_jax.storage import paths
 
 __all__ = ["FIELDS_ADDED", "LAUNCH_FIELDS", "read_recorded_config"]
 
@@ -51,8 +52,7 @@ def read_recorded_config(path: str):
     ConfigError: ``path`` is missing or is not a recorded config.
   """
   try:
-    with open(path) as f:
-      recorded = json.load(f)
+    recorded = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise ConfigError(f"cannot read the recorded config {path}: {e}; pass "
                       "--config=<the recipe it was trained with>") from None

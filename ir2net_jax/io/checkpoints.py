@@ -22,8 +22,6 @@ fail with an I/O error (a network file system's EIO or stale handle) may be
 fine, so the run stops with an error rather than set it aside.
 """
 
-import os
-import shutil
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -32,6 +30,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from ir2net_jax.storage import paths
 
 __all__ = ["CheckpointError", "Checkpoints", "is_step_directory", "latest_step",
            "check_fits", "restore_variables", "read_meta", "open_read_only",
@@ -66,7 +66,7 @@ def _manager(directory: str, keep: int, create: bool = True,
       max_to_keep=keep, create=create, read_only=read_only,
       enable_async_checkpointing=asynchronous,
       multiprocessing_options=processes)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  return ocp.CheckpointManager(paths.as_path(directory), options=options)
 
 
 class Checkpoints:
@@ -78,11 +78,12 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, keep: int = 2):
-    self.workdir = workdir
-    self.latest = _manager(os.path.join(workdir, "checkpoints"), keep)
+    self.workdir = paths.resolve(workdir)
+    self.latest = _manager(paths.join(self.workdir, "checkpoints"), keep)
     # Saved synchronously, after the latest one has finished: two async
     # managers writing the same arrays at once race in orbax.
-    self.best = _manager(os.path.join(workdir, "best"), 1, asynchronous=False)
+    self.best = _manager(paths.join(self.workdir, "best"), 1,
+                         asynchronous=False)
 
   def save(self, step: int, state: Any, meta: Dict[str, Any],
            best: bool = False) -> None:
@@ -184,15 +185,14 @@ class Checkpoints:
           (self.best, "abandoned_best", "best checkpoint")):
         for later in manager.all_steps():
           if later > step:
-            target = os.path.join(self.workdir, aside, f"{later}-{stamp}")
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.replace(_step_path(manager, later), target)
+            target = paths.join(self.workdir, aside, f"{later}-{stamp}")
+            paths.move(_step_path(manager, later), target)
             logging.warning("moved the %s of step %d, after step %d, to %s",
                             what, later, step, target)
       self.best.reload()
       if best_step == step and step not in self.best.all_steps():
-        shutil.copytree(self.step_path(step),
-                        os.path.join(self.best.directory, str(step)))
+        paths.copytree(self.step_path(step),
+                       paths.join(str(self.best.directory), str(step)))
         logging.warning("copied the checkpoint of step %d, the run's best, "
                         "to %s", step, self.best.directory)
     if jax.process_count() > 1:
@@ -226,10 +226,24 @@ def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
       manager.directory, step).path)
 
 
+# What tensorstore (absl status codes, curl) and the bucket clients (HTTP
+# status, aiohttp) say of a storage server that failed to answer, which may
+# pass: not a missing object or bytes that do not decode.
+_TRANSIENT_STORAGE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED",
+                      "retry attempts failed", "http_response_code='5",
+                      "http_response_code='429'",
+                      "HTTP response code: 5", "HTTP response code: 429",
+                      "CURL error", "Connection reset", "Connection refused",
+                      "Server disconnected", "ServerDisconnectedError",
+                      "Too Many Requests", "Service Unavailable")
+
+
 def _is_io_error(error: BaseException) -> bool:
   """Whether ``error``, or one it was raised from, is the operating system's
-  failure to read a file (EIO, a stale handle, a timeout, a permission),
-  which may pass, rather than a missing file or bytes that do not decode."""
+  failure to read a file (EIO, a stale handle, a timeout, a permission) or
+  a storage server's failure to answer (HTTP 429 and 5xx, a dropped
+  connection), which may pass, rather than a missing file or bytes that do
+  not decode."""
   seen = set()
   while error is not None and id(error) not in seen:
     seen.add(id(error))
@@ -239,6 +253,12 @@ def _is_io_error(error: BaseException) -> bool:
       return True
     # TensorStore reports an OS error as a ValueError "... [OS error: ...]".
     if "[OS error: " in text and "No such file" not in text:
+      return True
+    code = getattr(error, "code", None)   # gcsfs.retry.HttpError
+    if isinstance(code, int) and (code == 429 or 500 <= code < 600):
+      return True
+    if any(s in text or s in type(error).__name__
+           for s in _TRANSIENT_STORAGE):
       return True
     error = error.__cause__ or error.__context__
   return False
@@ -401,15 +421,15 @@ def open_read_only(directory: str) -> ocp.CheckpointManager:
 def is_step_directory(directory: str) -> bool:
   """Whether ``directory`` holds orbax step directories (``<step>/`` with
   ``state`` and ``meta``): ``workdir/checkpoints`` or ``workdir/best``."""
-  return os.path.isdir(directory) and any(
-      name.isdigit() and os.path.isdir(os.path.join(directory, name, "state"))
-      for name in os.listdir(directory))
+  return any(name.isdigit() and paths.isdir(paths.join(directory, name,
+                                                      "state"))
+             for name in paths.listdir(directory))
 
 
 def latest_step(directory: str) -> Optional[int]:
   """The newest step in a checkpoint directory (``workdir/checkpoints`` or
   ``workdir/best``), None if it is missing or empty; reads no arrays."""
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return None
   manager = open_read_only(directory)
   try:
@@ -468,7 +488,7 @@ def restore_variables(directory: str, abstract_variables: Any, model: str
 
   def restore(step):
     with ocp.StandardCheckpointer() as ckptr:
-      saved = ckptr.metadata(os.path.join(_step_path(manager, step), "state")
+      saved = ckptr.metadata(paths.join(_step_path(manager, step), "state")
                              ).item_metadata.tree
     check_fits({"params": saved["params"],
                 "batch_stats": saved["batch_stats"]}, abstract_variables,

@@ -14,7 +14,6 @@ from stage 1 (``restore_stage1_variables``) all read through it.
 """
 
 import dataclasses
-import os
 from typing import Any, Dict, NamedTuple, Optional, Sequence, Tuple
 
 import jax
@@ -23,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from ir2net_jax.io import checkpoints
 from ir2net_jax.io.checkpoints import CheckpointError
+from ir2net_jax.storage import paths
 
 __all__ = ["CheckpointError", "Source", "LoadedVariables", "find_checkpoint",
            "load_variables", "save_variables", "stage1_directory",
@@ -68,19 +68,19 @@ def find_checkpoint(checkpoint: str) -> Source:
   Raises:
     CheckpointError: it does not exist or holds no checkpoint.
   """
-  path = os.path.abspath(checkpoint)
-  if not os.path.isdir(path):
+  path = paths.resolve(checkpoint)
+  if not paths.isdir(path):
     raise CheckpointError(f"--checkpoint={checkpoint}: no such directory")
-  latest = os.path.join(path, "checkpoints")
-  if os.path.isdir(latest):
+  latest = paths.join(path, "checkpoints")
+  if paths.isdir(latest):
     if checkpoints.latest_step(latest) is None:
       raise CheckpointError(
           f"the workdir {path} has no checkpoint yet (its checkpoints/ is "
           f"empty); train it first, or pass its best/")
     return Source(path, latest, path)
   if checkpoints.is_step_directory(path):
-    return Source(path, path, os.path.dirname(path))
-  if os.path.exists(os.path.join(path, "_CHECKPOINT_METADATA")):
+    return Source(path, path, paths.parent(path))
+  if paths.exists(paths.join(path, "_CHECKPOINT_METADATA")):
     return Source(path, None, None)
   raise CheckpointError(
       f"{path} holds no checkpoint: expected a training workdir (with "
@@ -122,7 +122,7 @@ def load_variables(checkpoint: str, abstract_variables: Any = None,
   step, variables = checkpoints.restore_variables(source.steps,
                                                   abstract_variables, model)
   return LoadedVariables(variables, step,
-                         os.path.join(source.steps, str(step)))
+                         paths.join(source.steps, str(step)))
 
 
 def _check_meta(directory: str, model: str, stage: Optional[int]) -> None:
@@ -151,7 +151,7 @@ def _check_meta(directory: str, model: str, stage: Optional[int]) -> None:
 def save_variables(directory: str, variables: Variables) -> None:
   """Saves ``{'params', 'batch_stats'}`` as an orbax checkpoint (converted
   weights, which ``load_variables`` reads)."""
-  directory = os.path.abspath(directory)
+  directory = paths.as_path(directory)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(directory, variables)
     ckptr.wait_until_finished()
@@ -160,10 +160,10 @@ def save_variables(directory: str, variables: Variables) -> None:
 def _restore_tree(directory: str, abstract: Any) -> Variables:
   """``save_variables``' tree, into ``abstract``'s structure (None: as
   saved)."""
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     raise FileNotFoundError(f"no converted checkpoint at {directory}")
   with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(directory, abstract)
+    return ckptr.restore(paths.as_path(directory), abstract)
 
 
 def _restore_converted(directory: str, abstract_variables: Any, model: str,
@@ -186,12 +186,12 @@ def _restore_converted(directory: str, abstract_variables: Any, model: str,
       module of the model, or the other variables do not fit the model
       (naming both, and which modules could start fresh).
   """
-  directory = os.path.abspath(directory)
+  directory = paths.resolve(directory)
   if abstract_variables is None:
     return _restore_tree(directory, None)
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      saved = ckptr.metadata(directory).item_metadata.tree
+      saved = ckptr.metadata(paths.as_path(directory)).item_metadata.tree
   except Exception as e:  # orbax raises several types for a missing one
     raise CheckpointError(
         f"no converted checkpoint at {directory} ({type(e).__name__}: "
@@ -234,14 +234,13 @@ def _restore_converted(directory: str, abstract_variables: Any, model: str,
 
 def stage1_directory(config, workdir: str) -> str:
   """``config.stage1_checkpoint``, or ``stage1`` beside the workdir."""
-  path = config.stage1_checkpoint or os.path.join(
-      os.path.dirname(os.path.abspath(workdir)), "stage1")
-  return os.path.abspath(path)
+  return paths.resolve(config.stage1_checkpoint or paths.join(
+      paths.parent(workdir), "stage1"))
 
 
 def _stage1_manager(path: str) -> ocp.CheckpointManager:
-  ckpt_dir = os.path.join(path, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = paths.join(path, "checkpoints")
+  if not paths.isdir(ckpt_dir):
     raise CheckpointError(
         f"stage 2 starts from the last stage-1 checkpoint, but there is no "
         f"stage-1 run at {path} (no {ckpt_dir}). Train stage 1 there first, "
@@ -285,7 +284,7 @@ def restore_stage1_variables(path: str, abstract_variables: Any,
   manager = _stage1_manager(path)  # a clear error where there is no stage 1
   last = manager.latest_step()
   manager.close()
-  loaded = load_variables(os.path.join(path, "checkpoints"),
+  loaded = load_variables(paths.join(path, "checkpoints"),
                           abstract_variables, model)
   if loaded.step != last:
     raise CheckpointError(

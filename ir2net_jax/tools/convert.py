@@ -14,13 +14,13 @@ training checkpoint) or a ``.npz`` of arrays keyed by the PyTorch names
 """
 
 import argparse
-import os
 
 import jax
 import numpy as np
 
 from ir2net_jax import models
 from ir2net_jax.io import torch_layout, weights
+from ir2net_jax.storage import paths, preflight
 
 __all__ = ["main", "run"]
 
@@ -49,7 +49,8 @@ def main(argv=None) -> None:
   model = models.create_model(args.model, **kwargs)
   image_size = args.image_size or (32 if args.model.startswith("cifar")
                                    else 224)
-  if os.path.exists(args.output):
+  preflight.check(paths.parent(args.output), "--output", written=True)
+  if paths.exists(args.output):
     parser.error(f"--output {args.output} exists; choose a new directory")
   variables = torch_layout.torch_to_flax(
       torch_layout.load_state_dict(args.input), model, image_size)

@@ -26,12 +26,12 @@ before anything is compiled.
 """
 
 import json
-import os
 import re
 
 import jax
 from absl import app, flags
 
+from ir2net_jax.storage import paths, preflight
 from ir2net_jax.tools import checkpoint_cli
 from ir2net_jax.train import evaluate, parallel
 
@@ -44,8 +44,8 @@ def _safe(name: str) -> str:
 
 def default_output(checkpoint: str, dataset: str, split: str) -> str:
   """``<checkpoint>/eval_<dataset>_<split>.json``."""
-  return os.path.join(os.path.abspath(checkpoint),
-                      f"eval_{_safe(dataset)}_{_safe(split)}.json")
+  return paths.join(paths.resolve(checkpoint),
+                    f"eval_{_safe(dataset)}_{_safe(split)}.json")
 
 
 def _define_flags() -> None:
@@ -59,13 +59,13 @@ def main(argv) -> None:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if FLAGS.output:   # before the evaluation: a bucket that cannot be used
+    preflight.check(paths.parent(FLAGS.output), "--output", written=True)
   result = evaluate.evaluate(FLAGS.config, FLAGS.checkpoint)
   output = FLAGS.output or default_output(FLAGS.checkpoint, result["dataset"],
                                          result["split"])
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(result, f, indent=1)
+    paths.write_atomic(output, json.dumps(result, indent=1))
   print(f"{result['checkpoint']}: {result['dataset']} {result['split']}: "
         f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  "
         f"({result['count']} examples) -> {output}")

@@ -15,13 +15,13 @@ what to set instead. ``_FIELDS`` holds one rule for every field of
 import dataclasses
 import math
 import numbers
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 
 from ir2net_jax import models
 from ir2net_jax.configs import ConfigError
+from ir2net_jax.storage import paths
 
 __all__ = ["ConfigError", "validate_config", "validate_eval_config",
            "check_num_classes", "eval_batch_size"]
@@ -289,10 +289,10 @@ def validate_config(config) -> None:
           "ResNet-34 once with `python -m ir2net_jax.tools.convert "
           "--model=teacher_resnet34 --input=resnet34.pth --output=DIR` and "
           "pass --config.teacher_checkpoint=DIR")
-    if not os.path.isdir(config.teacher_checkpoint):
+    if not paths.isdir(config.teacher_checkpoint):
       raise ConfigError(f"no teacher checkpoint at config.teacher_checkpoint="
                         f"{config.teacher_checkpoint!r}")
-  if config.init_from and not os.path.isdir(config.init_from):
+  if config.init_from and not paths.isdir(config.init_from):
     raise ConfigError(f"config.init_from={config.init_from!r} does not exist")
   if config.get("init_from_fresh") and not config.init_from:
     raise ConfigError(

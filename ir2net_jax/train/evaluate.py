@@ -9,7 +9,6 @@ be wrong (no checkpoint, one of another model, no data) is reported before
 anything is compiled.
 """
 
-import os
 from typing import Any, Callable, Dict, Optional
 
 from absl import logging
@@ -19,6 +18,7 @@ from ir2net_jax.configs import ConfigError
 from ir2net_jax.configs.record import read_recorded_config
 from ir2net_jax.io import weights
 from ir2net_jax.io.weights import CheckpointError
+from ir2net_jax.storage import paths, preflight
 from ir2net_jax.train import config_checks, parallel, startup, step
 
 __all__ = ["evaluate", "evaluate_split", "load_checkpoint", "recorded_config",
@@ -33,8 +33,8 @@ def recorded_config(checkpoint: str) -> Optional[str]:
     return None
   if source.workdir is None:
     return None
-  path = os.path.join(source.workdir, "config.json")
-  return path if os.path.exists(path) else None
+  path = paths.join(source.workdir, "config.json")
+  return path if paths.exists(path) else None
 
 
 def evaluate(config, checkpoint: str) -> Dict[str, Any]:
@@ -60,6 +60,7 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
   # Before reading any checkpoint: orbax starts JAX's backends. A recorded
   # config holds no launch settings (configs.record.LAUNCH_FIELDS).
   startup.connect(config)
+  preflight.check(checkpoint, "--checkpoint")
   source = weights.find_checkpoint(checkpoint)
   if config is None:
     path = recorded_config(checkpoint)

@@ -6,11 +6,13 @@
 as a uint8 RGB picture (no matplotlib); ``save_png`` writes it.
 """
 
-import os
+import io
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ir2net_jax.storage import paths
 
 __all__ = ["restriction_grid", "save_png", "viridis", "COLUMNS", "MIN_CELL",
            "GAP", "HEADER", "LABEL"]
@@ -136,6 +138,8 @@ def restriction_grid(images, maps: Dict[str, Any],
 
 
 def save_png(grid: np.ndarray, path: str) -> None:
-  """Writes a uint8 (H, W, 3) picture as PNG (parent directories made)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(np.asarray(grid, np.uint8)).save(path, format="PNG")
+  """Writes a uint8 (H, W, 3) picture as PNG (parent directories made),
+  to a local path or a bucket URL, whole."""
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(grid, np.uint8)).save(buffer, format="PNG")
+  paths.write_atomic(path, buffer.getvalue())

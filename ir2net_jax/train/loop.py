@@ -12,7 +12,6 @@ before the workdir is touched and before anything is compiled.
 """
 
 import json
-import os
 import time
 from typing import Any, Dict, Tuple
 
@@ -27,6 +26,7 @@ from ir2net_jax.data.prefetch import close_source
 from ir2net_jax.io import checkpoints as checkpoints_lib, weights
 from ir2net_jax.io.checkpoints import on_every_process
 from ir2net_jax.nn import diagnostics
+from ir2net_jax.storage import paths, preflight
 from ir2net_jax.train import (config_checks, divergence, evaluate,
                               metric_writer, optim, parallel, pictures,
                               preemption, resume, startup)
@@ -58,11 +58,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       was saved (and waited for) first. No ``summary.json`` is written.
   """
   start_time = time.time()
+  workdir = paths.resolve(workdir)
   startup.connect(config)
+  preflight.check_run(config, workdir)
   info, num_classes = startup.prepare(config, training=True)
-  workdir = os.path.abspath(workdir)
   resuming = checkpoints_lib.latest_step(
-      os.path.join(workdir, "checkpoints")) is not None
+      paths.join(workdir, "checkpoints")) is not None
   # Stage 2 starts from stage 1's last checkpoint unless it starts from
   # init_from's variables or resumes its own checkpoint.
   from_stage1 = (config.model.startswith("ir2net") and config.stage == 2
@@ -114,7 +115,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   # From here on the workdir is written to.
   is_host0 = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   checkpoints = checkpoints_lib.Checkpoints(workdir, config.keep_checkpoints)
   best = {"eval_top1": -1.0, "eval_top5": -1.0}
   skipped = 0   # steps that skip_nonfinite_updates skipped, over the run
@@ -236,8 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       "devices": jax.device_count(), "processes": jax.process_count(),
   }
   if is_host0 and not finished:
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-      json.dump(summary, f, indent=1)
+    paths.write_atomic(paths.join(workdir, "summary.json"),
+                       json.dumps(summary, indent=1))
   logging.info("done: %s", json.dumps(summary))
   return summary
 

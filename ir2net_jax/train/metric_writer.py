@@ -19,6 +19,8 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from ir2net_jax.storage import event_files, paths
+
 __all__ = ["MetricWriter", "ReportProgress", "histogram_buckets"]
 
 HISTOGRAM_BUCKETS = 30  # tf.summary.histogram's default
@@ -59,7 +61,8 @@ class MetricWriter:
   """Writes TensorBoard event files into ``logdir`` and logs scalars.
 
   Args:
-    logdir: the directory of the event files (a run's workdir).
+    logdir: the directory of the event files (a run's workdir), local or
+      a bucket URL (``storage.event_files``: uploaded in the background).
     just_logging: only log, write no file (other hosts than the first, and
       a finished run started again).
     max_images: images written per ``write_images`` entry (clu's default).
@@ -69,7 +72,11 @@ class MetricWriter:
                max_images: int = 3):
     self._max_images = max_images
     self._events = None
-    if not just_logging:
+    if just_logging:
+      return
+    if paths.is_cloud(logdir):   # uploaded whole, from a thread
+      self._events = event_files.BucketEventFile(logdir)
+    else:
       # pylint: disable=g-import-not-at-top
       from tensorboard.summary.writer.event_file_writer import EventFileWriter
       self._events = EventFileWriter(logdir)

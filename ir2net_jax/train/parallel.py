@@ -6,6 +6,7 @@ of every device of every host. Parameters are replicated; the batch is split
 along its first axis.
 """
 
+import importlib.util
 import os
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,9 +26,10 @@ def init_distributed(config) -> None:
 
   With ``config.coordinator_address`` set, the process count and id come from
   ``config.num_processes`` / ``config.process_id``; otherwise
-  ``jax.distributed.initialize()`` reads the cluster environment (TPU pods,
-  SLURM, Open MPI) when one is detected; a config of None reads only the
-  environment. A single process does nothing.
+  ``jax.distributed.initialize()`` reads the cluster environment (SLURM,
+  Open MPI, GKE's TPU variables; on a TPU VM, where libtpu is installed,
+  the pod's workers from the VM's metadata) when one is detected; a config
+  of None reads only the environment. A single process does nothing.
   """
   address = config.get("coordinator_address") if config is not None else None
   if address:
@@ -37,6 +39,14 @@ def init_distributed(config) -> None:
   elif any(k in os.environ for k in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                                      "TPU_WORKER_HOSTNAMES")):
     jax.distributed.initialize()
+  elif importlib.util.find_spec("libtpu") is not None:
+    # A TPU VM: its workers are listed in the VM's metadata, not in the
+    # environment, and JAX reads them there. A host of no pod has none.
+    try:
+      jax.distributed.initialize()
+    except ValueError as e:
+      logging.info("one process: no TPU pod detected (%s)", e)
+      return
   else:
     return
   logging.info("process %d of %d, %d local / %d global devices",

@@ -17,7 +17,6 @@ number, 8 rather than the run's batch size), so pictures use evaluation mode
 they show the network that evaluation measures.
 """
 
-import os
 from typing import Any, Dict
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 
 from ir2net_jax.data import constants
 from ir2net_jax.nn import restriction
+from ir2net_jax.storage import paths
 from ir2net_jax.train import grid, parallel
 
 __all__ = ["RestrictionPictures", "display_normalization"]
@@ -73,7 +73,7 @@ class RestrictionPictures:
     images = inputs.first_eval_images(config.restriction_images)
     self.host_images = np.asarray(images, np.float32)
     self.images = parallel.replicate(images, mesh)
-    self.directory = os.path.join(workdir, "restriction")
+    self.directory = paths.join(workdir, "restriction")
     self.display = display_normalization(config)
     lam = config.erase_lambda
     self._maps = jax.jit(lambda v, x: restriction.restriction_maps(
@@ -87,5 +87,5 @@ class RestrictionPictures:
     maps = {k: np.asarray(v.addressable_data(0)) for k, v in maps.items()}
     picture = grid.restriction_grid(self.host_images, maps, **self.display)
     grid.save_png(picture,
-                  os.path.join(self.directory, f"step_{step:06d}.png"))
+                  paths.join(self.directory, f"step_{step:06d}.png"))
     writer.write_images(step, {"restriction": picture[None]})

@@ -11,9 +11,7 @@ record of each config it ran with.
 """
 
 import datetime
-import glob
 import json
-import os
 from typing import Any, Dict, List, Sequence, Tuple
 
 from absl import logging
@@ -23,6 +21,7 @@ import ml_collections
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.configs.record import FIELDS_ADDED
 from ir2net_jax.data import engines
+from ir2net_jax.storage import paths
 
 __all__ = ["check_resume", "record_config", "RESUMABLE_FIELDS",
            "NO_FLIP_DATASETS"]
@@ -101,11 +100,10 @@ def check_resume(workdir: str, config) -> None:
   Raises:
     ConfigError: listing each differing field as ``old -> new``.
   """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "config.json")
+  if not paths.exists(path):
     return
-  with open(path) as f:
-    old = json.load(f)
+  old = json.loads(paths.read_text(path))
   implied = sorted(FIELDS_ADDED.keys() - old.keys())
   if implied:
     logging.info("%s records no %s: its run used %s", path,
@@ -136,8 +134,10 @@ def check_resume(workdir: str, config) -> None:
 
 def _history(workdir: str) -> Sequence[str]:
   """config.json, then config.<UTC time>.json oldest first."""
-  return [os.path.join(workdir, "config.json")] + sorted(
-      glob.glob(os.path.join(workdir, "config.*.json")))
+  return [paths.join(workdir, "config.json")] + [
+      paths.join(workdir, name) for name in paths.listdir(workdir)
+      if name.startswith("config.") and name.endswith(".json")
+      and name != "config.json"]
 
 
 def record_config(workdir: str, config) -> None:
@@ -148,16 +148,14 @@ def record_config(workdir: str, config) -> None:
   its config beside it as ``config.<UTC time>.json``; one that changes
   nothing writes nothing.
   """
-  history = [p for p in _history(workdir) if os.path.exists(p)]
+  history = [p for p in _history(workdir) if paths.exists(p)]
   new = _as_recorded(config)
   if history:
-    with open(history[-1]) as f:
-      if json.load(f) == new:
-        return
+    if json.loads(paths.read_text(history[-1])) == new:
+      return
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime(
         "%Y%m%dT%H%M%S.%fZ")
-    path = os.path.join(workdir, f"config.{stamp}.json")
+    path = paths.join(workdir, f"config.{stamp}.json")
   else:
-    path = os.path.join(workdir, "config.json")
-  with open(path, "x") as f:
-    json.dump(new, f, indent=1)
+    path = paths.join(workdir, "config.json")
+  paths.write_new(path, json.dumps(new, indent=1))

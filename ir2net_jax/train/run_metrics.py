@@ -17,9 +17,12 @@ Needs the ``tensorboard`` package (in the ``train`` extra), not TensorFlow.
 import contextlib
 import logging
 import os
+import tempfile
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ir2net_jax.storage import paths
 
 __all__ = ["read_scalars"]
 
@@ -30,7 +33,8 @@ def read_scalars(workdir: str, tags: Optional[Sequence[str]] = None
 
   Args:
     workdir: a run's workdir (the directory holding ``events.out.tfevents.*``;
-      sub-directories are not read).
+      sub-directories are not read), local or a bucket URL (its event files
+      are copied to a temporary directory first).
     tags: only these tags (missing ones are left out); None: every scalar.
 
   Returns:
@@ -46,16 +50,23 @@ def read_scalars(workdir: str, tags: Optional[Sequence[str]] = None
   from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
   from tensorboard.util import tensor_util  # pylint: disable=g-import-not-at-top
 
-  if not os.path.isdir(workdir) or not any(
-      "tfevents" in name for name in os.listdir(workdir)):
+  events = [name for name in paths.listdir(workdir) if "tfevents" in name]
+  if not events:
     raise FileNotFoundError(
         f"no TensorBoard event files in {workdir}; train_and_evaluate writes "
         "them into its workdir (is this the right directory?)")
-  acc = event_accumulator.EventAccumulator(
-      workdir, size_guidance={event_accumulator.SCALARS: 0,
+  with contextlib.ExitStack() as stack:
+    local = paths.resolve(workdir)
+    if paths.is_cloud(workdir):   # tensorboard's reader reads local files
+      local = stack.enter_context(tempfile.TemporaryDirectory())
+      for name in events:
+        paths.write_atomic(os.path.join(local, name),
+                           paths.read_bytes(paths.join(workdir, name)))
+    acc = event_accumulator.EventAccumulator(
+        local, size_guidance={event_accumulator.SCALARS: 0,
                               event_accumulator.TENSORS: 0})
-  with _quiet_tensorboard_info():
-    acc.Reload()   # logs an INFO line per event file it finishes
+    with _quiet_tensorboard_info():
+      acc.Reload()   # logs an INFO line per event file it finishes
   available = acc.Tags()
   wanted = (lambda tag: True) if tags is None else set(tags).__contains__
 

@@ -1,0 +1,197 @@
+"""Refuses bucket paths a run cannot use, before anything is compiled.
+
+``check_run(config, workdir)`` checks every bucket URL a run will read or
+write (the workdir, ``init_from``, the stage-1 run, the teacher, the data),
+each within ``TIMEOUT_S`` seconds, and raises ``StorageError`` naming the
+URL and the fix: no client installed for the scheme (gcsfs, s3fs), no
+credentials, a server that does not answer, a bucket that does not exist,
+or a workdir that cannot be written. Local paths pass untouched.
+"""
+
+import importlib.util
+import os
+import socket
+import threading
+import urllib.parse
+import uuid
+from typing import Callable, List, Tuple
+
+from ir2net_jax.storage import paths
+from ir2net_jax.storage.paths import StorageError
+
+__all__ = ["TIMEOUT_S", "check_run", "check", "run_urls"]
+
+# The longest a check of one URL may take before the run is refused.
+TIMEOUT_S = float(os.environ.get("IR2NET_STORAGE_TIMEOUT_S", "20"))
+
+_GCS_ENDPOINT = "https://storage.googleapis.com"
+_CREDENTIALS_FIX = {
+    "gs": ("on a Cloud TPU or GCE VM, give the VM's service account access "
+           "to the bucket; elsewhere run `gcloud auth application-default "
+           "login`, or set GOOGLE_APPLICATION_CREDENTIALS to a service "
+           "account's key file"),
+    "s3": ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+           "with ~/.aws/credentials"),
+}
+
+
+def run_urls(config, workdir: str) -> List[Tuple[str, str, bool]]:
+  """``(what, url, written)`` for every bucket URL the run uses."""
+  found = [("--workdir", workdir, True)]
+  for field in ("init_from", "stage1_checkpoint", "teacher_checkpoint",
+                "data_dir"):
+    value = config.get(field)
+    if value:
+      found.append((f"config.{field}", value, False))
+  dataset = config.get("dataset") or ""
+  if dataset.startswith("folder:"):
+    found.append(("config.dataset", dataset[len("folder:"):], False))
+  return [(what, url, written) for what, url, written in found
+          if paths.is_cloud(url)]
+
+
+def check_run(config, workdir: str) -> None:
+  """``check`` of each of ``run_urls``; ``folder:`` data in a bucket is
+  refused (decoded files are read from a local disk or a mount).
+
+  Raises:
+    StorageError: naming the URL, what is wrong and the fix.
+  """
+  for what, url, written in run_urls(config, workdir):
+    if what == "config.dataset":
+      raise StorageError(
+          f"config.dataset=folder:{url}: folder: data is read from a local "
+          f"disk; mount the bucket (gcsfuse --implicit-dirs BUCKET /mnt/data, "
+          f"then folder:/mnt/data/...) or copy it to each host (gcloud "
+          f"storage cp -r {url} /local/path)")
+    check(url, what, written=written)
+
+
+def check(url: str, what: str = "the path", written: bool = False,
+          timeout_s: float = None) -> None:
+  """Checks that ``url`` can be used: client, credentials, the server, the
+  bucket and, if ``written``, a test object written and deleted under it.
+
+  Raises:
+    StorageError: naming ``what``, ``url`` and the fix.
+  """
+  url = paths.resolve(url)
+  kind = paths.scheme(url)
+  if kind is None:
+    return
+  timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
+  module, install = paths.CLOUD_SCHEMES[kind]
+  if importlib.util.find_spec(module) is None:
+    raise StorageError(f"{what}={url} needs {module}, which is not "
+                       f"installed: {install}")
+  _within(timeout_s, f"{what}={url}",
+          lambda: _check_credentials(kind, url, what))
+  if kind == "gs":
+    _check_connects(_gcs_endpoint(), url, what, timeout_s)
+  _within(timeout_s, f"{what}={url}",
+          lambda: _check_bucket(url, what, written))
+
+
+def _within(timeout_s: float, name: str, fn: Callable[[], None]) -> None:
+  """``fn()`` in a thread; StorageError if it takes over ``timeout_s``."""
+  outcome = []
+
+  def target():
+    try:
+      fn()
+      outcome.append(None)
+    except BaseException as e:  # raised below, in the caller's thread
+      outcome.append(e)
+  thread = threading.Thread(target=target, daemon=True)
+  thread.start()
+  thread.join(timeout_s)
+  if not outcome:
+    raise StorageError(
+        f"{name}: no answer from the storage server within {timeout_s:.0f} s; "
+        f"check the network and the bucket's name (a server for tests: "
+        f"STORAGE_EMULATOR_HOST={os.environ.get('STORAGE_EMULATOR_HOST')})")
+  if outcome[0] is not None:
+    raise outcome[0]
+
+
+def _gcs_endpoint() -> str:
+  """Where gcsfs and tensorstore send requests: the emulator's address
+  where ``STORAGE_EMULATOR_HOST`` is set, else Google's."""
+  emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+  if emulator in ("", "default"):
+    return _GCS_ENDPOINT
+  return emulator if "://" in emulator else f"http://{emulator}"
+
+
+def _check_connects(endpoint: str, url: str, what: str,
+                    timeout_s: float) -> None:
+  parsed = urllib.parse.urlparse(endpoint)
+  port = parsed.port or (443 if parsed.scheme == "https" else 80)
+  try:
+    socket.create_connection((parsed.hostname, port),
+                             timeout=min(timeout_s, 10)).close()
+  except OSError as e:
+    raise StorageError(
+        f"{what}={url}: cannot connect to the storage server {endpoint} "
+        f"({e}); check the network (and STORAGE_EMULATOR_HOST, where a test "
+        f"server is meant)") from None
+
+
+def _check_credentials(kind: str, url: str, what: str) -> None:
+  """Credentials as tensorstore (checkpoint arrays) and gcsfs look for them:
+  ``GOOGLE_AUTH_TOKEN_FOR_TESTING``, else Application Default Credentials;
+  for S3, botocore's chain."""
+  if kind == "gs":
+    if os.environ.get("GOOGLE_AUTH_TOKEN_FOR_TESTING"):
+      return
+    import google.auth  # pylint: disable=g-import-not-at-top
+    try:
+      google.auth.default()
+      return
+    except google.auth.exceptions.DefaultCredentialsError as e:
+      reason = _first_line(e)
+  else:
+    import botocore.session  # pylint: disable=g-import-not-at-top
+    if botocore.session.get_session().get_credentials() is not None:
+      return
+    reason = "botocore found none"
+  raise StorageError(f"{what}={url}: no credentials for {kind}:// ({reason}); "
+                     f"{_CREDENTIALS_FIX[kind]}")
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
+
+
+def _check_bucket(url: str, what: str, written: bool) -> None:
+  fs = paths.filesystem(url)
+  bucket = url.split("://", 1)[1].split("/", 1)[0]
+  kind = paths.scheme(url)
+  try:
+    fs.invalidate_cache()
+    if not fs.exists(f"{kind}://{bucket}"):
+      raise FileNotFoundError(bucket)
+  except FileNotFoundError:
+    raise StorageError(
+        f"{what}={url}: the bucket {kind}://{bucket} does not exist (or these "
+        f"credentials cannot see it); create it (gcloud storage buckets "
+        f"create {kind}://{bucket} --location=<the TPUs' region>) or fix "
+        f"the name") from None
+  except PermissionError as e:
+    raise StorageError(
+        f"{what}={url}: access to {kind}://{bucket} denied ({e}); "
+        f"{_CREDENTIALS_FIX[kind]}") from None
+  if not written:
+    return
+  probe = paths.join(url, f".write_probe.{socket.gethostname()}."
+                     f"{os.getpid()}.{uuid.uuid4().hex[:8]}")
+  try:
+    fs.pipe_file(probe, b"ok")
+    fs.rm(probe)
+  except Exception as e:  # gcsfs and s3fs raise many types
+    raise StorageError(
+        f"{what}={url}: cannot write there ({type(e).__name__}: "
+        f"{_first_line(e)}); the account needs permission to create "
+        f"and delete objects (roles/storage.objectAdmin on GCS): "
+        f"{_CREDENTIALS_FIX[kind]}") from None
