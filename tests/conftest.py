@@ -70,10 +70,31 @@ def _release_compiled_programs():
   gc.collect()
 
 
+@pytest.fixture(scope="module")
+def gcs_server():
+  """A GCS server on this machine (fake-gcs-server, ``gcs_server.py``) for
+  a test module, with the buckets ``runs`` and ``files``."""
+  from gcs_server import GcsServer  # pylint: disable=g-import-not-at-top
+  with GcsServer(buckets=["runs", "files"]) as server:
+    yield server
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+  """The module's GCS server, with this process's clients (gcsfs through
+  etils.epath, tensorstore through orbax) pointed at it."""
+  from gcs_server import reset_clients  # pylint: disable=g-import-not-at-top
+  for key, value in gcs_server.env().items():
+    monkeypatch.setenv(key, value)
+  reset_clients()
+  yield gcs_server
+  reset_clients()
+
+
 # The longest modules start first, so that `-n 2 --dist loadfile` does not end
 # with one worker running a long module while the other idles. (xdist would
 # otherwise hand out the modules with the most tests first.)
-LONGEST_FIRST = ("test_multihost.py", "test_parity_layers.py", "test_train.py",
+LONGEST_FIRST = ("test_buckets.py", "test_multihost.py", "test_parity_layers.py", "test_train.py",
                  "test_parity.py", "test_claims.py", "test_evaluate.py",
                  "test_robustness.py", "test_benchmark.py")
 

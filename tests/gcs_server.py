@@ -282,12 +282,20 @@ class GcsServer:
   def env(self, url: Optional[str] = None) -> Dict[str, str]:
     """The environment that points GCS clients at the server.
 
+    The module's docstring says what each client reads; besides,
+    ``GOOGLE_CLOUD_PROJECT`` is google-cloud-storage's project (orbax makes
+    a ``storage.Client()`` to ask for a bucket's layout),
+    ``CLOUD_STORAGE_EMULATOR_ENDPOINT`` points array_record's reader at
+    the server, the ``GCE_METADATA_*`` variables send any search for a
+    GCE metadata server to a closed local port, and ``NO_PROXY`` keeps
+    127.0.0.1 away from any HTTP proxy of the environment.
+
     Args:
       url: the URL clients should use instead of ``url`` (a FaultProxy's).
 
     Returns:
-      Variable -> value: set them all (``monkeypatch.setenv``), then call
-      ``reset_clients``.
+      Variable -> value: set them all, then call ``reset_clients``
+      (``apply_env`` does both).
     """
     url = url or self.url
     return {
@@ -297,6 +305,14 @@ class GcsServer:
         "EPATH_USE_TF": "false",
         "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
         "GOOGLE_CLOUD_PROJECT": "test-project",
+        # array_record's own GCS client (ArrayRecord data in a bucket).
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
+        # Where google.auth and tensorstore look for a GCE metadata server
+        # when they seek credentials: a closed port on this machine, so
+        # that no request leaves it.
+        "GCE_METADATA_HOST": "127.0.0.1:9",
+        "GCE_METADATA_IP": "127.0.0.1:9",
+        "GCE_METADATA_ROOT": "127.0.0.1:9",
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }
@@ -388,10 +404,11 @@ def limit_tensorstore_retries(monkeypatch, max_retries: int = 3,
   """Sets the retries of the GCS requests that orbax's tensorstore makes,
   for one test.
 
-  tensorstore retries a failed request (429, 5xx, a connection error) 32
-  times by default, 1 s first, doubling to at most 32 s between tries (about
-  15 minutes in all). orbax sets no ``gcs_request_retries``; this adds one
-  to the contexts it opens arrays with (``get_ts_context``'s defaults).
+  tensorstore retries a failed request (429, 5xx, a dropped or refused
+  connection), waiting 1 s, then twice as long each time: with its
+  defaults a server that refuses connections makes it fail only after more
+  than 15 minutes. orbax sets no ``gcs_request_retries``; this adds one to
+  the contexts it opens arrays with (``get_ts_context``'s defaults).
 
   Args:
     monkeypatch: the test's pytest ``monkeypatch``.

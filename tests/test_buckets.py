@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 
 import jax
@@ -24,28 +23,12 @@ import numpy as np
 import pytest
 
 import train_utils
-from gcs_server import GcsServer, reset_clients
+from gcs_server import reset_clients
 from ir2net_jax.storage import paths
 
 ROOT = train_utils.ROOT
 BUCKET = "runs"
 SMOKE = os.path.join(ROOT, "configs", "digits.py") + ":smoke"
-
-
-@pytest.fixture(scope="module")
-def server():
-  with GcsServer(buckets=[BUCKET]) as gcs:
-    yield gcs
-
-
-@pytest.fixture
-def gcs(server, monkeypatch):
-  """The server, with this process's clients pointed at it."""
-  for key, value in server.env().items():
-    monkeypatch.setenv(key, value)
-  reset_clients()
-  yield server
-  reset_clients()
 
 
 def _url(name: str) -> str:
@@ -67,16 +50,33 @@ def _local(tmp_path, name="local"):
   return local
 
 
+# launch.py where TensorFlow cannot be imported (as on GPU images and Colab
+# TPU runtimes), so that etils.epath has no gfile to choose.
+_WITHOUT_TENSORFLOW = f"""
+import importlib.abc, runpy, sys
+class NoTensorFlow(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+      raise ImportError(f"No module named {{name!r}} (hidden by the test)")
+sys.meta_path.insert(0, NoTensorFlow())
+sys.argv[0] = {os.path.join(ROOT, "launch.py")!r}
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def _launch(server, workdir, *overrides, local, devices=1, config=SMOKE,
-            env_url=None):
+            env_url=None, tensorflow=True):
   """``launch.py`` from the empty directory ``local``, pointed at the
-  server (or at ``env_url``, a proxy in front of it), output piped."""
+  server (or at ``env_url``, a proxy in front of it), output piped;
+  ``tensorflow=False`` hides TensorFlow from it."""
   env = dict(os.environ, **server.env(env_url), JAX_PLATFORMS="cpu",
              TMPDIR=str(local / "tmp"), PYTHONPATH=ROOT,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  script = ([os.path.join(ROOT, "launch.py")] if tensorflow
+            else ["-c", _WITHOUT_TENSORFLOW])
   return subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "launch.py"), f"--config={config}",
-       f"--workdir={workdir}", *overrides], cwd=local, env=env, text=True,
+      [sys.executable, *script, f"--config={config}", f"--workdir={workdir}",
+       *overrides], cwd=local, env=env, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -100,45 +100,6 @@ def _assert_states_equal(a, b):
     np.testing.assert_array_equal(leaves_a[k], leaves_b[k], err_msg=k)
 
 
-@pytest.mark.slow
-def test_run_in_a_bucket_writes_everything_there_and_evaluates_from_it(
-    gcs, tmp_path):
-  """The README's smoke run with ``--workdir=gs://...``: its config,
-  summary, TensorBoard events, pictures, checkpoints and best checkpoint
-  land in the bucket, nothing in the directory it started in or its
-  TMPDIR; ``ir2net-eval --checkpoint=gs://.../best`` gives its best top-1."""
-  url, local = _url("smoke"), _local(tmp_path)
-  _finish(_launch(gcs, url, local=local))
-  names = _objects(gcs, url)
-  for name in ("config.json", "summary.json", "restriction/step_000006.png",
-               "checkpoints/6/state/_METADATA", "checkpoints/6/meta/metadata"):
-    assert name in names, names
-  assert any(n.startswith("events.out.tfevents.") for n in names), names
-  assert any(re.fullmatch(r"best/\d+/state/_METADATA", n) for n in names)
-  assert not [n for n in names if ".tmp" in n or "write_probe" in n], names
-  _nothing_written_in(local)
-
-  summary = json.loads(paths.read_text(f"{url}/summary.json"))
-  assert summary["steps"] == 6
-  from ir2net_jax.train import run_metrics  # pylint: disable=g-import-not-at-top
-  scalars = run_metrics.read_scalars(url)
-  assert [s for s, _ in scalars["eval_top1"]] == [6]
-  assert scalars["eval_top1"][-1][1] == pytest.approx(
-      summary["final_eval_top1"])
-  assert len(scalars["train_loss"]) == 3   # steps 2, 4, 6
-
-  env = dict(os.environ, **gcs.env(), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-             TMPDIR=str(local / "tmp"))
-  evaluated = subprocess.run(
-      [sys.executable, "-m", "ir2net_jax.tools.eval",
-       f"--checkpoint={url}/best", f"--output={url}/eval/best.json"],
-      cwd=local, env=env, capture_output=True, text=True, timeout=300)
-  assert evaluated.returncode == 0, evaluated.stderr[-4000:]
-  result = json.loads(paths.read_text(f"{url}/eval/best.json"))
-  assert result["top1"] == pytest.approx(summary["best_eval_top1"], abs=1e-6)
-  _nothing_written_in(local)
-
-
 def _stop_after(proc, step, signum):
   """Sends ``signum`` once ``proc`` logged the train metrics of ``step``
   (or a later one); returns its whole output once it exited."""
@@ -156,10 +117,15 @@ def _stop_after(proc, step, signum):
 @pytest.mark.slow
 def test_bucket_run_stops_on_sigterm_survives_sigkill_and_resumes_bit_identically(
     gcs, tmp_path):
-  """SIGTERM: the run saves its step to the bucket and exits 143; SIGKILL
-  at a random later step, maybe during a save; the same command then
-  finishes the run from the bucket. The final state is bit-identical to an
-  uninterrupted run's (in a local workdir, at the same time)."""
+  """The smoke run with ``--workdir=gs://...``, from an empty local
+  directory. SIGTERM: it saves its step to the bucket and exits 143;
+  SIGKILL at a random later step, maybe during a save; the same command,
+  where TensorFlow cannot be imported, then finishes the run from the
+  bucket. The final state is bit-identical to an uninterrupted run's (in a
+  local workdir, at the same time); the config, summary, TensorBoard
+  events, pictures and checkpoints are in the bucket, nothing in the local
+  directory or its TMPDIR; ``ir2net-eval --checkpoint=gs://.../best`` gives
+  the run's best top-1."""
   steps = 14
   args = (f"--config.num_train_steps={steps}", "--config.log_every_steps=1",
           "--config.checkpoint_every_steps=2")
@@ -185,15 +151,45 @@ def test_bucket_run_stops_on_sigterm_survives_sigkill_and_resumes_bit_identicall
   assert resumed.returncode == -signal.SIGKILL, out[-3000:]
   assert f"resumed from step {stopped}" in out
 
-  out = _finish(_launch(gcs, url, *args, local=local))
-  assert re.search(r"resumed from step \d+", out), out[-3000:]
+  out = _finish(_launch(gcs, url, *args, local=local, tensorflow=False))
+  last_start = int(re.search(r"resumed from step (\d+)", out).group(1))
   reader.join(timeout=300)
   assert ref.returncode == 0, ref_out[0][-3000:]
   _assert_states_equal(train_utils.final_state(tmp_path / "ref"),
                        train_utils.final_state(url))
-  _nothing_written_in(local)
   print(f"SIGTERM after step {term_at} (stopped at {stopped}), SIGKILL after "
         f"step {kill_at}")
+
+  names = _objects(gcs, url)
+  for name in ("config.json", "summary.json", f"restriction/step_{steps:06d}.png",
+               f"checkpoints/{steps}/state/_METADATA",
+               f"checkpoints/{steps}/meta/metadata",
+               f"best/{steps}/state/_METADATA"):
+    assert name in names, names
+  assert not [n for n in names if ".tmp" in n or "write_probe" in n], names
+  _nothing_written_in(local)
+  summary = json.loads(paths.read_text(f"{url}/summary.json"))
+  from ir2net_jax.train import run_metrics  # pylint: disable=g-import-not-at-top
+  scalars = run_metrics.read_scalars(url)
+  assert [s for s, _ in scalars["eval_top1"]] == [steps]
+  assert scalars["eval_top1"][-1][1] == pytest.approx(
+      summary["final_eval_top1"])
+  # What the killed run logged since its last upload is lost with it; what
+  # the stopped run and the last one logged is there.
+  logged = {s for s, _ in scalars["train_loss"]}
+  assert logged >= set(range(1, stopped + 1)) | set(
+      range(last_start + 1, steps + 1)), sorted(logged)
+
+  env = dict(os.environ, **gcs.env(), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             TMPDIR=str(local / "tmp"))
+  evaluated = subprocess.run(
+      [sys.executable, "-m", "ir2net_jax.tools.eval",
+       f"--checkpoint={url}/best", f"--output={url}/eval/best.json"],
+      cwd=local, env=env, capture_output=True, text=True, timeout=300)
+  assert evaluated.returncode == 0, evaluated.stderr[-4000:]
+  result = json.loads(paths.read_text(f"{url}/eval/best.json"))
+  assert result["top1"] == pytest.approx(summary["best_eval_top1"], abs=1e-6)
+  _nothing_written_in(local)
 
 
 def _tiny_config(**overrides):
@@ -202,31 +198,32 @@ def _tiny_config(**overrides):
   return c
 
 
-@pytest.mark.slow
-def test_corrupt_latest_checkpoint_in_a_bucket_falls_back_and_retrains(
+def test_corrupt_latest_checkpoint_in_a_bucket_is_set_aside_there(
     gcs, monkeypatch, caplog):
+  """The latest checkpoint's objects cut to half: the run resumes from the
+  one before; the corrupt one is moved aside within the bucket (a copy,
+  then a delete), and so is best/'s of that step, whose place the step
+  resumed from takes (copied)."""
   from ir2net_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.train import loop  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(checkpoints, "READ_RETRY_S", 0.0)
-  c, url = _tiny_config(), _url("corrupt")   # saves at steps 2, 4, 6
-  loop.train_and_evaluate(c, url)
-  good = train_utils.final_state(url)
+  url = _url("corrupt")
+  train_utils.tiny_run(url, steps=(2, 4, 6), best_at=(4, 6))
   fs = paths.filesystem(url)
   latest = f"{url}/checkpoints/6"
-  for name in fs.find(latest):   # every object cut to half its bytes
+  for name in fs.find(latest):
     data = fs.cat_file(name)
     fs.pipe_file(name, data[:len(data) // 2])
-  fs.rm(f"{url}/summary.json")
   with caplog.at_level("INFO"):
-    loop.train_and_evaluate(c, url)
+    step, w, meta = _tiny_states(url)
+  assert (step, w) == (4, 4.0)
   assert f"cannot read the checkpoint {latest}" in caplog.text
-  assert "resumed from step 4" in caplog.text
-  aside = paths.listdir(f"{url}/corrupt_checkpoints")
-  assert [d.split("-")[0] for d in aside] == ["6"]
-  _assert_states_equal(train_utils.final_state(url), good)
-  assert [d.split("-")[0] for d in paths.listdir(f"{url}/abandoned_best")
-          ] == ["6"]
-  assert checkpoints.latest_step(f"{url}/best") == 6
+  assert meta["best"]["step"] == 4
+  aside = lambda d: [n.split("-")[0] for n in paths.listdir(f"{url}/{d}")]
+  assert aside("corrupt_checkpoints") == ["6"]
+  assert aside("abandoned_best") == ["6"]
+  assert paths.listdir(f"{url}/checkpoints") == ["4"]
+  assert paths.listdir(f"{url}/best") == ["4"]
+  assert checkpoints.read_meta(f"{url}/best", 4)["best"]["step"] == 4
 
 
 _TINY_IR2NET = dict(model="ir2net_a", restriction_images=0,
@@ -237,146 +234,40 @@ _TINY_IR2NET = dict(model="ir2net_a", restriction_images=0,
 def test_stage2_starts_from_a_stage1_run_in_the_bucket(gcs, monkeypatch,
                                                        caplog):
   """Stage 2 reads stage 1 beside its workdir in the bucket (the default)
-  or from ``init_from=gs://...``, and starts from its last variables."""
+  and starts from its last variables; ``init_from=gs://.../stage1`` reads
+  the same ones (``weights.load_variables``, what the loop calls)."""
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from ir2net_jax import models  # pylint: disable=g-import-not-at-top
   from ir2net_jax.io import weights  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
   base = _url("stages")
   kwargs = ml_collections.ConfigDict({"num_blocks": (1, 1, 1, 1)})
   loop.train_and_evaluate(
       _tiny_config(stage=1, model_kwargs=kwargs, **_TINY_IR2NET),
       f"{base}/stage1")
   _, stage1 = train_utils.final_state(f"{base}/stage1")
-  started = {}   # what each loader returned last
+  started = {}
+  original = weights.restore_stage1_variables
 
-  def keep(name, load):
-    def wrapped(*args, **kwargs):
-      started[name] = load(*args, **kwargs)
-      return started[name]
-    monkeypatch.setattr(weights, name, wrapped)
-  for name in ("restore_stage1_variables", "load_variables"):
-    keep(name, getattr(weights, name))
+  def keep(*args, **kwargs):
+    started["variables"] = original(*args, **kwargs)
+    return started["variables"]
+  monkeypatch.setattr(weights, "restore_stage1_variables", keep)
+  config = _tiny_config(stage=2, model_kwargs=kwargs, **_TINY_IR2NET)
   with caplog.at_level("INFO"):
-    loop.train_and_evaluate(
-        _tiny_config(stage=2, model_kwargs=kwargs, **_TINY_IR2NET),
-        f"{base}/stage2")
-    loop.train_and_evaluate(
-        _tiny_config(stage=2, model_kwargs=kwargs, init_from=f"{base}/stage1",
-                     **_TINY_IR2NET), f"{base}/stage2_init_from")
+    loop.train_and_evaluate(config, f"{base}/stage2")
   assert (f"starting from the last stage-1 checkpoint in {base}/stage1"
           in caplog.text)
-  assert f"starting from the variables in {base}/stage1" in caplog.text
-  for variables in (started["restore_stage1_variables"],
-                    started["load_variables"].variables):
+  assert paths.exists(f"{base}/stage2/summary.json")
+  model = step_lib.build_model(config, 10)   # digits' classes
+  init_from = weights.load_variables(
+      f"{base}/stage1", models.abstract_variables(model, config.image_size),
+      "ir2net_a").variables
+  for variables in (started["variables"], init_from):
     flat = train_utils.flat_variables(variables)
     assert flat and flat.keys() <= stage1.keys()
     for k, v in flat.items():
       np.testing.assert_array_equal(v, stage1[k], err_msg=k)
-  assert paths.exists(f"{base}/stage2/summary.json")
-  assert paths.exists(f"{base}/stage2_init_from/summary.json")
-
-
-# The pod: hosts that share no disk. In float32 a binary network's training
-# is chaotic across device counts (test_multihost.py says why), so the
-# parameters are held still and the first BatchNorm's statistics, which
-# depend on the data alone, compared with one process.
-POD_STEPS = 10
-POD_ARGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
-            "--config.learning_rate=1e-9", f"--config.num_train_steps={POD_STEPS}")
-FIRST_BN = "['batch_stats']['bn1']"
-
-
-def _hosts(server, workdir, tmp_path, name):
-  """Processes 0 and 1 of a run, 2 devices each, each started in its own
-  empty directory (its TMPDIR and data_dir inside it): no local path in
-  common."""
-  port = train_utils.free_port()
-  procs = []
-  for i in range(2):
-    local = tmp_path / f"{name}_host{i}"
-    if not local.exists():
-      (local / "tmp").mkdir(parents=True)
-    procs.append(_launch(
-        server, workdir, *POD_ARGS, f"--config.data_dir={local / 'tfds'}",
-        f"--config.coordinator_address=127.0.0.1:{port}",
-        "--config.num_processes=2", f"--config.process_id={i}",
-        local=local, devices=2))
-  return procs
-
-
-def _preempt(procs, after_step=1):
-  """SIGTERM to process 1 once process 0 logged ``after_step``; both must
-  exit 143. Returns their logs."""
-  logs, stepping = [[], []], threading.Event()
-
-  def read(i):
-    for line in procs[i].stdout:
-      logs[i].append(line)
-      logged = re.search(r"\[(\d+)\] .*train_loss=", line)
-      if i == 0 and logged and int(logged.group(1)) >= after_step:
-        stepping.set()
-  readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
-  for r in readers:
-    r.start()
-  try:
-    assert stepping.wait(timeout=300), "".join(logs[0])[-3000:]
-    procs[1].send_signal(signal.SIGTERM)   # process 0 hears it from JAX
-    for p, r in zip(procs, readers):
-      p.wait(timeout=300)
-      r.join()
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outs = ["".join(log) for log in logs]
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 128 + signal.SIGTERM, f"process {i}:\n{out[-3000:]}"
-  return outs
-
-
-@pytest.mark.slow
-def test_two_hosts_without_a_shared_disk_train_into_one_bucket(gcs, tmp_path):
-  """The pod case: two processes, no local path in common, one gs://
-  workdir. They train like one process with as many devices; preempted by
-  SIGTERM and started again, they end bit-identical to an uninterrupted
-  pair; and neither writes anything locally."""
-  ref, run = _url("pod_ref"), _url("pod_run")
-  single_dir = _local(tmp_path, "single")
-  single = _launch(gcs, tmp_path / "single_run", *POD_ARGS, local=single_dir,
-                   devices=4)
-  logs = [_finish(p, timeout=600)
-          for p in _hosts(gcs, ref, tmp_path, "ref") + [single]]
-  assert "process 0 of 2" in logs[0] and "process 1 of 2" in logs[1]
-
-  _, pair = train_utils.final_state(ref)
-  _, one = train_utils.final_state(tmp_path / "single_run")
-  first_bn = [k for k in one if k.startswith(FIRST_BN)]
-  assert len(first_bn) == 2, first_bn
-  for k in first_bn:   # the same images in the same steps
-    np.testing.assert_allclose(pair[k], one[k], rtol=1e-3, err_msg=k)
-  summary = json.loads(paths.read_text(f"{ref}/summary.json"))
-  assert (summary["processes"], summary["devices"]) == (2, 4)
-  names = _objects(gcs, ref)
-  for i in range(2):   # each process wrote its own shard of the arrays
-    assert any(f"ocdbt.process_{i}/" in n for n in names), names
-
-  outs = _preempt(_hosts(gcs, run, tmp_path, "run"))
-  stopped = {m for out in outs
-             for m in re.findall(r"preempted at step (\d+) by SIGTERM", out)}
-  assert len(stopped) == 1, stopped
-  step = stopped.pop()
-  assert f"checkpoints/{step}/state/_METADATA" in _objects(gcs, run)
-  logs = [_finish(p, timeout=600) for p in _hosts(gcs, run, tmp_path, "run")]
-  for log in logs:
-    assert f"resumed from step {step}" in log
-  _assert_states_equal(train_utils.final_state(run),
-                       train_utils.final_state(ref))
-  for i in range(2):
-    for name in ("ref", "run"):
-      local = tmp_path / f"{name}_host{i}"
-      written = [str(p.relative_to(local)) for p in local.rglob("*")
-                 if p.name not in ("tmp", "tfds")]
-      assert not written, f"host {i} wrote locally: {written}"
 
 
 def test_array_record_data_in_a_bucket_read_as_from_a_disk(gcs, tmp_path,
@@ -390,7 +281,6 @@ def test_array_record_data_in_a_bucket_read_as_from_a_disk(gcs, tmp_path,
   from ir2net_jax.train import parallel  # pylint: disable=g-import-not-at-top
   if not grain_inputs.grain_installed():
     pytest.skip("grain is not installed")
-  monkeypatch.setenv("CLOUD_STORAGE_EMULATOR_ENDPOINT", gcs.url)
   local = str(tmp_path / "tfds")
   digits_tfds.Ir2netDigits(data_dir=local).download_and_prepare(
       file_format="array_record")
@@ -430,16 +320,11 @@ def _point_at(url, server, monkeypatch):
 
 @pytest.fixture
 def quick_retries(monkeypatch):
-  """tensorstore's retries of failed GCS requests 10 ms apart rather than
-  1 s, doubling up to 32 s (its default): a test's faults then cost
-  milliseconds. What is retried, and how often, is unchanged."""
-  from orbax.checkpoint._src.serialization import tensorstore_utils  # pylint: disable=g-import-not-at-top
-  retries = {"gcs_request_retries": {"max_retries": 32,
-                                     "initial_delay": "10ms",
-                                     "max_delay": "100ms"}}
-  for name in ("_BASE_TS_CONTEXT", "_DEFAULT_OCDBT_TS_CONTEXT"):
-    monkeypatch.setattr(tensorstore_utils, name,
-                        {**getattr(tensorstore_utils, name), **retries})
+  """Both clients retry as often as they do by default, but with waits of
+  milliseconds rather than seconds: a test's faults then cost little."""
+  from gcs_server import limit_tensorstore_retries, scale_gcsfs_backoff  # pylint: disable=g-import-not-at-top
+  limit_tensorstore_retries(monkeypatch, max_retries=32)
+  scale_gcsfs_backoff(monkeypatch, 0.01)
 
 
 def _tiny_states(workdir):
@@ -514,3 +399,39 @@ def test_a_checkpoint_cut_short_is_never_taken_for_a_good_one(gcs):
       fs.rm(name)
   step, w, _ = _tiny_states(url)
   assert (step, w) == (4, 4.0)
+
+
+@pytest.mark.slow
+def test_storage_benchmark_compares_a_bucket_run_with_a_local_one(gcs):
+  """``benchmark.storage``: a row of loop img/s for the two workdirs, and
+  the bucket's runs deleted afterwards."""
+  from ir2net_jax.tools.benchmark import storage  # pylint: disable=g-import-not-at-top
+  url = _url("bench")
+  row = storage.benchmark_storage(_tiny_config(log_every_steps=2), steps=6,
+                                  bucket=url, repeats=1)
+  assert len(row["local_images_per_s"]) == len(row["bucket_images_per_s"]) == 1
+  assert min(row["local_images_per_s"] + row["bucket_images_per_s"]) > 0
+  assert row["bucket_over_local"] == pytest.approx(
+      row["bucket_images_per_s"][0] / row["local_images_per_s"][0])
+  assert "| digits_resnet20 |" in storage.format_row(row)
+  assert _objects(gcs, url) == []
+
+
+def test_converted_weights_saved_to_and_loaded_from_a_bucket(gcs):
+  """What ``ir2net-convert --output=gs://...`` writes (``save_variables``)
+  and ``init_from`` / the teacher read back (``load_variables``)."""
+  from ir2net_jax import models  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.io import weights  # pylint: disable=g-import-not-at-top
+  model = models.create_model("cifar_resnet20", num_blocks=(1, 1, 1))
+  variables = models.init_variables(model, 32, 3)
+  url = _url("converted")
+  weights.save_variables(url, variables)
+  assert paths.exists(f"{url}/_CHECKPOINT_METADATA")
+  loaded = weights.load_variables(url, models.abstract_variables(model, 32),
+                                  "cifar_resnet20")
+  assert loaded.step is None and loaded.path == url
+  want = train_utils.flat_variables(variables)
+  got = train_utils.flat_variables(loaded.variables)
+  assert got.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(got[k], want[k], err_msg=k)

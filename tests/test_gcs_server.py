@@ -300,7 +300,7 @@ def test_the_same_seed_draws_the_same_faults(server):
 
 # Retries through faults ------------------------------------------------------
 
-def test_gcsfs_retries_each_fault_kind(server, point_at, monkeypatch):
+def test_gcsfs_retries_through_faults(server, point_at, monkeypatch):
   """At most 5 faults: gcsfs (6 tries a request) must get through."""
   gcs_server.scale_gcsfs_backoff(monkeypatch, 0.01)
   with FaultProxy(server.url, rate=0.2, user_agent_contains="gcsfs",
@@ -314,7 +314,7 @@ def test_gcsfs_retries_each_fault_kind(server, point_at, monkeypatch):
   assert _clients(proxy, faulted=True) == {"gcsfs"}
 
 
-def test_tensorstore_retries_each_fault_kind(server, point_at, monkeypatch):
+def test_tensorstore_retries_through_faults(server, point_at, monkeypatch):
   """At most 6 faults: tensorstore, 7 tries a request here, gets through."""
   gcs_server.limit_tensorstore_retries(monkeypatch, max_retries=6)
   with FaultProxy(server.url, rate=0.5, user_agent_contains="tensorstore",

@@ -10,15 +10,15 @@ process cannot start stops both. Loopback addresses only.
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import threading
+import uuid
 
 import numpy as np
 import pytest
 
 import train_utils
+from ir2net_jax.storage import paths
 
 # Long enough that the preemption (one or two steps after step 1) lands
 # before the end.
@@ -26,15 +26,17 @@ STEPS = 12
 PREPARING = "preparing ir2net_digits"
 
 
-def _two_processes(workdir, data_dir, steps, *overrides):
-  """Starts processes 0 and 1 of a run, 2 devices each."""
+def _two_processes(workdir, data_dir, steps, *overrides, hosts=None):
+  """Starts processes 0 and 1 of a run, 2 devices each; with ``hosts`` (two
+  empty directories), each starts in its own, which is also its TMPDIR and
+  holds its data_dir: no local path in common, as the hosts of a pod."""
   port = train_utils.free_port()
   return [train_utils.launch(
-      workdir, f"--config.data_dir={data_dir}",
+      workdir, f"--config.data_dir={hosts[i] / 'tfds' if hosts else data_dir}",
       f"--config.num_train_steps={steps}",
       f"--config.coordinator_address=127.0.0.1:{port}",
       "--config.num_processes=2", f"--config.process_id={i}", *overrides,
-      devices=2) for i in range(2)]
+      devices=2, **({"cwd": hosts[i]} if hosts else {})) for i in range(2)]
 
 
 def _finish(procs):
@@ -68,41 +70,19 @@ ARGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
         STILL)
 
 
-def _preempt_after_step_1(procs):
-  """Sends SIGTERM to process 1 once process 0 logged step 1, and waits for
-  both. Returns their logs; each must have exited 128 + SIGTERM."""
-  logs, stepping = [[], []], threading.Event()
-
-  def read(i):
-    for line in procs[i].stdout:
-      logs[i].append(line.decode())
-      if i == 0 and re.search(r"\[1\] .*train_loss=", logs[i][-1]):
-        stepping.set()
-  readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
-  for r in readers:
-    r.start()
-  try:
-    assert stepping.wait(timeout=300), "".join(logs[0])[-3000:]
-    procs[1].send_signal(signal.SIGTERM)   # process 0 hears it from JAX
-    for p, r in zip(procs, readers):
-      p.wait(timeout=300)
-      r.join()
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  outs = ["".join(log) for log in logs]
-  for i, (p, out) in enumerate(zip(procs, outs)):
-    assert p.returncode == 128 + signal.SIGTERM, (
-        f"process {i} exited {p.returncode}:\n{out[-3000:]}")
-  return outs
-
-
 @pytest.mark.slow
 def test_two_processes_run_launch_like_one_and_resume_after_preemption(
-    tmp_path):
+    tmp_path, gcs):
+  """Two processes on one disk train like one process with as many
+  devices; then, as the hosts of a pod (no local path in common, the
+  workdir in a bucket: ``gcs``, a GCS server on this machine), preempted
+  and started again, they end bit-identical to the first pair."""
   data_dir = tmp_path / "tfds"  # unused: digits are on the devices
-  ref, run, single = tmp_path / "ref", tmp_path / "run", tmp_path / "single"
+  ref, single = tmp_path / "ref", tmp_path / "single"
+  run = f"gs://runs/multihost-{uuid.uuid4().hex[:8]}"
+  hosts = [tmp_path / f"host{i}" for i in range(2)]
+  for host in hosts:
+    host.mkdir()
 
   # Two processes, uninterrupted; at the same time one process with as many
   # devices. The input engine is the default for digits, 'device': each
@@ -132,9 +112,11 @@ def test_two_processes_run_launch_like_one_and_resume_after_preemption(
   # Every process ran the pictures' forward pass (process 0 writes them).
   assert os.listdir(ref / "restriction") == [f"step_{STEPS:06d}.png"]
 
-  # The same run, preempted: JAX's preemption service agrees on a step one
-  # or two after the signal; both processes save it and exit 143.
-  outs = _preempt_after_step_1(_two_processes(run, data_dir, STEPS, *ARGS))
+  # The same run on two "hosts" into a bucket, preempted: JAX's preemption
+  # service agrees on a step one or two after the signal; both processes
+  # save it there and exit 143.
+  outs = train_utils.preempt_after_step(
+      _two_processes(run, data_dir, STEPS, *ARGS, hosts=hosts))
   stopped = [m for out in outs
              for m in re.findall(r"preempted at step (\d+) by SIGTERM", out)]
   assert len(stopped) == 2 and stopped[0] == stopped[1], stopped
@@ -142,10 +124,17 @@ def test_two_processes_run_launch_like_one_and_resume_after_preemption(
   assert 1 <= stopped < STEPS
   step_p, state_p = train_utils.final_state(run)
   assert step_p == stopped
-  assert not (run / "summary.json").exists()
+  assert not paths.exists(f"{run}/summary.json")
 
-  for log in _finish(_two_processes(run, data_dir, STEPS, *ARGS)):
+  for log in _finish(_two_processes(run, data_dir, STEPS, *ARGS,
+                                    hosts=hosts)):
     assert f"resumed from step {stopped}" in log
+  names = gcs.objects(run.split("://")[1])
+  for i in range(2):   # each process wrote its own shard of the arrays
+    assert any(f"ocdbt.process_{i}/" in n for n in names), names
+  assert any(n.endswith("/summary.json") for n in names)
+  for host in hosts:   # and nothing locally
+    assert not [p.name for p in host.iterdir()], list(host.iterdir())
   step_r, state_r = train_utils.final_state(run)
   assert step_r == STEPS and state_r.keys() == state_m.keys()
   for k in state_m:  # bit-identical to the uninterrupted run

@@ -12,28 +12,13 @@ import uuid
 
 import pytest
 
-from gcs_server import GcsServer, free_port, reset_clients
+from gcs_server import free_port, reset_clients
 from ir2net_jax.storage import paths, preflight
 from ir2net_jax.storage.paths import StorageError
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))), "ir2net_jax")
 BUCKET = "files"
-
-
-@pytest.fixture(scope="module")
-def server():
-  with GcsServer(buckets=[BUCKET]) as gcs:
-    yield gcs
-
-
-@pytest.fixture
-def gcs(server, monkeypatch):
-  for key, value in server.env().items():
-    monkeypatch.setenv(key, value)
-  reset_clients()
-  yield server
-  reset_clients()
 
 
 def _url():

@@ -1,9 +1,12 @@
 """Small models, configs, data and launcher runs for the training tests."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -43,15 +46,20 @@ def random_batch(seed: int, batch: int, size: int = 32, classes: int = 10):
 
 
 def launch(workdir, *overrides, devices: int = 1,
-           config: str = "configs/digits.py:smoke", **popen_kwargs):
-  """Starts ``launch.py`` on ``devices`` fake CPU devices, output piped."""
+           config: str = "configs/digits.py:smoke", cwd: str = ROOT,
+           **popen_kwargs):
+  """Starts ``launch.py`` on ``devices`` fake CPU devices, output piped;
+  from ``cwd``, which is also its TMPDIR where it is not the checkout (a
+  host that shares no local path with another)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  if cwd != ROOT:
+    env["TMPDIR"] = str(cwd)
   return subprocess.Popen(
-      [sys.executable, "launch.py", f"--config={config}", f"--workdir={workdir}",
-       *overrides], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      env=dict(
-          os.environ, JAX_PLATFORMS="cpu",
-          XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"),
-      **popen_kwargs)
+      [sys.executable, os.path.join(ROOT, "launch.py"),
+       f"--config={os.path.join(ROOT, config)}", f"--workdir={workdir}",
+       *overrides], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      env=env, **popen_kwargs)
 
 
 def final_state(workdir):
@@ -160,3 +168,35 @@ def float64_steps(config, devices, batches):
     assert jax.tree.leaves(state.params)[0].dtype == np.float64
     return jax.device_get(({"params": state.params,
                             "batch_stats": state.batch_stats}, metrics))
+
+
+def preempt_after_step(procs, step: int = 1):
+  """Sends SIGTERM to process 1 once process 0 logged the train metrics of
+  ``step`` (or a later one), and waits for both. Returns their logs; each
+  must have exited 128 + SIGTERM."""
+  logs, stepping = [[], []], threading.Event()
+
+  def read(i):
+    for line in procs[i].stdout:
+      logs[i].append(line.decode() if isinstance(line, bytes) else line)
+      logged = re.search(r"\[(\d+)\] .*train_loss=", logs[i][-1])
+      if i == 0 and logged and int(logged.group(1)) >= step:
+        stepping.set()
+  readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]
+  for r in readers:
+    r.start()
+  try:
+    assert stepping.wait(timeout=300), "".join(logs[0])[-3000:]
+    procs[1].send_signal(signal.SIGTERM)   # process 0 hears it from JAX
+    for p, r in zip(procs, readers):
+      p.wait(timeout=300)
+      r.join()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  outs = ["".join(log) for log in logs]
+  for i, (p, out) in enumerate(zip(procs, outs)):
+    assert p.returncode == 128 + signal.SIGTERM, (
+        f"process {i} exited {p.returncode}:\n{out[-3000:]}")
+  return outs

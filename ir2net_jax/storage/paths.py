@@ -7,12 +7,15 @@ are made absolute; URLs are kept as they are, so that no local folder named
 Bucket files go through etils.epath with its fsspec backend (gcsfs, s3fs),
 the layer orbax's checkpoints use, and tensorstore for the arrays in them.
 
-Files that must be replaced whole (``config.json``, ``summary.json``) are
-written under a temporary name and then moved into place
-(``write_atomic``): a reader never sees half a file, on a disk or in a
-bucket.
+Files that must be replaced whole (``summary.json``, an evaluation's
+result, a picture) are written under a temporary name and then moved into
+place (``write_atomic``); ``config.json`` is created only where there is
+none (``write_new``). A reader never sees half a file, on a disk or in a
+bucket, and a listing is never cached, so a process sees at once what the
+run's other processes wrote.
 """
 
+import logging
 import os
 import posixpath
 import shutil
@@ -26,8 +29,6 @@ os.environ.setdefault("EPATH_USE_TF", "false")
 # Before gcsfs is imported: its zonal-bucket probe asks the Storage Control
 # API about every bucket, logging an error where that API is out of reach.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
-import logging  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from etils import epath  # noqa: E402  pylint: disable=g-import-not-at-top
 

@@ -210,6 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             is_best = True
         if step % ckpt_every == 0 or step == num_steps or is_best or stop:
           checkpoints.save(step, state, meta(), best=is_best)
+          writer.flush()   # TensorBoard keeps up with the checkpoints
         if stop:
           checkpoints.wait()
           raise Preempted(step, stop_signals.signum,
@@ -226,21 +227,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     checkpoints.wait()
     checkpoints.close()
     close_source(train_iter)   # grain: its worker processes and shared memory
-  summary = {
-      "name": config.name, "model": config.model, "stage": config.stage,
-      "dataset": config.dataset, "steps": max(num_steps, start_step),
-      "final_eval_top1": last_eval.get("eval_top1"),
-      "final_eval_top5": last_eval.get("eval_top5"),
-      "best_eval_top1": best["eval_top1"], "best_eval_top5": best["eval_top5"],
-      "skipped_steps": skipped,
-      "wall_time_s": time.time() - start_time,
-      "devices": jax.device_count(), "processes": jax.process_count(),
-  }
+  summary = _summary(config, max(num_steps, start_step), last_eval, best,
+                     skipped, time.time() - start_time)
   if is_host0 and not finished:
     paths.write_atomic(paths.join(workdir, "summary.json"),
                        json.dumps(summary, indent=1))
   logging.info("done: %s", json.dumps(summary))
   return summary
+
+
+def _summary(config, steps: int, last_eval: Dict[str, float],
+             best: Dict[str, float], skipped: int,
+             wall_time_s: float) -> Dict[str, Any]:
+  """What ``summary.json`` holds."""
+  return {
+      "name": config.name, "model": config.model, "stage": config.stage,
+      "dataset": config.dataset, "steps": steps,
+      "final_eval_top1": last_eval.get("eval_top1"),
+      "final_eval_top5": last_eval.get("eval_top5"),
+      "best_eval_top1": best["eval_top1"], "best_eval_top5": best["eval_top5"],
+      "skipped_steps": skipped, "wall_time_s": wall_time_s,
+      "devices": jax.device_count(), "processes": jax.process_count(),
+  }
 
 
 def _load_teacher(config, num_classes):

@@ -40,7 +40,7 @@ import resource
 import sys
 import tempfile
 import time
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from absl import app, flags, logging
 import jax
@@ -200,29 +200,41 @@ def format_row(row: Dict[str, Any]) -> str:
                     f"\n{row['devices']} x {row['device_kind']}"])
 
 
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  row = benchmark_loop(FLAGS.config, FLAGS.steps, FLAGS.workdir,
-                       FLAGS.random_weights)
-  print(json.dumps(row, indent=1) if FLAGS.json else format_row(row))
+def command(argv: Optional[Sequence[str]], define_flags: Callable[[], None],
+            row: Callable[[], Dict[str, Any]],
+            format_table: Callable[[Dict[str, Any]], str]) -> None:
+  """A benchmark's command line: ``--config`` (required), ``--json`` and
+  ``define_flags``' own flags; prints ``row()`` as a table or as JSON."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Recipe name (digits:smoke, imagenet:a,stage=2, ...) "
+      "or file (configs/*.py).", lock_config=True)
+  flags.DEFINE_bool("json", False, "print the row as JSON")
+  define_flags()
+  flags.mark_flags_as_required(["config"])
+  logging.set_verbosity(logging.WARNING)
+
+  def run(args):
+    if len(args) > 1:
+      raise app.UsageError(f"unexpected arguments: {args[1:]}")
+    result = row()
+    print(json.dumps(result, indent=1) if FLAGS.json else format_table(result))
+  app.run(run, argv=configs.expand_config_flag(
+      list(sys.argv if argv is None else argv)))
+
+
+def _define_flags() -> None:
+  flags.DEFINE_integer("steps", 100, "train steps of the run")
+  flags.DEFINE_string("workdir", None, "keep the run here (default: a "
+                      "temporary directory, removed)")
+  flags.DEFINE_bool("random_weights", False, "start a stage 2 or a "
+                    "distillation that lacks its weights from random ones")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
   """The command line (module docstring)."""
-  config_flags.DEFINE_config_file(
-      "config", None, "Recipe name (digits:smoke, imagenet:a,stage=2, ...) "
-      "or file (configs/*.py).", lock_config=True)
-  flags.DEFINE_integer("steps", 100, "train steps of the run")
-  flags.DEFINE_string("workdir", None, "keep the run here (default: a "
-                      "temporary directory, removed)")
-  flags.DEFINE_bool("json", False, "print the row as JSON")
-  flags.DEFINE_bool("random_weights", False, "start a stage 2 or a "
-                    "distillation that lacks its weights from random ones")
-  flags.mark_flags_as_required(["config"])
-  logging.set_verbosity(logging.WARNING)
-  app.run(_main, argv=configs.expand_config_flag(
-      list(sys.argv if argv is None else argv)))
+  command(argv, _define_flags, lambda: benchmark_loop(
+      FLAGS.config, FLAGS.steps, FLAGS.workdir, FLAGS.random_weights),
+          format_row)
 
 
 if __name__ == "__main__":

@@ -18,18 +18,15 @@ For a server on this machine, point the clients at it first
 ``GOOGLE_AUTH_TOKEN_FOR_TESTING``; docs/pods.md).
 """
 
-import json
 import statistics
-import sys
 import tempfile
 import uuid
 from typing import Any, Dict, Optional, Sequence
 
-from absl import app, flags, logging
+from absl import flags
 import jax
-from ml_collections import config_flags
 
-from ir2net_jax import configs, data
+from ir2net_jax import data
 from ir2net_jax.storage import paths
 from ir2net_jax.train import loop as loop_lib
 from ir2net_jax.tools.benchmark import loop as loop_bench
@@ -92,29 +89,19 @@ def format_row(row: Dict[str, Any]) -> str:
                     f"{row['bucket']}"])
 
 
-def _main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  row = benchmark_storage(FLAGS.config, FLAGS.steps, FLAGS.bucket,
-                          FLAGS.repeats)
-  print(json.dumps(row, indent=1) if FLAGS.json else format_row(row))
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-  """The command line (module docstring)."""
-  config_flags.DEFINE_config_file(
-      "config", None, "Recipe name (digits:smoke, imagenet:a,stage=2, ...) "
-      "or file (configs/*.py).", lock_config=True)
+def _define_flags() -> None:
   flags.DEFINE_string("bucket", None, "a bucket URL for the runs "
                       "(gs://BUCKET/bench); each run gets a new folder, "
                       "deleted afterwards")
   flags.DEFINE_integer("steps", 200, "train steps of each run")
   flags.DEFINE_integer("repeats", 3, "runs of each kind")
-  flags.DEFINE_bool("json", False, "print the row as JSON")
-  flags.mark_flags_as_required(["config", "bucket"])
-  logging.set_verbosity(logging.WARNING)
-  app.run(_main, argv=configs.expand_config_flag(
-      list(sys.argv if argv is None else argv)))
+  flags.mark_flags_as_required(["bucket"])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  """The command line (module docstring)."""
+  loop_bench.command(argv, _define_flags, lambda: benchmark_storage(
+      FLAGS.config, FLAGS.steps, FLAGS.bucket, FLAGS.repeats), format_row)
 
 
 if __name__ == "__main__":
