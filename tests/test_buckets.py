@@ -50,32 +50,19 @@ def _local(tmp_path, name="local"):
   return local
 
 
-# launch.py where TensorFlow cannot be imported (as on GPU images and Colab
-# TPU runtimes), so that etils.epath has no gfile to choose.
-_WITHOUT_TENSORFLOW = f"""
-import importlib.abc, runpy, sys
-class NoTensorFlow(importlib.abc.MetaPathFinder):
-  def find_spec(self, name, path, target=None):
-    if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
-      raise ImportError(f"No module named {{name!r}} (hidden by the test)")
-sys.meta_path.insert(0, NoTensorFlow())
-sys.argv[0] = {os.path.join(ROOT, "launch.py")!r}
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def _launch(server, workdir, *overrides, local, devices=1, config=SMOKE,
             env_url=None, tensorflow=True):
   """``launch.py`` from the empty directory ``local``, pointed at the
   server (or at ``env_url``, a proxy in front of it), output piped;
   ``tensorflow=False`` hides TensorFlow from it."""
+  path = ROOT if tensorflow else os.pathsep.join(
+      [train_utils.site_without_tensorflow(local.parent / "no_tf"), ROOT])
   env = dict(os.environ, **server.env(env_url), JAX_PLATFORMS="cpu",
-             TMPDIR=str(local / "tmp"), PYTHONPATH=ROOT,
+             TMPDIR=str(local / "tmp"), PYTHONPATH=path,
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  script = ([os.path.join(ROOT, "launch.py")] if tensorflow
-            else ["-c", _WITHOUT_TENSORFLOW])
   return subprocess.Popen(
-      [sys.executable, *script, f"--config={config}", f"--workdir={workdir}",
+      [sys.executable, os.path.join(ROOT, "launch.py"), f"--config={config}",
+       f"--workdir={workdir}",
        *overrides], cwd=local, env=env, text=True,
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
@@ -114,51 +101,63 @@ def _stop_after(proc, step, signum):
   return "".join(lines)
 
 
-@pytest.mark.slow
-def test_bucket_run_stops_on_sigterm_survives_sigkill_and_resumes_bit_identically(
-    gcs, tmp_path):
-  """The smoke run with ``--workdir=gs://...``, from an empty local
-  directory. SIGTERM: it saves its step to the bucket and exits 143;
-  SIGKILL at a random later step, maybe during a save; the same command,
-  where TensorFlow cannot be imported, then finishes the run from the
-  bucket. The final state is bit-identical to an uninterrupted run's (in a
-  local workdir, at the same time); the config, summary, TensorBoard
-  events, pictures and checkpoints are in the bucket, nothing in the local
-  directory or its TMPDIR; ``ir2net-eval --checkpoint=gs://.../best`` gives
-  the run's best top-1."""
-  steps = 14
-  args = (f"--config.num_train_steps={steps}", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=2")
-  local = _local(tmp_path)
-  ref = _launch(gcs, tmp_path / "ref", *args, local=_local(tmp_path, "ref"))
-  ref_out = []
-  reader = threading.Thread(target=lambda: ref_out.append(ref.communicate()[0]))
-  reader.start()
-  url = _url("preempted")
-  rng = random.Random()
+def _preempt_kill_resume(server, workdir, args, local, steps, rng):
+  """SIGTERM after a random early step: the run saves that step and exits
+  143; the same command, SIGKILLed after a random later step (maybe in a
+  save); the same command, where TensorFlow cannot be imported, finishes
+  the run. Returns ``(stopped at, killed after, last resumed from)``."""
   term_at = rng.randint(1, 4)
-  out = _stop_after(_launch(gcs, url, *args, local=local), term_at,
+  out = _stop_after(_launch(server, workdir, *args, local=local), term_at,
                     signal.SIGTERM)
   stopped = int(re.search(r"preempted at step (\d+) by SIGTERM", out).group(1))
   assert stopped >= term_at, out[-3000:]
-  names = _objects(gcs, url)
-  assert f"checkpoints/{stopped}/state/_METADATA" in names, names
-  assert "summary.json" not in names
+  assert train_utils.final_state(workdir)[0] == stopped
+  assert not paths.exists(paths.join(workdir, "summary.json"))
 
   kill_at = rng.randint(stopped + 1, steps - 1)
-  resumed = _launch(gcs, url, *args, local=local)
+  resumed = _launch(server, workdir, *args, local=local)
   out = _stop_after(resumed, kill_at, signal.SIGKILL)
   assert resumed.returncode == -signal.SIGKILL, out[-3000:]
   assert f"resumed from step {stopped}" in out
 
-  out = _finish(_launch(gcs, url, *args, local=local, tensorflow=False))
+  out = _finish(_launch(server, workdir, *args, local=local,
+                        tensorflow=False))
   last_start = int(re.search(r"resumed from step (\d+)", out).group(1))
+  print(f"{workdir}: SIGTERM after step {term_at} (stopped at {stopped}), "
+        f"SIGKILL after step {kill_at}, resumed from {last_start}")
+  return stopped, kill_at, last_start
+
+
+@pytest.mark.slow
+def test_preempted_killed_and_resumed_on_a_disk_and_in_a_bucket(gcs,
+                                                                 tmp_path):
+  """The smoke run, started from an empty local directory, with its
+  workdir on the local disk and in a bucket: stopped by SIGTERM, killed by
+  SIGKILL, then finished by the same command (``_preempt_kill_resume``).
+  Both end bit-identical to an uninterrupted run (at the same time). The
+  bucket run's config, summary, TensorBoard events, pictures and
+  checkpoints are in the bucket, nothing in the local directory or its
+  TMPDIR; ``ir2net-eval --checkpoint=gs://.../best`` gives its best
+  top-1."""
+  steps = 14
+  args = (f"--config.num_train_steps={steps}", "--config.log_every_steps=1",
+          "--config.checkpoint_every_steps=2")
+  ref = _launch(gcs, tmp_path / "ref", *args, local=_local(tmp_path, "ref"))
+  ref_out = []
+  reader = threading.Thread(target=lambda: ref_out.append(ref.communicate()[0]))
+  reader.start()
+  rng = random.Random()
+  on_disk = tmp_path / "on_disk"
+  _preempt_kill_resume(gcs, on_disk, args, _local(tmp_path, "disk"), steps,
+                       rng)
+  url, local = _url("preempted"), _local(tmp_path)
+  stopped, _, last_start = _preempt_kill_resume(gcs, url, args, local, steps,
+                                                rng)
   reader.join(timeout=300)
   assert ref.returncode == 0, ref_out[0][-3000:]
-  _assert_states_equal(train_utils.final_state(tmp_path / "ref"),
-                       train_utils.final_state(url))
-  print(f"SIGTERM after step {term_at} (stopped at {stopped}), SIGKILL after "
-        f"step {kill_at}")
+  reference = train_utils.final_state(tmp_path / "ref")
+  _assert_states_equal(reference, train_utils.final_state(on_disk))
+  _assert_states_equal(reference, train_utils.final_state(url))
 
   names = _objects(gcs, url)
   for name in ("config.json", "summary.json", f"restriction/step_{steps:06d}.png",
@@ -407,8 +406,9 @@ def test_storage_benchmark_compares_a_bucket_run_with_a_local_one(gcs):
   the bucket's runs deleted afterwards."""
   from ir2net_jax.tools.benchmark import storage  # pylint: disable=g-import-not-at-top
   url = _url("bench")
-  row = storage.benchmark_storage(_tiny_config(log_every_steps=2), steps=6,
-                                  bucket=url, repeats=1)
+  row = storage.benchmark_storage(
+      _tiny_config(log_every_steps=2, restriction_images=0), steps=4,
+      bucket=url, repeats=1)
   assert len(row["local_images_per_s"]) == len(row["bucket_images_per_s"]) == 1
   assert min(row["local_images_per_s"] + row["bucket_images_per_s"]) > 0
   assert row["bucket_over_local"] == pytest.approx(

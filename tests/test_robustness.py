@@ -6,7 +6,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import types
 
 import jax
@@ -74,42 +73,6 @@ def test_skip_nonfinite_updates_finishes_with_finite_state(tmp_path,
 
 
 # Preemption ----------------------------------------------------------------
-
-@pytest.mark.slow
-def test_sigterm_saves_stops_and_resumes_bit_identically(tmp_path,
-                                                         digits_dir):
-  steps = 100   # enough that the signal lands mid-run
-  args = (f"--config.data_dir={digits_dir}", f"--config.num_train_steps={steps}",
-          "--config.log_every_steps=1", "--config.checkpoint_every_steps=1000")
-  ref = train_utils.launch(tmp_path / "ref", *args, text=True)   # uninterrupted
-  ref_out = []
-  reader = threading.Thread(target=lambda: ref_out.extend(ref.communicate()))
-  reader.start()
-  proc = train_utils.launch(tmp_path / "run", *args, text=True)
-  for line in proc.stdout:
-    if re.search(r"\[1\] .*train_loss=", line):
-      proc.send_signal(signal.SIGTERM)
-      break
-  out, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
-  stopped = int(re.search(r"preempted at step (\d+) by SIGTERM", out).group(1))
-  assert 1 <= stopped < steps
-  assert not (tmp_path / "run" / "summary.json").exists()
-  assert train_utils.final_state(tmp_path / "run")[0] == stopped
-
-  resumed = train_utils.launch(tmp_path / "run", *args, text=True)
-  out, _ = resumed.communicate(timeout=300)
-  assert resumed.returncode == 0, out[-3000:]
-  assert f"resumed from step {stopped}" in out
-  reader.join(timeout=300)
-  assert ref.returncode == 0, ref_out[0][-3000:]
-  step_a, a = train_utils.final_state(tmp_path / "ref")
-  step_b, b = train_utils.final_state(tmp_path / "run")
-  assert step_a == step_b == steps
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
 
 def test_launch_leaves_jax_distributed_before_exiting_on_a_signal(
     monkeypatch, tmp_path):

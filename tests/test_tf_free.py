@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+import train_utils
+
 _STEP_WITHOUT_TF = r"""
 import importlib.abc
 import sys
@@ -80,32 +82,11 @@ def test_train_step_without_tensorflow(tmp_path):
   assert p.stdout.startswith("OK")
 
 
-# Imported first in every process of the run (sitecustomize): TensorFlow and
-# tensorflow_datasets are then absent as on a GPU image (``find_spec`` finds
-# nothing, an import raises ModuleNotFoundError), not broken.
-_NO_TENSORFLOW = r"""
-from importlib.machinery import PathFinder
-
-_find_spec = PathFinder.find_spec.__func__
-
-
-def _without_tensorflow(cls, name, path=None, target=None):
-  if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
-    return None
-  return _find_spec(cls, name, path, target)
-
-
-PathFinder.find_spec = classmethod(_without_tensorflow)
-"""
-
-
 def _without_tensorflow(tmp_path):
   """The repository root, and an environment whose processes (2 CPU devices
   each) find no TensorFlow."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  site = tmp_path / "site"
-  site.mkdir()
-  (site / "sitecustomize.py").write_text(_NO_TENSORFLOW)
+  site = train_utils.site_without_tensorflow(tmp_path / "site")
   return root, dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{root}",
                     JAX_PLATFORMS="cpu",
                     XLA_FLAGS="--xla_force_host_platform_device_count=2")

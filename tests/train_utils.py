@@ -200,3 +200,31 @@ def preempt_after_step(procs, step: int = 1):
     assert p.returncode == 128 + signal.SIGTERM, (
         f"process {i} exited {p.returncode}:\n{out[-3000:]}")
   return outs
+
+
+# Imported first in every process of the run (sitecustomize): TensorFlow and
+# tensorflow_datasets are then absent as on a GPU image (``find_spec`` finds
+# nothing, an import raises ModuleNotFoundError), not broken.
+_NO_TENSORFLOW = r"""
+from importlib.machinery import PathFinder
+
+_find_spec = PathFinder.find_spec.__func__
+
+
+def _without_tensorflow(cls, name, path=None, target=None):
+  if name.split(".")[0] in ("tensorflow", "tensorflow_datasets"):
+    return None
+  return _find_spec(cls, name, path, target)
+
+
+PathFinder.find_spec = classmethod(_without_tensorflow)
+"""
+
+
+def site_without_tensorflow(directory) -> str:
+  """``directory`` made to hold a ``sitecustomize`` that hides TensorFlow;
+  put it first on a process's PYTHONPATH."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "sitecustomize.py"), "w") as f:
+    f.write(_NO_TENSORFLOW)
+  return str(directory)
