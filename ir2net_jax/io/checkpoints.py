@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from ir2net_jax.storage import paths
+from ir2net_jax.storage.paths import first_line
 
 __all__ = ["CheckpointError", "Checkpoints", "is_step_directory", "latest_step",
            "check_fits", "restore_variables", "read_meta", "open_read_only",
@@ -214,11 +215,6 @@ def _check_finite(state: Any) -> None:
     x = np.asarray(x)
     if np.issubdtype(x.dtype, np.inexact) and not np.all(np.isfinite(x)):
       raise ValueError(f"{jax.tree_util.keystr(path)} is not finite")
-
-
-def first_line(error: Exception) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else ""
 
 
 def _step_path(manager: ocp.CheckpointManager, step: int) -> str:

@@ -37,7 +37,7 @@ from ir2net_jax.configs import ConfigError  # noqa: E402
 __all__ = ["CLOUD_SCHEMES", "StorageError", "scheme", "is_cloud", "resolve",
            "as_path", "join", "parent", "name", "exists", "isdir", "listdir",
            "makedirs", "read_text", "read_bytes", "write_atomic", "write_new",
-           "copytree", "move", "rmtree", "filesystem"]
+           "copytree", "move", "rmtree", "filesystem", "first_line"]
 
 # Scheme -> (the fsspec module that serves it, how to install it).
 CLOUD_SCHEMES = {"gs": ("gcsfs", "pip install gcsfs"),
@@ -68,6 +68,12 @@ _no_listings_cache()
 
 class StorageError(ConfigError):
   """A path or bucket a run cannot use, with what to do instead."""
+
+
+def first_line(error: Exception) -> str:
+  """The first line of an error's message ("" if it has none)."""
+  text = str(error).strip()
+  return text.splitlines()[0] if text else ""
 
 
 def scheme(path: PathLike) -> Optional[str]:

@@ -149,7 +149,7 @@ def _check_credentials(kind: str, url: str, what: str) -> None:
       google.auth.default()
       return
     except google.auth.exceptions.DefaultCredentialsError as e:
-      reason = _first_line(e)
+      reason = (paths.first_line(e) or type(e).__name__)
   else:
     import botocore.session  # pylint: disable=g-import-not-at-top
     if botocore.session.get_session().get_credentials() is not None:
@@ -157,11 +157,6 @@ def _check_credentials(kind: str, url: str, what: str) -> None:
     reason = "botocore found none"
   raise StorageError(f"{what}={url}: no credentials for {kind}:// ({reason}); "
                      f"{_CREDENTIALS_FIX[kind]}")
-
-
-def _first_line(error: Exception) -> str:
-  text = str(error).strip()
-  return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_bucket(url: str, what: str, written: bool) -> None:
@@ -192,6 +187,6 @@ def _check_bucket(url: str, what: str, written: bool) -> None:
   except Exception as e:  # gcsfs and s3fs raise many types
     raise StorageError(
         f"{what}={url}: cannot write there ({type(e).__name__}: "
-        f"{_first_line(e)}); the account needs permission to create "
+        f"{(paths.first_line(e) or type(e).__name__)}); the account needs permission to create "
         f"and delete objects (roles/storage.objectAdmin on GCS): "
         f"{_CREDENTIALS_FIX[kind]}") from None
