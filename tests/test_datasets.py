@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from ir2net_jax.train import config_checks, loop
 from ir2net_jax import data
 from ir2net_jax.configs import default
-from ir2net_jax.data import custom, recipes, sources
+from ir2net_jax.data import custom, folders, recipes, sources
 
 # Stored pixel value of every pixel of an example of class c (grey levels),
 # so that a batch tells which class each image came from.
@@ -112,10 +112,10 @@ def tfds_dir(tmp_path_factory):
 def fresh_specs():
   """Specs are cached per process; each test builds its own."""
   custom.custom_spec.cache_clear()
-  custom.open_folder.cache_clear()
+  folders.scan.cache_clear()
   yield
   custom.custom_spec.cache_clear()
-  custom.open_folder.cache_clear()
+  folders.scan.cache_clear()
 
 
 def make_config(dataset, **overrides) -> ml_collections.ConfigDict:
@@ -347,7 +347,7 @@ def test_folder_errors(tmp_path):
       (make_config(f"folder:{mixed}", augment="cifar"),
        r"augment='cifar' needs images of one size.*train/a/0\.png is 8x8 and "
        r"train/b/0\.png is 10x12"),
-      (make_config(f"folder:{broken}"), r"cannot read the image .*bad\.png"),
+      (make_config(f"folder:{broken}"), r"bad\.png: not a JPEG, PNG"),
   ]
   for config, message in cases:
     custom.custom_spec.cache_clear()

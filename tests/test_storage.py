@@ -4,8 +4,11 @@ anything is compiled, with the URL and the fix. Bucket paths go to a real
 GCS server on this machine (``gcs_server.GcsServer``)."""
 
 import ast
+import errno
 import os
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -247,3 +250,123 @@ def test_every_bucket_url_of_a_run_is_checked(gcs, no_compile):
            r"gs://nowhere does not exist", init_from="gs://nowhere/w")
   # A local workdir and local weights: nothing to check.
   preflight.check_run(_Config(init_from="/tmp/w"), "/tmp/run")
+
+
+# A local workdir the run could not use -------------------------------------
+
+def _listing(root):
+  """Every path under ``root``, relative, sorted."""
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+def _local_refused(workdir, words, **config):
+  """``check_run`` refuses ``workdir`` at once, with ``words``, and changes
+  nothing on the disk around it. Returns the message."""
+  around = os.path.dirname(os.path.dirname(workdir))
+  before = _listing(around)
+  message = _refused(str(workdir), words, **config)
+  assert _listing(around) == before
+  return message
+
+
+def test_a_workdir_that_is_a_file_or_lies_under_one_is_refused(
+    tmp_path, no_compile):
+  afile = tmp_path / "runs" / "notes.txt"
+  afile.parent.mkdir()
+  afile.write_text("not a folder")
+  message = _local_refused(afile, "is a file, not a folder")
+  assert f"--workdir={afile}" in message and "does not exist yet" in message
+  _local_refused(afile / "run", f"lies under {afile}, which is a file")
+  (tmp_path / "runs" / "gone").symlink_to(tmp_path / "missing")
+  _local_refused(tmp_path / "runs" / "gone" / "run",
+                 "is a symbolic link to .*which does not resolve")
+
+
+def test_a_writable_workdir_passes_and_the_check_makes_nothing(
+    tmp_path, no_compile):
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "notes.txt").write_text("keep me")
+  for workdir in (tmp_path / "old", tmp_path / "new" / "run"):
+    preflight.check_run(_Config(dataset="folder:" + str(tmp_path / "data")),
+                        str(workdir))
+  assert _listing(tmp_path) == ["old", os.path.join("old", "notes.txt")]
+
+
+def _modes_bind(folder) -> bool:
+  """Whether a folder's mode stops this process (not root, or root without
+  CAP_DAC_OVERRIDE, as under ``capsh --drop=cap_dac_override``)."""
+  try:
+    tempfile.TemporaryFile(dir=folder).close()
+  except PermissionError:
+    return True
+  return False
+
+
+def test_a_workdir_that_cannot_be_written_is_refused(tmp_path, no_compile):
+  locked = tmp_path / "locked"
+  (locked / "old").mkdir(parents=True)
+  for folder in (locked / "old", locked):
+    folder.chmod(0o555)
+  try:
+    if not _modes_bind(locked):
+      pytest.skip("root writes in any folder whatever its mode: run as "
+                  "another user (or under capsh --drop=cap_dac_override) to "
+                  "test this")
+    _local_refused(locked / "old", r"cannot write in .*/old \(Permission "
+                   r"denied\); .*chmod u\+w")
+    message = _local_refused(locked / "new" / "run",
+                             "the nearest existing folder above it")
+    assert f"chmod u+w {locked}" in message
+  finally:
+    for folder in (locked, locked / "old"):
+      folder.chmod(0o755)
+
+
+def test_a_failed_write_probe_is_refused_with_the_fix(
+    tmp_path, monkeypatch, no_compile):
+  """The probe's error and its fix reach the message (as root too, where
+  no folder's mode stops a write)."""
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system")
+  monkeypatch.setattr(tempfile, "mkstemp", read_only)
+  _local_refused(tmp_path / "run", r"cannot write in .* \(Read-only file "
+                 r"system\); it is on a read-only file system")
+
+
+def test_a_workdir_in_the_folder_data_is_refused_through_links(
+    tmp_path, no_compile):
+  data = tmp_path / "photos"
+  (data / "train" / "cat").mkdir(parents=True)
+  (tmp_path / "photos2").mkdir()
+  (tmp_path / "link_to_train").symlink_to(data / "train")
+  (tmp_path / "link_to_data").symlink_to(data)
+  for workdir, dataset in (
+      (data, data), (data / "runs" / "a", data),
+      (tmp_path / "link_to_train" / "run", data),   # a link to inside
+      (data / "run", tmp_path / "link_to_data")):   # the data through one
+    message = _local_refused(workdir, "lies in the data set's folder",
+                             dataset=f"folder:{dataset}")
+    assert f"outside {data}" in message
+  preflight.check_run(_Config(dataset=f"folder:{data}"),
+                      str(tmp_path / "photos2" / "run"))   # beside: fine
+
+
+def test_the_launcher_refuses_a_file_workdir_before_the_data(tmp_path):
+  afile = tmp_path / "workdir"
+  afile.write_text("not a folder")
+  start = time.monotonic()
+  done = subprocess.run(
+      [sys.executable, os.path.join(os.path.dirname(PACKAGE), "launch.py"),
+       "--config=digits:smoke", f"--workdir={afile}"],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+  out, status = done.stdout.decode(), done.returncode
+  seconds = time.monotonic() - start
+  assert status != 0, out[-3000:]
+  assert f"--workdir={afile} is a file, not a folder" in out, out[-3000:]
+  assert "input engine" not in out   # refused before the data were read
+  assert "FileExistsError" not in out
+  assert "Traceback" not in out, out[-3000:]
+  assert seconds < 120
+  assert afile.read_text() == "not a folder"

@@ -76,6 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
   # host work per image, twice the bytes) | 'auto' ('device' on
   # accelerators, 'host' on CPUs).
   c.input_resize = "auto"
+  # Image files that cannot be read (truncated, empty, not an image, a
+  # FIFO, a bomb): 'skip' them (each logged once, counted in TensorBoard
+  # and summary.json; the run stops past max_bad_fraction of a split) or
+  # stop with an 'error' naming the file. See docs/your_data.md.
+  c.bad_examples = "skip"
+  c.max_bad_fraction = 0.01
 
   # Loss: 'cross_entropy' (labels) or 'distillation' (frozen teacher).
   c.loss = "cross_entropy"

@@ -33,6 +33,8 @@ FIELDS_ADDED = {
     "device_data_limit": 0.25,
     "input_workers": -1,
     "input_resize": "host",            # the windows were resized on the host
+    "bad_examples": "error",           # a bad file stopped the run
+    "max_bad_fraction": 0.01,
 }
 
 # How a run's processes were started: a recorded config's describe that run,

@@ -8,7 +8,8 @@
   'image' and 'label', else the only ``Image`` and only ``ClassLabel``
   feature; a builder without them is refused. Nothing is downloaded:
   prepare it with ``tfds build NAME --data_dir=DIR`` beforehand.
-* ``folder:PATH``: a class-per-subfolder tree read with tfds' ``ImageFolder``,
+* ``folder:PATH``: a class-per-subfolder tree, listed as tfds'
+  ``ImageFolder`` lists it (``folders``),
   ``PATH/<split>/<class>/*.{jpg,jpeg,png}`` (e.g. ``train/``, ``test/`` or
   ``val/``); classes are the sorted subfolder names of all splits together.
   Splits are served whole (no ``'train[:90%]'``).
@@ -44,9 +45,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
-import PIL.Image
 
-from ir2net_jax.data import constants, folders
+from ir2net_jax.data import constants, folders, image_files
 from ir2net_jax.data.folders import FOLDER_PREFIX, IMAGE_SUFFIXES
 from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
     DataError, DatasetSpec, normalized_range)
@@ -54,7 +54,7 @@ from ir2net_jax.data.tf_recipes import tf_recipe
 
 __all__ = [
     "TFDS_PREFIX", "FOLDER_PREFIX", "AUGMENTS", "SMALL_IMAGE_MAX_SIDE",
-    "CACHE_MAX_BYTES", "is_custom", "custom_spec", "open_folder",
+    "CACHE_MAX_BYTES", "is_custom", "custom_spec", "folder_problems",
     "unprepared_error",
 ]
 
@@ -83,13 +83,6 @@ def unprepared_error(tfds_name: str, builder, data_dir: Optional[str]
       f"downloads. On a machine with network, run `tfds build {tfds_name} "
       "--data_dir=DIR`, copy DIR here if needed, then pass "
       "--config.data_dir=DIR.")
-
-
-@functools.lru_cache(maxsize=64)
-def open_folder(root: str) -> "tfds.core.DatasetBuilder":
-  """tfds' ImageFolder of ``root`` (lists every file once per process)."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.folder_dataset.ImageFolder(root)
 
 
 @functools.lru_cache(maxsize=64)
@@ -256,19 +249,23 @@ def _tfds_spec(name: str, data_dir: Optional[str], augment: str
 
 # ----------------------------------------------------------- folder:PATH ---
 
-def _common_size(paths: Sequence[str], root: str, where: str,
+def _common_size(paths: Sequence[str], root: str, skip: Dict[str, str],
                  stop_above: Optional[int]) -> Tuple[Optional[_SIZE], str]:
   """(height, width) shared by all images, from their headers, or None and
   what differs. Stops at the first image with a side above ``stop_above``
-  (when given: no recipe needs to know more)."""
+  (when given: no recipe needs to know more). Files in ``skip`` and files
+  whose header does not read are left out; the latter are added to
+  ``skip`` (the run's ``bad_examples`` policy decides)."""
   first, first_path = None, ""
   for path in paths:
+    if path in skip:
+      continue
     try:
-      with PIL.Image.open(path) as image:
-        width, height = image.size
-    except (OSError, ValueError) as e:
-      raise DataError(f"{where}: cannot read the image {path}: {e}. Remove "
-                      "or replace the file.") from e
+      height, width = image_files.image_size(
+          image_files.read_header(path), path)
+    except image_files.BadImage as e:
+      skip[path] = e.reason
+      continue
     if stop_above is not None and max(height, width) > stop_above:
       return None, f"{os.path.relpath(path, root)} is {height}x{width}"
     if first is None:
@@ -280,9 +277,17 @@ def _common_size(paths: Sequence[str], root: str, where: str,
   return first, ""
 
 
+@functools.lru_cache(maxsize=64)
+def folder_problems(root: str) -> Dict[str, str]:
+  """``{path: what is wrong}`` of the files of the folder data set at
+  ``root`` (real path) that its listing and header check found: filled by
+  :func:`custom_spec`."""
+  return {}
+
+
 def _folder_spec(path: str, augment: str) -> DatasetSpec:
   where = FOLDER_PREFIX + path
-  root = os.path.abspath(os.path.expanduser(path))
+  root = os.path.realpath(os.path.expanduser(path))
   if not path or not os.path.isdir(root):
     raise DataError(f"{where}: no such directory. Point it at a tree "
                     f"{_FOLDER_LAYOUT}.")
@@ -295,14 +300,17 @@ def _folder_spec(path: str, augment: str) -> DatasetSpec:
         f"{found or 'nothing'} in {root}).")
   files = [f for split in sorted(splits, key=lambda s: s != "train")
            for f in sorted(tree.splits[split][0])]
+  problems = folder_problems(root)
+  problems.update(tree.problems)
   if augment == "imagenet":
     size, sizes_found = None, ""
   else:
     size, sizes_found = _common_size(
-        files, root, where, SMALL_IMAGE_MAX_SIDE if augment == "auto" else None)
+        files, root, problems,
+        SMALL_IMAGE_MAX_SIDE if augment == "auto" else None)
   recipe = _choose_recipe(augment, size, where, sizes_found)
   return _make_spec(
       tfds_name="image_folder", where=where,
       num_classes=len(tree.classes), splits=splits,
-      size=size, cache_bytes=sum(os.path.getsize(f) for f in files),
+      size=size, cache_bytes=tree.total_bytes,
       recipe=recipe, image_key="image", label_key="label", folder=root)

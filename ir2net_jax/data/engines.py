@@ -35,7 +35,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from ir2net_jax.data import folders, on_device
+from ir2net_jax.data import folders, on_device, sources
 from ir2net_jax.data.on_device import tensorflow_installed
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
@@ -154,6 +154,7 @@ class HostInputs:
     self._sharding = jax.sharding.NamedSharding(
         mesh, jax.sharding.PartitionSpec(mesh.axis_names))
     self.info = pipeline.dataset_info(config)
+    self.bad_files = sources.bad_file_tally(sources.read_settings(config))
 
   def batch_fn(self):
     return None

@@ -46,8 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ir2net_jax.data import (constants, folders, host_recipes, sources,
-                             window_resize)
+from ir2net_jax.data import (bad_data, constants, folders, host_recipes,
+                             image_files, sources, window_resize)
+from ir2net_jax.data.prefetch import close_source
 from ir2net_jax.data.specs import DataError, DatasetInfo
 
 __all__ = ["grain_installed", "check_config", "dataset_info", "TrainOrder",
@@ -105,10 +106,11 @@ class Records:
   """
 
   def __init__(self, open_fn: Callable[[], Tuple[Any, Callable]],
-               length: int):
+               length: int, name_fn: Callable[[int], str]):
     self._open_fn = open_fn
     self._length = length
     self._opened = None
+    self.name = name_fn   # index -> the file (or record) it reads
 
   def __len__(self) -> int:
     return self._length
@@ -125,12 +127,19 @@ class Records:
 
 def _read_file(source, index):
   paths, labels = source
-  with open(paths[index], "rb") as f:
-    return f.read(), int(labels[index])
+  return image_files.read_file(paths[index]), int(labels[index])
 
 
 def _open_folder(root, split):
   return folders.scan(root).splits[split], _read_file
+
+
+def _folder_name(root, split, index):
+  return folders.scan(root).splits[split][0][index]
+
+
+def _record_name(name, split, index):
+  return f"{name} {split}[{index}]"
 
 
 def _read_tfds(keys, source, index):
@@ -185,7 +194,8 @@ def open_records(settings: sources.Settings, split: str) -> Records:
           "one with --config.train_split / --config.eval_split (a folder "
           "serves whole splits only, no slices like 'train[:90%]').")
     return Records(functools.partial(_open_folder, spec.folder, split),
-                   tree.num_examples(split))
+                   tree.num_examples(split),
+                   functools.partial(_folder_name, spec.folder, split))
   builder = _tfds_builder(settings)
   opener = functools.partial(_open_tfds, spec.tfds_name, split,
                              settings.data_dir, spec.image_key,
@@ -197,7 +207,8 @@ def open_records(settings: sources.Settings, split: str) -> Records:
                     f"(known splits: {sorted(builder.info.splits)}); name "
                     "one with --config.train_split / --config.eval_split."
                     ) from e
-  return Records(opener, length)
+  return Records(opener, length, functools.partial(
+      _record_name, spec.tfds_name, split))
 
 
 def dataset_info(config) -> DatasetInfo:
@@ -207,6 +218,7 @@ def dataset_info(config) -> DatasetInfo:
     DataError: see :func:`check_config` and :func:`open_records`.
   """
   settings = check_config(config)
+  sources.check_files(settings)
   return _info(settings, *(open_records(settings, split) for split in
                            (settings.train_split, settings.eval_split)))
 
@@ -336,15 +348,18 @@ class TrainOrder:
     """The order of epoch ``epoch``: int64 (num_examples,)."""
     return _permutation(self.num_examples, _keys(self.seed)[0], epoch)
 
-  def locate(self, position: int) -> Tuple[int, int]:
+  def locate(self, position: int, attempt: int = 0) -> Tuple[int, int]:
     """``(example index, example number)`` of this host's ``position``-th
     example; the number (its place in the run's global stream) seeds its
-    augmentation."""
+    augmentation. ``attempt`` k > 0: the example k places further along the
+    epoch's whole permutation (cyclically), the replacement of a bad
+    file, with the same number."""
     step, row = divmod(position, self.local_batch)
     epoch, batch = divmod(step, self.steps_per_epoch)
     i = batch * self.global_batch + self.rows + row
     per_epoch = self.steps_per_epoch * self.global_batch
-    return int(self.permutation(epoch)[i]), epoch * per_epoch + i
+    order = self.permutation(epoch)
+    return int(order[(i + attempt) % len(order)]), epoch * per_epoch + i
 
   def rng(self, number: int) -> np.random.Generator:
     return np.random.default_rng([_keys(self.seed)[1], number])
@@ -355,35 +370,100 @@ def _permutation(num_examples: int, key: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([key, epoch]).permutation(num_examples)
 
 
-class _TrainExample:
-  """position -> {'image': uint8 (S, S, 3), 'label': int32 ()}."""
+# Bad files met by one example, recorded in its batch for the main process
+# to log and count (-1: none); more in a row are replaced but not recorded.
+BAD_SLOTS = 4
+# Replacements tried for one example before the run stops.
+_MAX_REPLACEMENTS = 64
 
-  def __init__(self, records: Records, order: TrainOrder, recipe):
+
+def _read(records: Records, index: int, recipe, *args):
+  """``(recipe(image, *args), label)`` of example ``index``.
+
+  Raises:
+    BadImage: the file cannot be read or decoded, named.
+  """
+  try:
+    image, label = records[index]
+    if isinstance(image, bytes):
+      image_files.image_size(image, records.name(index))
+    return recipe(image, *args), label
+  except image_files.BadImage:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    if not bad_data.is_bad_data(e):
+      raise
+    raise image_files.BadImage(records.name(index),
+                               image_files.describe_error(e)) from None
+
+
+def _bad_slots(found) -> np.ndarray:
+  out = np.full(BAD_SLOTS, -1, np.int64)
+  out[:len(found[:BAD_SLOTS])] = found[:BAD_SLOTS]
+  return out
+
+
+class _TrainExample:
+  """position -> {'image': uint8 (S, S, 3), 'label': int32 (), 'bad': int64
+  (BAD_SLOTS,)}. Under the 'skip' policy an example that fails to read is
+  replaced by the next one of its epoch's order, augmented with the draws
+  of its own position: the stream stays a function of (seed, step)."""
+
+  def __init__(self, records: Records, order: TrainOrder, recipe,
+               skip: bool):
     self._records, self._order, self._recipe = records, order, recipe
+    self._skip = skip
 
   def __call__(self, position: int) -> Batch:
-    index, number = self._order.locate(int(position))
-    image, label = self._records[index]
-    return {**self._recipe(image, self._order.rng(number)),
-            "label": np.int32(label)}
+    bad = []
+    for attempt in range(_MAX_REPLACEMENTS):
+      index, number = self._order.locate(int(position), attempt)
+      try:
+        out, label = _read(self._records, index, self._recipe,
+                           self._order.rng(number))
+      except image_files.BadImage:
+        if not self._skip:
+          raise
+        bad.append(index)
+        continue
+      return {**out, "label": np.int32(label), "bad": _bad_slots(bad)}
+    raise DataError(f"{_MAX_REPLACEMENTS} bad files in a row (the first: "
+                    f"{self._records.name(bad[0])}); check the data with "
+                    "ir2net-check-data.")
 
 
 class _EvalExample:
-  """position -> one padded eval example, ``mask`` 0 past the host's end."""
+  """position -> one padded eval example, ``mask`` 0 past the host's end
+  (and, under the 'skip' policy, for a file that fails to read)."""
 
   def __init__(self, records: Records, start: int, count: int, recipe,
-               image_size: int):
+               image_size: int, skip: bool):
     self._records, self._start, self._count = records, start, count
-    self._recipe, self._size = recipe, image_size
+    self._recipe, self._size, self._skip = recipe, image_size, skip
 
   def __call__(self, position: int) -> Batch:
     position = int(position)
+    padding = {"image": np.zeros((self._size, self._size, 3), np.uint8),
+               "label": np.int32(0), "mask": np.float32(0)}
     if position >= self._count:
-      return {"image": np.zeros((self._size, self._size, 3), np.uint8),
-              "label": np.int32(0), "mask": np.float32(0)}
-    image, label = self._records[self._start + position]
-    return {"image": self._recipe(image), "label": np.int32(label),
-            "mask": np.float32(1)}
+      return {**padding, "bad": _bad_slots([])}
+    index = self._start + position
+    try:
+      image, label = _read(self._records, index, self._recipe)
+    except image_files.BadImage:
+      if not self._skip:
+        raise
+      return {**padding, "bad": _bad_slots([index])}
+    return {"image": image, "label": np.int32(label), "mask": np.float32(1),
+            "bad": _bad_slots([])}
+
+
+def _why(name: str) -> str:
+  """What is wrong with a file a worker could not read (read again here,
+  once per file: the worker's batch carries only its index)."""
+  if name.startswith(os.sep):
+    return image_files.verify(name) or "failed to decode in the recipe"
+  return "failed to decode"
 
 
 def default_workers() -> int:
@@ -443,6 +523,9 @@ class GrainInputs:
     self._threads = max(1, min(8, default_workers() or os.cpu_count() or 1))
     self._eval_batch = self._local(eval_batch_size)
     self._finish = jax.jit(self.batch_fn())
+    sources.check_files(self.settings)
+    self._skip = self.settings.bad_examples.skip
+    self.bad_files = sources.bad_file_tally(self.settings)
     logging.info("grain: %d worker processes, %s decoding, train windows "
                  "resized on the %s", self.workers,
                  host_recipes.resolve_decoder("auto"), self.resize)
@@ -477,10 +560,12 @@ class GrainInputs:
     order = self.train_order()
     first = start_step * order.local_batch
     dataset = grain.MapDataset.range(first, first + _ENDLESS).map(
-        _TrainExample(self._train, order, self._train_recipe)).batch(
-            order.local_batch, drop_remainder=True)
-    batches = _iterate(dataset, self.workers if workers is None else workers,
-                       self._threads)
+        _TrainExample(self._train, order, self._train_recipe,
+                      self._skip)).batch(order.local_batch,
+                                         drop_remainder=True)
+    batches = self._tallied(
+        _iterate(dataset, self.workers if workers is None else workers,
+                 self._threads), self._train)
     if self._num_classes is None:
       return batches
     return sources.checked_labels(batches, self._num_classes, self.settings)
@@ -495,8 +580,24 @@ class GrainInputs:
     dataset = grain.MapDataset.range(batches * self._eval_batch).map(
         _EvalExample(self._eval, int(mine[0]) if len(mine) else 0,
                      len(mine), self._eval_recipe,
-                     self.settings.image_size)).batch(self._eval_batch)
-    return _iterate(dataset, self.workers, self._threads)
+                     self.settings.image_size, self._skip)).batch(
+                         self._eval_batch)
+    return self._tallied(_iterate(dataset, self.workers, self._threads),
+                         self._eval)
+
+  def _tallied(self, batches: Iterator[Batch],
+               records: Records) -> Iterator[Batch]:
+    """``batches`` without their ``bad`` rows, whose files are logged and
+    counted in :attr:`bad_files`. Closing it closes ``batches``."""
+    try:
+      for batch in batches:
+        for index in np.unique(batch.pop("bad")):
+          if index >= 0:
+            name = records.name(int(index))
+            self.bad_files.add(name, _why(name), len(records))
+        yield batch
+    finally:
+      close_source(batches)
 
   def batch_fn(self) -> Callable[[Batch, Any], Batch]:
     """``(host batch, step) -> batch``: :func:`finish_batch` in the
@@ -523,8 +624,15 @@ class GrainInputs:
       yield self._finish(batch)
 
   def first_eval_images(self, count: int) -> np.ndarray:
-    count = min(count, len(self._eval))
-    images = np.stack([self._eval_recipe(self._eval[i][0])
-                       for i in range(count)])
+    images = []
+    for index in range(len(self._eval)):
+      if len(images) == count:
+        break
+      try:
+        images.append(_read(self._eval, index, self._eval_recipe)[0])
+      except image_files.BadImage:
+        if not self._skip:
+          raise
+    images = np.stack(images)
     return np.asarray(host_recipes.normalize(
         images, dtype=np.dtype(self.settings.dtype)))

@@ -61,7 +61,7 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data import constants, pillow_resize
+from ir2net_jax.data import constants, image_files, pillow_resize
 
 __all__ = ["DECODERS", "resolve_decoder", "random_resized_crop_window",
            "eval_window", "decode_region", "decode_window", "resize_box",
@@ -194,7 +194,7 @@ def decode_region(encoded: bytes, window_fn, image_size: int,
     if reduce and decoder == "pil" and image.format == "JPEG" and factor >= 2:
       image.draft("RGB", (math.ceil(full_w / factor),
                           math.ceil(full_h / factor)))
-    pixels = np.asarray(image.convert("RGB"))
+    pixels = image_files.to_rgb(image)
   return _region(pixels, (full_h, full_w), window, image_size, context)
 
 
@@ -374,7 +374,7 @@ def decode_rgb(image) -> np.ndarray:
       return np.repeat(image, 3, axis=-1)
     return np.ascontiguousarray(image[..., :3])
   with Image.open(io.BytesIO(image)) as opened:
-    return np.asarray(opened.convert("RGB"))
+    return image_files.to_rgb(opened)
 
 
 def _small(image, image_size: int) -> np.ndarray:

@@ -5,14 +5,16 @@ recipes where TensorFlow is installed, else with their numpy counterparts
 decoders' rounding."""
 
 import glob
-import io
 import os
-from typing import Sequence
+from typing import List, Sequence, Tuple
+
+from absl import logging
 
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data import constants, host_recipes, on_device, sources
+from ir2net_jax.data import (bad_data, constants, host_recipes, image_files,
+                             on_device, sources)
 from ir2net_jax.data.folders import IMAGE_SUFFIXES
 from ir2net_jax.data.specs import DataError
 
@@ -37,6 +39,29 @@ def _image_files(patterns: str) -> Sequence[str]:
   return files
 
 
+def _readable(config, files: Sequence[str]) -> List[Tuple[str, bytes]]:
+  """``(path, bytes)`` of the files that read and whose header checks
+  (``image_files``); a bad one is skipped with a warning, or stops the
+  call, as ``config.bad_examples`` says."""
+  policy = bad_data.read_policy(config)
+  found = []
+  for path in files:
+    try:
+      encoded = image_files.read_file(path)
+      image_files.image_size(encoded, path)
+    except image_files.BadImage as e:
+      if not policy.skip:
+        raise
+      logging.warning("--images: skipped %s: %s", image_files.printable(path),
+                      e.reason)
+      continue
+    found.append((path, encoded))
+  if not found:
+    raise DataError(f"--images: none of the {len(files)} file(s) is a "
+                    "readable image (see the warnings above).")
+  return found
+
+
 def load_images(config, patterns: str) -> np.ndarray:
   """Image files -> (N, S, S, 3) float32, as the data set's eval recipe
   prepares its own images.
@@ -50,19 +75,24 @@ def load_images(config, patterns: str) -> np.ndarray:
     config: the run's config (``dataset``, ``image_size``).
     patterns: comma-separated files, glob patterns or directories.
 
+  Bad files (``image_files``) are skipped with a warning, or stop it, as
+  ``config.bad_examples`` says.
+
   Raises:
-    DataError: a pattern matches no .png / .jpg file, or none is given.
+    DataError: a pattern matches no .png / .jpg file, or none is given, or
+      none reads; a bad file under ``bad_examples='error'``.
   """
   settings = sources.read_settings(config)
-  files = _image_files(patterns)
+  files = _readable(config, _image_files(patterns))
   if not on_device.tensorflow_installed():
-    return np.stack([_numpy_recipe(config, settings, f) for f in files])
+    return np.stack([_numpy_recipe(config, settings, encoded)
+                     for _, encoded in files])
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ir2net_jax.data import augment  # pylint: disable=g-import-not-at-top
   spec, size = settings.spec, settings.image_size
   out = []
-  for path in files:
-    encoded = tf.io.read_file(path)
+  for _, encoded in files:
+    encoded = tf.constant(encoded)
     if spec.decoders:  # the recipe decodes (JPEG bytes; PNG decodes too)
       image = spec.eval_recipe(encoded, size)
     else:
@@ -77,15 +107,15 @@ def load_images(config, patterns: str) -> np.ndarray:
   return np.stack(out)
 
 
-def _numpy_recipe(config, settings: sources.Settings, path: str) -> np.ndarray:
-  """:func:`load_images`' recipe for one file without TensorFlow."""
-  with open(path, "rb") as f:
-    encoded = f.read()
+def _numpy_recipe(config, settings: sources.Settings,
+                  encoded: bytes) -> np.ndarray:
+  """:func:`load_images`' recipe for one encoded image without
+  TensorFlow."""
   spec, size = settings.spec, settings.image_size
   mean, std = constants.IMAGENET_MEAN, constants.IMAGENET_STD
   if config.dataset == "digits":
-    with Image.open(io.BytesIO(encoded)) as opened:
-      grey = np.asarray(opened.convert("L"))[None, ..., None]
+    rgb = Image.fromarray(image_files.decode_rgb(encoded))
+    grey = np.asarray(rgb.convert("L"))[None, ..., None]
     image = np.repeat(on_device.upsample_bilinear(grey, size)[0], 3, -1)
     mean, std = constants.DIGITS_MEAN, constants.DIGITS_STD
   elif spec.crop == "resized":

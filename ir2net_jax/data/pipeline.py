@@ -91,6 +91,7 @@ def _open(config, global_batch_size, process_index, process_count,
   index, count = _process_layout(process_index, process_count)
   local_batch = _local_batch_size(global_batch_size, count)
   _hide_accelerators_from_tf()
+  sources.check_files(settings)
   if prepare_once and jax.process_count() > 1:
     # Process 0 prepares a missing data set alone; the others wait, then find
     # it prepared (a shared data_dir) or prepare their own (a local one).
@@ -114,7 +115,8 @@ def dataset_info(config) -> DatasetInfo:
   settings, builder, _, _, _ = _open(config, 1, 0, 1, prepare_once=True)
   spec = settings.spec
   num_train, num_eval = (
-      sources.read_split(builder, split, spec, 0, 1).num_examples
+      sources.read_split(builder, split, spec, 0, 1,
+                         sources.skipped_files(settings)).num_examples
       for split in (settings.train_split, settings.eval_split))
   return DatasetInfo(num_train=num_train, num_eval=num_eval,
                      num_classes=spec.num_classes,
@@ -163,11 +165,11 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
       config, global_batch_size, process_index, process_count)
   if settings.spec.cache:  # The global stream; this host keeps its rows.
     source = sources.read_split(builder, settings.train_split, settings.spec,
-                                0, 1)
+                                0, 1, sources.skipped_files(settings))
     stream_batch, rows = global_batch_size, index * local_batch
   else:  # This host's stream, all of it.
     source = sources.read_split(builder, settings.train_split, settings.spec,
-                                index, count)
+                                index, count, sources.skipped_files(settings))
     stream_batch, rows = local_batch, 0
   # The same on every host (host slices differ by at most one example), and
   # equal to num_train // global_batch_size.
@@ -265,7 +267,7 @@ def eval_iterator(config, *, global_batch_size: int,
   settings, builder, index, count, local_batch = _open(
       config, global_batch_size, process_index, process_count)
   source = sources.read_split(builder, settings.eval_split, settings.spec,
-                              index, count)
+                              index, count, sources.skipped_files(settings))
   num_batches = -(-max(source.host_counts) // local_batch)
   size = settings.image_size
 

@@ -10,13 +10,14 @@ no TensorFlow (every engine reads its settings here); reading a split with
 """
 
 import dataclasses
+import functools
 import os
 from typing import Dict, Iterator, Optional, Tuple
 
 from absl import logging
 import numpy as np
 
-from ir2net_jax.data import constants, custom, digits
+from ir2net_jax.data import bad_data, constants, custom, digits, folders
 from ir2net_jax.data.prefetch import close_source
 from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
     Augmentation, DataError, DatasetSpec, augmentation, normalized_range)
@@ -104,6 +105,7 @@ class Settings:
   shuffle_buffer: int
   dtype: str
   augmentation: Augmentation
+  bad_examples: bad_data.Policy = bad_data.Policy()
 
 
 def read_settings(config) -> Settings:
@@ -140,16 +142,59 @@ def read_settings(config) -> Settings:
       manual_dir=config.get("manual_dir"), image_size=int(image_size),
       train_split=config.get("train_split") or "train",
       eval_split=eval_split, shuffle_buffer=int(shuffle_buffer),
-      dtype=dtype, augmentation=augmentation(config, spec))
+      dtype=dtype, augmentation=augmentation(config, spec),
+      bad_examples=bad_data.read_policy(config))
 
 
-def open_builder(settings: Settings) -> "tfds.core.DatasetBuilder":
+def check_files(settings: Settings) -> None:
+  """The check before training of a ``folder:`` data set's files: what
+  its listing and header check found, under the run's ``bad_examples``
+  policy (``bad_data.check_listing``); once per process and policy.
+
+  Raises:
+    DataError: see ``bad_data.check_listing``.
+  """
+  if settings.spec.folder is not None:
+    _check_folder(settings.dataset, settings.spec.folder,
+                  settings.bad_examples)
+
+
+def bad_file_tally(settings: Settings) -> bad_data.Tally:
+  """A run's tally of bad files, holding what a ``folder:`` listing found
+  (see ``bad_data``)."""
+  tally = bad_data.Tally(settings.dataset, settings.bad_examples)
+  if settings.spec.folder is not None:
+    tally.preload(custom.folder_problems(settings.spec.folder))
+  return tally
+
+
+def skipped_files(settings: Settings) -> Tuple[str, ...]:
+  """The files a ``folder:`` listing found bad, which the tf.data engine
+  leaves out under ``bad_examples='skip'`` (the grain engine replaces them
+  where they are read)."""
+  if settings.spec.folder is None or not settings.bad_examples.skip:
+    return ()
+  return tuple(sorted(custom.folder_problems(settings.spec.folder)))
+
+
+@functools.lru_cache(maxsize=16)
+def _check_folder(where: str, root: str, policy: bad_data.Policy) -> None:
+  tree = folders.scan(root)
+  bad_data.check_listing(
+      where, custom.folder_problems(root),
+      sum(tree.num_examples(split) for split in tree.splits), policy,
+      tree.empty_classes)
+
+
+def open_builder(settings: Settings
+                 ) -> Optional["tfds.core.DatasetBuilder"]:
   """Returns the prepared tfds builder, preparing it where that is possible.
 
   digits is built locally on first use (well under a second). ImageNet is
   prepared from ``manual_dir`` when it is not prepared yet (hours). CIFAR-10
   is never downloaded from here. In a multi-host run, prepare once (e.g. with
-  ``dataset_info`` on one host) before all hosts start reading.
+  ``dataset_info`` on one host) before all hosts start reading. A
+  ``folder:`` data set has none: None (``read_split`` reads its listing).
 
   Raises:
     DataError: the data set is not prepared and cannot be prepared here.
@@ -158,7 +203,7 @@ def open_builder(settings: Settings) -> "tfds.core.DatasetBuilder":
   from ir2net_jax.data import digits_tfds  # pylint: disable=g-import-not-at-top
   data_dir = settings.data_dir
   if settings.spec.folder is not None:
-    return custom.open_folder(settings.spec.folder)
+    return None   # read from its listing (read_split), not a builder
   if settings.dataset == "digits":
     builder = digits_tfds.Ir2netDigits(data_dir=data_dir)
     if not builder.is_prepared():
@@ -240,6 +285,34 @@ def _as_dataset(builder, split, spec: DatasetSpec) -> "tf.data.Dataset":
                             "label": ex[spec.label_key]})
 
 
+def _folder_dataset(root: str, split: str, skipped=()) -> "tf.data.Dataset":
+  """A ``folder:`` split as tf.data reads it: the files ``folders.scan``
+  lists (ImageFolder's examples, labels and order), less ``skipped``, read
+  as ``{'image': encoded bytes, 'label': int64 ()}``. File names are bytes
+  (any name the file system holds, UTF-8 or not), and nothing is opened
+  before it is read: the bad files left out are never touched.
+
+  Raises:
+    DataError: the folder has no such split.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tree = folders.scan(root)
+  if split not in tree.splits:
+    raise DataError(
+        f"folder {root} has no split {split!r} (its splits, the "
+        f"subfolders holding <class>/ images: {sorted(tree.splits)}); name "
+        "one with --config.train_split / --config.eval_split (a folder "
+        "serves whole splits only, no slices like 'train[:90%]').")
+  paths, labels = tree.splits[split]
+  skipped = set(skipped)
+  keep = [i for i, path in enumerate(paths) if path not in skipped]
+  ds = tf.data.Dataset.from_tensor_slices({
+      "path": tf.constant([os.fsencode(paths[i]) for i in keep], tf.string),
+      "label": tf.constant(labels[keep], tf.int64)})
+  return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]),
+                            "label": ex["label"]})
+
+
 def _known_host_counts(builder, split: str,
                        process_count: int) -> Optional[Tuple[int, ...]]:
   """Examples per host from the metadata, or None if the metadata has none."""
@@ -278,27 +351,26 @@ def _count(ds: "tf.data.Dataset") -> int:
 
 def read_split(builder: "tfds.core.DatasetBuilder", split: str,
                spec: DatasetSpec, process_index: int,
-               process_count: int) -> HostSplit:
+               process_count: int, skipped=()) -> HostSplit:
   """Reads this host's slice of ``split``: disjoint slices cover the split.
 
   Normally each host reads only its own slice
   (``tfds.split_for_jax_process``, sizes differing by at most one). When the
   split sizes are not recorded, or slicing was ignored (both happen under
-  ``tfds.testing.mock_data``), or the data set is a folder (ImageFolder
-  serves whole splits only), every host reads the whole split and keeps
-  every ``process_count``-th example instead.
+  ``tfds.testing.mock_data``), or the data set is a folder (served as whole
+  splits), every host reads the whole split and keeps every
+  ``process_count``-th example instead.
+
+  Args:
+    builder: the prepared builder (None for a folder).
+    split, spec, process_index, process_count: what to read, for whom.
+    skipped: files a folder's listing found bad, left out.
 
   Raises:
     DataError: ``split`` is not a split of the data set.
   """
   if spec.folder is not None:
-    splits = builder.info.splits
-    if split not in splits:
-      raise DataError(
-          f"folder {spec.folder} has no split {split!r} (its splits, the "
-          f"subfolders holding <class>/ images: {sorted(splits)}); name one "
-          "with --config.train_split / --config.eval_split (a folder serves "
-          "whole splits only, no slices like 'train[:90%]').")
+    ds = _folder_dataset(spec.folder, split, skipped)
     counts = None
   else:
     counts = _known_host_counts(builder, split, process_count)
@@ -310,7 +382,8 @@ def read_split(builder: "tfds.core.DatasetBuilder", split: str,
     if int(ds.cardinality()) in (counts[process_index], _UNKNOWN_CARDINALITY):
       return HostSplit(ds, counts, process_index)
 
-  ds = _as_dataset(builder, split, spec)
+  if spec.folder is None:
+    ds = _as_dataset(builder, split, spec)
   total = _count(ds)
   counts = tuple(len(range(i, total, process_count))
                  for i in range(process_count))

@@ -68,9 +68,8 @@ class DatasetSpec:
       'cifar' / 'imagenet' (the recipes for any data, see ``custom``).
     image_key: the builder's image feature.
     label_key: the builder's label feature.
-    folder: root of a class-per-subfolder tree, read with tfds' ImageFolder
-      (which serves whole splits only: no ``'train[:90%]'``); None for a tfds
-      builder.
+    folder: the real path of a class-per-subfolder tree (``folders``;
+      whole splits only: no ``'train[:90%]'``); None for a tfds builder.
     flip: whether the train recipe flips unless the config says otherwise.
     crop: the train recipe's crop: 'pad' (pad and random crop:
       ``config.crop_padding`` applies) or 'resized' (RandomResizedCrop:

@@ -1,16 +1,25 @@
-"""Refuses bucket paths a run cannot use, before anything is compiled.
+"""Refuses paths a run cannot use, before the data are read or anything is
+built.
 
 ``check_run(config, workdir)`` checks every bucket URL a run will read or
 write (the workdir, ``init_from``, the stage-1 run, the teacher, the data),
 each within ``TIMEOUT_S`` seconds, and raises ``StorageError`` naming the
 URL and the fix: no client installed for the scheme (gcsfs, s3fs), no
 credentials, a server that does not answer, a bucket that does not exist,
-or a workdir that cannot be written. Local paths pass untouched.
+or a workdir that cannot be written.
+
+A local workdir (``check_local_workdir``) is refused where it is a file or
+lies under one, cannot be written (a test file is made and removed in it,
+or in its nearest existing folder: the check makes no folder), or lies in
+the ``folder:`` data set (its checkpoints would be listed as images);
+real paths are compared, so a link cannot hide either.
 """
 
+import errno
 import importlib.util
 import os
 import socket
+import tempfile
 import threading
 import urllib.parse
 import uuid
@@ -19,7 +28,8 @@ from typing import Callable, List, Tuple
 from ir2net_jax.storage import paths
 from ir2net_jax.storage.paths import StorageError
 
-__all__ = ["TIMEOUT_S", "check_run", "check", "run_urls"]
+__all__ = ["TIMEOUT_S", "check_run", "check", "check_local_workdir",
+           "run_urls"]
 
 # The longest a check of one URL may take before the run is refused.
 TIMEOUT_S = float(os.environ.get("IR2NET_STORAGE_TIMEOUT_S", "20"))
@@ -51,12 +61,15 @@ def run_urls(config, workdir: str) -> List[Tuple[str, str, bool]]:
 
 
 def check_run(config, workdir: str) -> None:
-  """``check`` of each of ``run_urls``; ``folder:`` data in a bucket is
-  refused (decoded files are read from a local disk or a mount).
+  """``check_local_workdir`` of a local workdir, then ``check`` of each of
+  ``run_urls``; ``folder:`` data in a bucket is refused (decoded files are
+  read from a local disk or a mount).
 
   Raises:
-    StorageError: naming the URL, what is wrong and the fix.
+    StorageError: naming the path or URL, what is wrong and the fix.
   """
+  if not paths.is_cloud(workdir):
+    check_local_workdir(workdir, config.get("dataset") or "")
   for what, url, written in run_urls(config, workdir):
     if what == "config.dataset":
       raise StorageError(
@@ -65,6 +78,98 @@ def check_run(config, workdir: str) -> None:
           f"then folder:/mnt/data/...) or copy it to each host (gcloud "
           f"storage cp -r {url} /local/path)")
     check(url, what, written=written)
+
+
+def check_local_workdir(workdir: str, dataset: str = "") -> None:
+  """Refuses a local ``workdir`` a run could not write, or one in the data.
+
+  Makes no folder: where ``workdir`` does not exist yet, a test file is made
+  and removed in its nearest existing folder, where the run would make it.
+
+  Args:
+    workdir: the run's ``--workdir``, a local path.
+    dataset: ``config.dataset``; ``folder:PATH`` data must not hold the
+      workdir.
+
+  Raises:
+    StorageError: the workdir, or a path above it, is a file or a dangling
+      link; it lies in the ``folder:`` data; or it cannot be written.
+  """
+  workdir = paths.resolve(workdir)
+  existing = _nearest_existing(workdir)
+  if dataset.startswith("folder:"):
+    _check_outside_data(workdir, dataset[len("folder:"):])
+  _check_writable(workdir, existing)
+
+
+def _nearest_existing(workdir: str) -> str:
+  """``workdir``, or the nearest folder above it that exists.
+
+  Raises:
+    StorageError: that path is not a folder, or a link on the way is
+      dangling (``os.makedirs`` would fail on either only after the data
+      are read and the model is built).
+  """
+  path = workdir
+  while not os.path.exists(path):
+    if os.path.islink(path):
+      raise StorageError(
+          f"--workdir={workdir}: {path} is a symbolic link to "
+          f"{os.readlink(path)!r}, which does not resolve (missing, or a "
+          f"loop); remove the link or make the folder it names")
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    what = "a file" if os.path.isfile(path) else "not a folder"
+    where = "" if path == workdir else f"lies under {path}, which "
+    raise StorageError(
+        f"--workdir={workdir} {where}is {what}, not a folder; pass a "
+        f"--workdir that is a folder (an earlier run's) or does not exist yet")
+  return path
+
+
+def _check_outside_data(workdir: str, data: str) -> None:
+  """Refuses a workdir in the ``folder:`` tree ``data`` (real paths)."""
+  if paths.is_cloud(data):
+    return   # refused by check_run
+  data_real = os.path.realpath(os.path.expanduser(data))
+  work_real = os.path.realpath(workdir)
+  if os.path.commonpath([data_real, work_real]) == data_real:
+    raise StorageError(
+        f"--workdir={workdir} lies in the data set's folder {data_real} "
+        f"(config.dataset=folder:{data}): the run's checkpoints and metrics "
+        f"would be listed with its images; pass a --workdir outside "
+        f"{data_real}")
+
+
+_WRITE_FIX = {
+    errno.EROFS: "it is on a read-only file system: choose a folder on a "
+                 "writable disk",
+    errno.ENOSPC: "the disk is full: free space or choose another disk",
+    errno.EDQUOT: "the disk quota is used up: free space or choose another "
+                  "disk",
+}
+
+
+def _check_writable(workdir: str, existing: str) -> None:
+  """Makes and removes a test file in ``existing`` (``workdir`` or the
+  nearest existing folder above it).
+
+  Raises:
+    StorageError: the test file cannot be made.
+  """
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".ir2net-write-probe-", dir=existing)
+  except OSError as e:
+    where = (workdir if existing == workdir else
+             f"{existing}, the nearest existing folder above it, where the "
+             "run would make it")
+    fix = _WRITE_FIX.get(e.errno, (
+        f"choose a folder you can write, or make it writable (chmod u+w "
+        f"{existing}, or run as its owner)"))
+    raise StorageError(f"--workdir={workdir}: cannot write in {where} "
+                       f"({e.strerror or e}); {fix}") from None
+  os.close(fd)
+  os.remove(probe)
 
 
 def check(url: str, what: str = "the path", written: bool = False,

@@ -10,9 +10,12 @@ Kept short on purpose: it parses flags, applies ``config.xla_cpu_flags``
 (before JAX starts), calls ``ir2net_jax.train.loop.train_and_evaluate`` and,
 in a multi-host run, leaves it cleanly.
 
-A run stopped by SIGTERM or SIGINT saves a checkpoint and exits with status
-128 + the signal's number (143, 130), as if the signal had ended it; the same
-command resumes it. A diverged run exits with status 1.
+A run stopped by SIGTERM or SIGINT saves a checkpoint of its last step
+(nothing, if it had not trained one yet) and exits with status 128 + the
+signal's number (143, 130), as if the signal had ended it; the same command
+resumes it. A diverged run exits with status 1, and so does a run refused
+for its config, workdir or data, with one line that names the problem and
+the fix (no traceback).
 """
 
 import sys
@@ -22,6 +25,7 @@ from ml_collections import config_flags
 
 from ir2net_jax import configs
 from ir2net_jax.backend import policy, xla_cpu
+from ir2net_jax.data import DataError
 from ir2net_jax.train import loop, parallel
 from ir2net_jax.train.preemption import Preempted
 
@@ -48,6 +52,9 @@ def main(argv):
   except Preempted as e:
     logging.warning("%s", e)
     status = 128 + e.signum
+  except (configs.ConfigError, DataError) as e:
+    parallel.shutdown_distributed()
+    sys.exit(f"error: {e}")
   # Before exiting: leaving JAX's coordinator to exit's teardown aborted
   # processes (status -6) instead of exiting with the signal's status.
   parallel.shutdown_distributed()

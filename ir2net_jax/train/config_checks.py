@@ -198,6 +198,11 @@ _FIELDS: Dict[str, Tuple[Any, str]] = {
                      "engine resizes RandomResizedCrop windows (the same "
                      "pixels either way); 'auto': 'device' on "
                      "accelerators, 'host' on CPUs"),
+    "bad_examples": (_OneOf(("skip", "error")), "what a run does with an "
+                     "image file that cannot be read: 'skip' it (logged, "
+                     "counted) or stop with an 'error' naming it"),
+    "max_bad_fraction": (_Number(float, 0, 1), "the share of a split's "
+                         "files that may be bad before a 'skip' run stops"),
     "device_data_limit": (_Number(float, 0, 1, low_open=True), "the largest "
                           "fraction of a device's memory the device engine "
                           "fills with data"),

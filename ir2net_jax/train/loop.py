@@ -55,7 +55,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       (unless ``config.skip_nonfinite_updates``); nothing from that step on
       was evaluated or saved.
     Preempted: SIGTERM or SIGINT arrived; a checkpoint of the step in flight
-      was saved (and waited for) first. No ``summary.json`` is written.
+      was saved (and waited for) first; one that came while the run waited
+      for a batch or before its first step saves the last completed step, if
+      any (``preemption``). No ``summary.json`` is written.
   """
   start_time = time.time()
   workdir = paths.resolve(workdir)
@@ -93,22 +95,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         lambda: _load_teacher(config, num_classes),
         f"could not load the teacher {config.teacher_checkpoint} (see their "
         "logs)")
-  variables = models.init_variables(model, config.image_size, config.seed)
-  if from_stage1:
-    variables = on_every_process(
-        lambda: weights.restore_stage1_variables(stage1_dir, variables,
-                                                 config.model),
-        f"could not restore the last stage-1 checkpoint in {stage1_dir} "
-        "(see their logs)")
-    logging.info("stage 2: starting from the last stage-1 checkpoint in %s",
-                 stage1_dir)
-  elif config.init_from and not resuming:
-    variables = on_every_process(lambda: weights.load_variables(
-        config.init_from, variables, config.model,
-        fresh=[m.strip() for m in config.init_from_fresh.split(",")
-               if m.strip()]).variables,
-        f"could not load init_from={config.init_from} (see their logs)")
-    logging.info("starting from the variables in %s", config.init_from)
+  variables = _initial_variables(config, model, stage1_dir,
+                                 bool(config.init_from) and not resuming)
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch)
   state = create_train_state(variables, tx)
@@ -161,11 +149,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   try:
     with preemption.StopSignals() as stop_signals:
       for step in range(start_step + 1, num_steps + 1):
+        # A signal gives up the wait for a batch, and the first step.
+        stop_signals.interruptible = step == start_step + 1
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
-          waiting = time.perf_counter()
-          batch = next(train_iter)
-          report.waited(time.perf_counter() - waiting)
+          with stop_signals.waiting():
+            waiting = time.perf_counter()
+            batch = next(train_iter)
+            report.waited(time.perf_counter() - waiting)
           state, metrics = train_step(state, batch, teacher_vars)
+        stop_signals.interruptible = False
         pending.append((step, metrics))
         stop = stop_signals.stop_requested(step)
         log_now = step % config.log_every_steps == 0 or step == num_steps
@@ -176,14 +168,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if log_now or eval_now or stop or step % ckpt_every == 0:
           divergence.check(pending, config, checkpoints.latest_step())
         if log_now:
-          summary, histograms = _train_metrics(pending)
-          skipped += int(summary.get("skipped_steps", 0))
-          summary["learning_rate"] = float(schedule(step - 1))
-          writer.write_scalars(step, {f"train_{k}": v
-                                      for k, v in summary.items()})
-          if histograms:
-            writer.write_histograms(step, {f"train_{k}": v
-                                           for k, v in histograms.items()})
+          skipped += _write_train_metrics(writer, step, pending, schedule,
+                                          _bad_files(inputs))
           pending = []
         # After the logging step's sync: steps/s counts steps done, not
         # steps dispatched.
@@ -220,6 +206,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           eval_step, {"params": state.params,
                       "batch_stats": state.batch_stats}, config, mesh,
           inputs)
+  except preemption.Interrupted as e:  # in step: state is step - 1's
+    if step - 1 == start_step:   # nothing new to save
+      raise Preempted(start_step, e.signum, None) from None
+    divergence.check(pending, config, checkpoints.latest_step())
+    checkpoints.save(step - 1, state, meta())
+    writer.flush()
+    checkpoints.wait()
+    raise Preempted(step - 1, e.signum,
+                    checkpoints.step_path(step - 1)) from None
   finally:
     # Whatever stops the loop, a save in flight (of a checked, finite state)
     # is finished, and the metrics written so far reach the disk.
@@ -229,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     close_source(train_iter)   # grain: its worker processes and shared memory
   summary = _summary(config, max(num_steps, start_step), last_eval, best,
                      skipped, time.time() - start_time)
+  summary["bad_files"] = _bad_files(inputs)
   if is_host0 and not finished:
     paths.write_atomic(paths.join(workdir, "summary.json"),
                        json.dumps(summary, indent=1))
@@ -249,6 +245,31 @@ def _summary(config, steps: int, last_eval: Dict[str, float],
       "skipped_steps": skipped, "wall_time_s": wall_time_s,
       "devices": jax.device_count(), "processes": jax.process_count(),
   }
+
+
+def _initial_variables(config, model, stage1_dir, from_init_from: bool):
+  """The variables a run starts from (a resumed one restores its own).
+
+  Stage 1's last checkpoint's where ``stage1_dir`` is set, else
+  ``config.init_from``'s where ``from_init_from``, else new ones.
+  """
+  variables = models.init_variables(model, config.image_size, config.seed)
+  if stage1_dir is not None:
+    variables = on_every_process(
+        lambda: weights.restore_stage1_variables(stage1_dir, variables,
+                                                 config.model),
+        f"could not restore the last stage-1 checkpoint in {stage1_dir} "
+        "(see their logs)")
+    logging.info("stage 2: starting from the last stage-1 checkpoint in %s",
+                 stage1_dir)
+  elif from_init_from:
+    variables = on_every_process(lambda: weights.load_variables(
+        config.init_from, variables, config.model,
+        fresh=[m.strip() for m in config.init_from_fresh.split(",")
+               if m.strip()]).variables,
+        f"could not load init_from={config.init_from} (see their logs)")
+    logging.info("starting from the variables in %s", config.init_from)
+  return variables
 
 
 def _load_teacher(config, num_classes):
@@ -278,6 +299,27 @@ def _restriction_pictures(config, model, mesh, workdir, inputs=None):
 
 # Per-example metrics: written as histograms of every value, never averaged.
 _HISTOGRAMS = (diagnostics.KEPT_PIXELS,)
+
+
+def _bad_files(inputs) -> int:
+  """Distinct bad image files the run's input engine met and skipped
+  (``data.bad_data``; 0 for an engine that decodes none)."""
+  return len(getattr(inputs, "bad_files", ()))
+
+
+def _write_train_metrics(writer, step: int, pending, schedule,
+                         bad_files: int) -> int:
+  """Writes the train metrics of ``pending`` steps at ``step`` (and the
+  count of bad files skipped so far); returns how many of the steps
+  ``skip_nonfinite_updates`` skipped."""
+  summary, histograms = _train_metrics(pending)
+  summary["learning_rate"] = float(schedule(step - 1))
+  writer.write_scalars(step, {**{f"train_{k}": v for k, v in summary.items()},
+                              "data_bad_files": bad_files})
+  if histograms:
+    writer.write_histograms(step, {f"train_{k}": v
+                                   for k, v in histograms.items()})
+  return int(summary.get("skipped_steps", 0))
 
 
 def _train_metrics(pending) -> Tuple[Dict[str, float],
