@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ir2net_jax import data  # noqa: E402
-from ir2net_jax.data.prefetch import close_source  # noqa: E402
+from ir2net_jax.data.shared.prefetch import close_source  # noqa: E402
 from ir2net_jax.tools import train  # noqa: E402
 
 

@@ -201,7 +201,7 @@ def test_device_input_engine_step_lowers_for_accelerators(platform):
   """The device engine's step (batch drawn from the arrays on the device:
   permutation, gather, crop, flip, normalise) lowers for GPUs and TPUs, in
   bfloat16, with the data gathered on the device and no host callback."""
-  from ir2net_jax.data import on_device  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.device import on_device  # pylint: disable=g-import-not-at-top
   config = _config("cifar_resnet20", "bfloat16")
   config.dataset = "cifar10"
   model = step_lib.build_model(config, NUM_CLASSES, parallel.AXIS,
@@ -240,7 +240,7 @@ def test_grain_windows_resized_on_accelerators(platform):
   matrix products take bfloat16 operands (levels and 8-bit digits, exact
   there) into float32 results, whose integer sums stay exact; the images
   leave it in bfloat16; no host callback."""
-  from ir2net_jax.data import (  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.grain import (  # pylint: disable=g-import-not-at-top
       grain_inputs, host_recipes, pillow_resize)
   size, batch = 224, 8
   side = host_recipes.canvas_size(size)

@@ -18,8 +18,9 @@ from PIL import Image
 from ir2net_jax import data
 from ir2net_jax.configs import default as default_config
 from ir2net_jax.configs import digits as digits_config
+from ir2net_jax.data.shared import custom, sources
+from ir2net_jax.data.tf_data import recipes
 from ir2net_jax.train import config_checks, resume
-from ir2net_jax.data import custom, recipes, sources
 
 NOFLIP = recipes.Augmentation(flip=False)
 FLIP = recipes.Augmentation(flip=True)

@@ -21,9 +21,10 @@ from PIL import Image
 import tensorflow as tf
 
 from ir2net_jax.configs import digits as digits_config
-from ir2net_jax.data import (bad_data, folders, grain_inputs, host_recipes,
-                             image_files, pipeline)
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.grain import grain_inputs, host_recipes
+from ir2net_jax.data.shared import bad_data, folders, image_files
+from ir2net_jax.data.shared.specs import DataError
+from ir2net_jax.data.tf_data import pipeline
 from ir2net_jax.train import parallel
 
 pytestmark = pytest.mark.skipif(not grain_inputs.grain_installed(),
@@ -260,6 +261,16 @@ def test_tf_data_leaves_out_the_listed_files_and_refuses_them_on_error(
   with pytest.raises(DataError, match="bad_fifo.jpg"):
     pipeline.dataset_info(_config(f"folder:{root}", input_engine="tf.data",
                                   bad_examples="error"))
+
+
+def test_tf_data_says_where_to_look_when_a_decode_fails(tmp_path):
+  root = write_tree(tmp_path / "t", {"train": 4, "test": 2}, [(40, 40)])
+  jpeg = _jpeg(np.random.default_rng(0), 40, 40)
+  # The header reads (the listing passes it); the pixels are cut short.
+  (root / "test" / "bee" / "cut.jpg").write_bytes(jpeg[:len(jpeg) - 150])
+  config = _config(f"folder:{root}", input_engine="tf.data")
+  with pytest.raises(DataError, match="ir2net-check-data --data="):
+    list(pipeline.eval_iterator(config, global_batch_size=6))
 
 
 # ---------------------------------------------------- the tree's listing --

@@ -276,7 +276,9 @@ def test_array_record_data_in_a_bucket_read_as_from_a_disk(gcs, tmp_path,
   pointed at the server by CLOUD_STORAGE_EMULATOR_ENDPOINT) give the same
   examples as from the local copy."""
   from ir2net_jax.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.data import digits_tfds, grain_inputs, on_device  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.device import on_device  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.grain import grain_inputs  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.tf_data import digits_tfds  # pylint: disable=g-import-not-at-top
   from ir2net_jax.train import parallel  # pylint: disable=g-import-not-at-top
   if not grain_inputs.grain_installed():
     pytest.skip("grain is not installed")

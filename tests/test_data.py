@@ -21,7 +21,8 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ir2net_jax import data
-from ir2net_jax.data import augment, digits, digits_tfds, recipes, sources
+from ir2net_jax.data.shared import digits, sources
+from ir2net_jax.data.tf_data import augment, digits_tfds, recipes
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,7 +19,8 @@ import tensorflow_datasets as tfds
 from ir2net_jax.train import config_checks, loop
 from ir2net_jax import data
 from ir2net_jax.configs import default
-from ir2net_jax.data import custom, folders, recipes, sources
+from ir2net_jax.data.shared import custom, folders, sources
+from ir2net_jax.data.tf_data import recipes
 
 # Stored pixel value of every pixel of an example of class c (grey levels),
 # so that a batch tells which class each image came from.

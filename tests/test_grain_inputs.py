@@ -20,9 +20,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ir2net_jax.configs import digits as digits_config
-from ir2net_jax.data import (augment, constants, digits, digits_tfds, engines,
-                             folders, grain_inputs, host_recipes, pipeline)
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data import engines
+from ir2net_jax.data.grain import grain_inputs, host_recipes
+from ir2net_jax.data.shared import constants, digits, folders
+from ir2net_jax.data.shared.specs import DataError
+from ir2net_jax.data.tf_data import augment, digits_tfds, pipeline
 from ir2net_jax.train import parallel
 
 pytestmark = pytest.mark.skipif(not grain_inputs.grain_installed(),
@@ -310,7 +312,7 @@ def test_closing_the_batches_stops_the_worker_processes(large_tree):
   holds those (a traceback kept by a notebook does), so no decoding
   process outlives the run."""
   import multiprocessing  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.data import prefetch  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.shared import prefetch  # pylint: disable=g-import-not-at-top
   inputs = open_grain(make_config(f"folder:{large_tree}", image_size=32,
                                   input_workers=2))
   before = set(multiprocessing.active_children())

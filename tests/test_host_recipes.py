@@ -11,8 +11,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from ir2net_jax.data import (augment, host_recipes, pillow_resize, recipes,
-                             window_resize)
+from ir2net_jax.data.grain import host_recipes, pillow_resize, window_resize
+from ir2net_jax.data.tf_data import augment, recipes
 from ir2net_jax.tools.benchmark import decoders
 
 

@@ -1,6 +1,6 @@
 """The on-device input engine against its contract and against tf.data.
 
-Contract (``data.on_device``): the batch at step s depends on (seed, s)
+Contract (``data.device.on_device``): the batch at step s depends on (seed, s)
 only, whatever the devices; every example once per epoch; the recipe is the
 tf.data engine's (pad and crop, the flip where asked, the normalisation),
 so the same raw image gives the same eval input, and the train inputs have
@@ -16,8 +16,10 @@ import pytest
 import tensorflow as tf
 
 from ir2net_jax import data
-from ir2net_jax.data import digits, on_device, recipes
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.device import on_device
+from ir2net_jax.data.shared import digits
+from ir2net_jax.data.shared.specs import DataError
+from ir2net_jax.data.tf_data import recipes
 from ir2net_jax.train import parallel
 from tests import train_utils
 
@@ -175,7 +177,7 @@ def test_tfds_splits_read_with_and_without_tensorflow(tmp_path, monkeypatch,
   tf.data (TensorFlow needed, else an error with the fix); both give the
   split's examples and labels. A tfds builder prepared here stands in for
   CIFAR-10 (8x8 grey digits, PNG encoded)."""
-  from ir2net_jax.data import digits_tfds  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.tf_data import digits_tfds  # pylint: disable=g-import-not-at-top
   data_dir = str(tmp_path / file_format)
   digits_tfds.Ir2netDigits(data_dir=data_dir).download_and_prepare(
       file_format=file_format)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ir2net_jax.data import folders, image_files
+from ir2net_jax.data.shared import folders, image_files
 from ir2net_jax.tools import preresize
 
 

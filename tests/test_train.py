@@ -1,6 +1,8 @@
 """The training system: devices, hosts, resume, two stages, clear errors."""
 
 import os
+import subprocess
+import sys
 
 import flax
 import jax
@@ -171,9 +173,28 @@ def test_launcher_rejects_unknown_field_before_touching_workdir(workdir):
 
 @pytest.mark.slow
 def test_launcher_smoke_run_writes_summary_and_tensorboard(tmp_path, digits_dir):
+  """... and ``ir2net_jax.train_and_evaluate`` from Python, in a process of
+  its own at the same time, computes the same run (it applies the XLA
+  flags the command applies)."""
   p = _launch(tmp_path / "w", f"--config.data_dir={digits_dir}")
+  api = subprocess.Popen(
+      [sys.executable, "-c", "import sys, ir2net_jax\n"
+       "c = ir2net_jax.get_config('digits:smoke')\n"
+       "c.data_dir = sys.argv[2]\n"
+       "ir2net_jax.train_and_evaluate(c, sys.argv[1])\n",
+       str(tmp_path / "api"), str(digits_dir)], cwd=train_utils.ROOT,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=train_utils.ROOT,
+               XLA_FLAGS="--xla_force_host_platform_device_count=1"))
   out, _ = p.communicate(timeout=300)
+  api_out, _ = api.communicate(timeout=300)
   assert p.returncode == 0, out.decode()[-3000:]
+  assert api.returncode == 0, api_out.decode()[-3000:]
+  step, state = train_utils.final_state(tmp_path / "w")
+  api_step, api_state = train_utils.final_state(tmp_path / "api")
+  assert step == api_step == 6 and state.keys() == api_state.keys()
+  for k in state:
+    np.testing.assert_array_equal(state[k], api_state[k], err_msg=k)
   summary = __import__("json").loads((tmp_path / "w" / "summary.json").read_text())
   assert summary["steps"] == 6 and summary["name"] == "digits_resnet20"
   assert 0 <= summary["final_eval_top1"] <= 1

@@ -21,10 +21,10 @@ from PIL import Image
 
 import train_utils
 from ir2net_jax.configs.record import read_recorded_config
-from ir2net_jax.train import evaluate, grid as grid_lib, loop, step as step_lib
-from ir2net_jax.nn import losses, objective, restriction
 from ir2net_jax.io import weights
+from ir2net_jax.nn import losses, objective, restriction
 from ir2net_jax.tools import visualize
+from ir2net_jax.train import evaluate, grid as grid_lib, loop, step as step_lib
 
 LAM = 1.0  # erases about half of a random image: both mask values occur
 SCALE = 3  # 32 x 32 digits are drawn 96 x 96
@@ -264,7 +264,9 @@ def test_image_files_load_alike_without_tensorflow(tmp_path, monkeypatch,
   """``--images`` without TensorFlow: the numpy recipes give the tf.data
   recipes' inputs up to the decoders' rounding (mean under 2 levels)."""
   import photos  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.data import constants, images, on_device  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data import images  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.device import on_device  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.shared import constants  # pylint: disable=g-import-not-at-top
   photos.write_tree(str(tmp_path / "tree"), {"x": 2}, [(50, 70), (80, 60)])
   config = ml_collections.ConfigDict({"dataset": dataset,
                                       "image_size": size})

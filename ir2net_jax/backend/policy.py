@@ -26,12 +26,13 @@ import dataclasses
 import os
 from typing import Any, Dict, Optional
 
+from absl import logging
 import jax
 
 from ir2net_jax.backend import xla_cpu
 
 __all__ = ["Policy", "resolve", "binary_compute_dtype", "xla_cpu_flags",
-           "grouped_conv_by_taps", "platform"]
+           "apply_xla_cpu_flags", "grouped_conv_by_taps", "platform"]
 
 # Backend names of jax.default_backend() and jax.export's platforms.
 _PLATFORMS = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu",
@@ -172,3 +173,37 @@ def resolve(config, backend: Optional[str] = None,
       grouped_conv_by_taps=grouped_conv_by_taps(target),
       xla_cpu_flags=(xla_cpu_flags(config, cpu_count) if target == "cpu"
                      else ""))
+
+
+_WARNED_FLAGS = set()
+
+
+def apply_xla_cpu_flags(config) -> Optional[str]:
+  """Applies :func:`xla_cpu_flags` as the commands do, where JAX's backends
+  have not started yet; so ``train_and_evaluate`` from Python computes what
+  ``launch.py`` computes.
+
+  Where they have started (a notebook that ran JAX code first), the flags
+  cannot take effect: a warning, once per set of flags, names them and
+  what differs (speed; with the Eigen flags, float32 rounding of the
+  convolutions).
+
+  Returns:
+    The flags added to ``XLA_FLAGS``, joined, or None where none were.
+  """
+  flags = xla_cpu_flags(config)
+  try:
+    added = xla_cpu.apply_flags(flags)
+  except RuntimeError:
+    if flags not in _WARNED_FLAGS:
+      _WARNED_FLAGS.add(flags)
+      logging.warning(
+          "xla_cpu_flags=%r stand for XLA flags %r, which this process "
+          "cannot apply: it ran JAX code before the run started. The run "
+          "trains as launch.py would, but at XLA's default speed and "
+          "convolution rounding (its metrics differ in the last digits). "
+          "For the same numbers, call ir2net_jax.train_and_evaluate before "
+          "any other JAX code, set XLA_FLAGS=%r before starting Python, "
+          "or pass xla_cpu_flags=''.", config.xla_cpu_flags, flags, flags)
+    return None
+  return " ".join(added) or None

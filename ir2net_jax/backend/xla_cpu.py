@@ -1,9 +1,11 @@
 """XLA:CPU compiler flags that make the binary networks train faster.
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts its backends, so these flags
-are applied by the entry points (``launch.py``, ``python -m
-ir2net_jax.tools.benchmark``, the tests) before any JAX computation, from the
-``xla_cpu_flags`` config field. They change how XLA:CPU runs operations, not
+are applied before any JAX computation, from the ``xla_cpu_flags`` config
+field: by the entry points (``launch.py``, ``python -m
+ir2net_jax.tools.benchmark``, the tests) and by ``train_and_evaluate``
+called from Python first thing (``policy.apply_xla_cpu_flags``, which warns
+once where JAX has already started and the flags cannot apply). They change how XLA:CPU runs operations, not
 what they compute, and are ignored by the GPU and TPU backends.
 
 ``EIGEN_CONV_FLAGS`` keeps convolutions out of XLA:CPU's YNNPACK fusions

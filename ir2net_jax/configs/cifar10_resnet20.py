@@ -4,8 +4,9 @@
 
 Meant for one GPU (the reference used one RTX 2070, about a day); batch 128,
 cosine to 0, weight decay 1e-4 on every parameter. The paper reports 87.2%
-top-1 (best epoch). Needs CIFAR-10 prepared by tfds (downloads on first use;
-offline: `tfds build cifar10` elsewhere and pass --config.data_dir).
+top-1 (best epoch). Needs CIFAR-10 prepared by tfds beforehand: nothing here
+downloads it (`tfds build cifar10 --data_dir=DIR` on a machine with network,
+then --config.data_dir=DIR).
 """
 
 from ir2net_jax.configs.cifar10_common import cifar10_config

@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Data (ir2net_jax.data).
   # 'digits' | 'cifar10' | 'imagenet2012', or any image classification
   # data: 'tfds:NAME' (a prepared tfds builder) or 'folder:PATH'
-  # (PATH/train/<class>/*.jpg ...); see ir2net_jax/data/custom.py.
+  # (PATH/train/<class>/*.jpg ...); see ir2net_jax/data/shared/custom.py.
   c.dataset = "digits"
   c.data_dir = config_dict.placeholder(str)    # tfds data dir
   c.manual_dir = config_dict.placeholder(str)  # ImageNet tars

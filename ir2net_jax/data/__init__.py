@@ -1,14 +1,18 @@
 """Input engines for digits, CIFAR-10, ImageNet, and any image
 classification data (a tfds builder or a folder of images).
 
-Three engines (``engines``; ``config.input_engine``): ``'device'`` keeps
-digits and CIFAR-10 on the accelerators and draws each batch inside the
-train step (``on_device``, no TensorFlow needed for digits); ``'grain'``
-decodes ``folder:`` trees and ArrayRecord tfds data on the host in worker
-processes with numpy recipes (``grain_inputs``, no TensorFlow); ``'tf.data'``
-is the host pipeline of tfds + tf.data (``pipeline``), for every data set.
-``'auto'`` (the default) picks device, else grain (folders, or anything
-without TensorFlow), else tf.data; see ``engines``.
+Three engines (``engines``; ``config.input_engine``), a subpackage each:
+``'device'`` keeps digits and CIFAR-10 on the accelerators and draws each
+batch inside the train step (``device``, no TensorFlow needed for digits);
+``'grain'`` decodes ``folder:`` trees and ArrayRecord tfds data on the host
+in worker processes with numpy recipes (``grain``, no TensorFlow);
+``'tf.data'`` is the host pipeline of tfds + tf.data (``tf_data``), for
+every data set. What they all read (the data set registry, config checks,
+specs, folder listings, the image reader) is ``shared``, which imports no
+engine; an engine imports ``shared`` and itself only. ``'auto'`` (the
+default) picks device, else grain (folders, or anything without
+TensorFlow), else tf.data; see ``engines``. The modules' flat names of
+before (``from ir2net_jax.data import pipeline``) still import.
 
 Public API::
 
@@ -74,12 +78,14 @@ batch size not divisible by the number of hosts) raises :class:`DataError`
 before any data is read.
 """
 
+import importlib
+
 from ir2net_jax.data.engines import dataset_info
 from ir2net_jax.data.engines import open_inputs
 from ir2net_jax.data.engines import resolve_engine, train_resize
-from ir2net_jax.data.prefetch import prefetch_to_device
-from ir2net_jax.data.specs import DataError
-from ir2net_jax.data.specs import DatasetInfo
+from ir2net_jax.data.shared.prefetch import prefetch_to_device
+from ir2net_jax.data.shared.specs import DataError
+from ir2net_jax.data.shared.specs import DatasetInfo
 
 __all__ = [
     "DataError", "DatasetInfo", "dataset_info", "open_inputs",
@@ -89,9 +95,24 @@ __all__ = [
 
 _TF_DATA = ("train_iterator", "eval_iterator")
 
+# The modules' names before the engines had subpackages, which notebooks
+# import: name -> its subpackage, imported on first use.
+_MOVED = {
+    **dict.fromkeys(("bad_data", "constants", "custom", "digits", "folders",
+                     "image_files", "prefetch", "sources", "specs",
+                     "tf_recipes"), "shared"),
+    "on_device": "device",
+    **dict.fromkeys(("grain_inputs", "host_recipes", "pillow_resize",
+                     "window_resize"), "grain"),
+    **dict.fromkeys(("augment", "digits_tfds", "pipeline", "recipes"),
+                    "tf_data"),
+}
+
 
 def __getattr__(name):
   if name in _TF_DATA:  # imported on use: they import TensorFlow
-    from ir2net_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from ir2net_jax.data.tf_data import pipeline  # pylint: disable=g-import-not-at-top
     return getattr(pipeline, name)
+  if name in _MOVED:
+    return importlib.import_module(f"{__name__}.{_MOVED[name]}.{name}")
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

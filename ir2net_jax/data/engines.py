@@ -2,14 +2,15 @@
 
 ``config.input_engine``:
 
-* ``'device'`` (``on_device``): digits and CIFAR-10 live on the devices and
-  the train step draws its own batch; no host pipeline, no TensorFlow for
-  digits.
-* ``'grain'`` (``grain_inputs``): host decoding in worker processes with
-  numpy recipes, no TensorFlow; ``folder:`` trees and tfds data prepared as
-  ArrayRecord (ImageNet, CIFAR-10, ``tfds:``).
-* ``'tf.data'`` (``pipeline``): the host pipeline of tfds + tf.data, for
-  every data set (ImageNet, ``tfds:``, ``folder:``); needs TensorFlow.
+* ``'device'`` (``device.on_device``): digits and CIFAR-10 live on the
+  devices and the train step draws its own batch; no host pipeline, no
+  TensorFlow for digits.
+* ``'grain'`` (``grain.grain_inputs``): host decoding in worker processes
+  with numpy recipes, no TensorFlow; ``folder:`` trees and tfds data
+  prepared as ArrayRecord (ImageNet, CIFAR-10, ``tfds:``).
+* ``'tf.data'`` (``tf_data.pipeline``): the host pipeline of tfds +
+  tf.data, for every data set (ImageNet, ``tfds:``, ``folder:``); needs
+  TensorFlow.
 * ``'auto'``: ``'device'`` where it can serve the config (and the data fit
   in ``config.device_data_limit`` of a device's memory); else ``'grain'``
   where grain is installed, for ``folder:`` data, and for every data set
@@ -35,9 +36,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from ir2net_jax.data import folders, on_device, sources
-from ir2net_jax.data.on_device import tensorflow_installed
-from ir2net_jax.data.specs import DataError, DatasetInfo
+from ir2net_jax.data.device import on_device
+from ir2net_jax.data.device.on_device import tensorflow_installed
+from ir2net_jax.data.shared import folders, sources
+from ir2net_jax.data.shared.specs import DataError, DatasetInfo
 
 __all__ = ["ENGINES", "auto_engine", "train_resize", "resolve_engine",
            "tensorflow_installed", "dataset_info", "open_inputs", "HostInputs"]
@@ -48,7 +50,7 @@ ENGINES = ("auto", "tf.data", "grain", "device")
 def _grain():
   # Imported when a host engine is chosen: it imports tfds, which a run on
   # the device engine never needs.
-  from ir2net_jax.data import grain_inputs  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.grain import grain_inputs  # pylint: disable=g-import-not-at-top
   return grain_inputs
 
 
@@ -134,7 +136,7 @@ def dataset_info(config) -> DatasetInfo:
     return on_device.dataset_info(config)
   if engine == "grain":
     return _grain().dataset_info(config)
-  from ir2net_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.tf_data import pipeline  # pylint: disable=g-import-not-at-top
   return pipeline.dataset_info(config)
 
 
@@ -146,7 +148,7 @@ class HostInputs:
 
   def __init__(self, config, mesh, eval_batch_size: int,
                num_classes: Optional[int] = None):
-    from ir2net_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+    from ir2net_jax.data.tf_data import pipeline  # pylint: disable=g-import-not-at-top
     self._pipeline = pipeline
     self._config = config
     self._eval_batch_size = eval_batch_size
@@ -160,7 +162,7 @@ class HostInputs:
     return None
 
   def _placed(self, iterator):
-    from ir2net_jax.data.prefetch import prefetch_to_device  # pylint: disable=g-import-not-at-top
+    from ir2net_jax.data.shared.prefetch import prefetch_to_device  # pylint: disable=g-import-not-at-top
     return prefetch_to_device(iterator, self._config.prefetch, self._sharding)
 
   def train_batches(self, start_step: int = 0) -> Iterator:

@@ -13,10 +13,11 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data import (bad_data, constants, host_recipes, image_files,
-                             on_device, sources)
-from ir2net_jax.data.folders import IMAGE_SUFFIXES
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.device import on_device
+from ir2net_jax.data.grain import host_recipes
+from ir2net_jax.data.shared import bad_data, constants, image_files, sources
+from ir2net_jax.data.shared.folders import IMAGE_SUFFIXES
+from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["load_images"]
 
@@ -88,13 +89,13 @@ def load_images(config, patterns: str) -> np.ndarray:
     return np.stack([_numpy_recipe(config, settings, encoded)
                      for _, encoded in files])
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.data import augment  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.tf_data import augment, recipes  # pylint: disable=g-import-not-at-top
   spec, size = settings.spec, settings.image_size
   out = []
   for _, encoded in files:
     encoded = tf.constant(encoded)
     if spec.decoders:  # the recipe decodes (JPEG bytes; PNG decodes too)
-      image = spec.eval_recipe(encoded, size)
+      image = recipes.apply(spec.eval_recipe, encoded, size)
     else:
       channels = 1 if config.dataset == "digits" else 3
       image = tf.io.decode_image(encoded, channels=channels,
@@ -102,7 +103,7 @@ def load_images(config, patterns: str) -> np.ndarray:
       if config.dataset != "digits" and tuple(image.shape[:2]) != (size, size):
         image = augment.center_crop(augment.resize_shorter_side(image, size),
                                     size)
-      image = spec.eval_recipe(image, size)
+      image = recipes.apply(spec.eval_recipe, image, size)
     out.append(np.asarray(image, np.float32))
   return np.stack(out)
 

@@ -4,13 +4,13 @@ report of the bad ones: ``ir2net-check-data``.
   ir2net-check-data --data=/data/imagenet [--workers=-1] \\
       [--report=bad_files.tsv]
 
-What it checks, file by file (``data.image_files.verify``): a regular file
-(no FIFO, device, dangling link or link loop), not empty, under the size
-cap, a JPEG, PNG, GIF, BMP or WebP whatever its suffix, within the pixel
-cap, and a whole decode: JPEGs at libjpeg's 1/8 scale (every coefficient is
-still read, so a truncated or corrupt stream fails as at full size, for a
-fraction of the time), other images at full size. Then the tree itself:
-class folders with no image.
+What it checks, file by file (``data.shared.image_files.verify``): a
+regular file (no FIFO, device, dangling link or link loop), not empty, under
+the size cap, a JPEG, PNG, GIF, BMP or WebP whatever its suffix, within the
+pixel cap, and a whole decode: JPEGs at libjpeg's 1/8 scale (every
+coefficient is still read, so a truncated or corrupt stream fails as at full
+size, for a fraction of the time), other images at full size. Then the tree
+itself: class folders with no image.
 
 A training run checks less before it starts, for free: its listing
 ``stat``s every file (the first four kinds above), and for trees of small
@@ -33,8 +33,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ir2net_jax.data import folders, image_files
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.shared import folders, image_files
+from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["check_files", "check_tree", "main", "run"]
 

@@ -7,10 +7,11 @@ import os
 import sys
 from typing import Callable, List, Sequence
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from ir2net_jax import configs
+from ir2net_jax.tools import command_line
 from ir2net_jax.train import evaluate
 
 __all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE"]
@@ -60,5 +61,5 @@ def run(main: Callable[[List[str]], None],
   """
   define()
   define_more()
-  app.run(main, argv=with_recorded_config(
+  command_line.run_app(main, with_recorded_config(
       configs.expand_config_flag(sys.argv)))

@@ -70,7 +70,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from absl import logging
 from PIL import Image
 
-from ir2net_jax.data import folders, image_files
+from ir2net_jax.data.shared import folders, image_files
 
 __all__ = ["FORMAT", "RECORD", "Report", "Stopped", "resized_size",
            "preresize_file", "preresize_tree", "main", "run"]

@@ -15,7 +15,9 @@ A run stopped by SIGTERM or SIGINT saves a checkpoint of its last step
 signal's number (143, 130), as if the signal had ended it; the same command
 resumes it. A diverged run exits with status 1, and so does a run refused
 for its config, workdir or data, with one line that names the problem and
-the fix (no traceback).
+the fix (no traceback; ``--debug`` shows it). A typo in ``--config`` or a
+``--config.field`` gets one line too, with the nearest names
+(``command_line``).
 """
 
 import sys
@@ -24,8 +26,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ir2net_jax import configs
-from ir2net_jax.backend import policy, xla_cpu
+from ir2net_jax.backend import policy
 from ir2net_jax.data import DataError
+from ir2net_jax.tools import command_line
 from ir2net_jax.train import loop, parallel
 from ir2net_jax.train.preemption import Preempted
 
@@ -43,9 +46,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.info("config:\n%s", FLAGS.config)
-  added = xla_cpu.apply_flags(policy.xla_cpu_flags(FLAGS.config))
+  added = policy.apply_xla_cpu_flags(FLAGS.config)
   if added:
-    logging.info("XLA_FLAGS += %s", " ".join(added))
+    logging.info("XLA_FLAGS += %s", added)
   status = 0
   try:
     loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
@@ -54,7 +57,7 @@ def main(argv):
     status = 128 + e.signum
   except (configs.ConfigError, DataError) as e:
     parallel.shutdown_distributed()
-    sys.exit(f"error: {e}")
+    command_line.exit_on_error(e)
   # Before exiting: leaving JAX's coordinator to exit's teardown aborted
   # processes (status -6) instead of exiting with the signal's status.
   parallel.shutdown_distributed()
@@ -70,7 +73,7 @@ def run():
     main_module.__doc__ = __doc__
   for name in ("config", "workdir"):
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
-  app.run(main, argv=configs.expand_config_flag(sys.argv))
+  command_line.run_app(main, configs.expand_config_flag(sys.argv))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from ir2net_jax.data import images as images_lib, sources
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data import images as images_lib
+from ir2net_jax.data.shared import sources
+from ir2net_jax.data.shared.specs import DataError
 from ir2net_jax.nn import restriction
 from ir2net_jax.tools import checkpoint_cli
 from ir2net_jax.train import evaluate, grid, pictures, step

@@ -21,8 +21,9 @@ import numpy as np
 from absl import logging
 
 from ir2net_jax import data, models
+from ir2net_jax.backend import policy
 from ir2net_jax.configs import ConfigError
-from ir2net_jax.data.prefetch import close_source
+from ir2net_jax.data.shared.prefetch import close_source
 from ir2net_jax.io import checkpoints as checkpoints_lib, weights
 from ir2net_jax.io.checkpoints import on_every_process
 from ir2net_jax.nn import diagnostics
@@ -60,6 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       any (``preemption``). No ``summary.json`` is written.
   """
   start_time = time.time()
+  policy.apply_xla_cpu_flags(config)   # as the commands do, where it can
   workdir = paths.resolve(workdir)
   startup.connect(config)
   preflight.check_run(config, workdir)
@@ -303,7 +305,7 @@ _HISTOGRAMS = (diagnostics.KEPT_PIXELS,)
 
 def _bad_files(inputs) -> int:
   """Distinct bad image files the run's input engine met and skipped
-  (``data.bad_data``; 0 for an engine that decodes none)."""
+  (``data.shared.bad_data``; 0 for an engine that decodes none)."""
   return len(getattr(inputs, "bad_files", ()))
 
 

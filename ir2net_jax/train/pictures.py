@@ -22,7 +22,7 @@ from typing import Any, Dict
 import jax
 import numpy as np
 
-from ir2net_jax.data import constants
+from ir2net_jax.data.shared import constants
 from ir2net_jax.nn import restriction
 from ir2net_jax.storage import paths
 from ir2net_jax.train import grid, parallel
@@ -46,7 +46,7 @@ def display_normalization(config) -> Dict[str, Any]:
     return {"mean": getattr(constants, names[0]),
             "std": getattr(constants, names[1])}
   # tfds: and folder: data, read by the tf.data engine only.
-  from ir2net_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.shared import sources  # pylint: disable=g-import-not-at-top
   return {"value_range": sources.read_settings(config).spec.value_range}
 
 

@@ -47,7 +47,7 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 # The data sets whose own train recipe does not flip (``flip=None`` there
-# means no flip; ``data.sources``' specs agree, which a test checks).
+# means no flip; ``data.shared.sources``' specs agree, which a test checks).
 NO_FLIP_DATASETS = frozenset({"digits"})
 
 

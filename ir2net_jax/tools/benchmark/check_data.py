@@ -21,7 +21,7 @@ import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
-from ir2net_jax.data import folders, image_files
+from ir2net_jax.data.shared import folders, image_files
 from ir2net_jax.tools import check_data
 from ir2net_jax.tools.benchmark import decoders
 

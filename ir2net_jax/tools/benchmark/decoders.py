@@ -12,13 +12,15 @@ in images/s with 1 and 2 workers, per core, and the cores it would take to
 feed 5,300 img/s (IR2Net-A stage 2 in bfloat16 at batch 256 on one H200)
 and 14,000 img/s (a float ResNet-18 on an H100-class GPU):
 
-* ``tf.data``: ``data.recipes.imagenet_train`` in tf.data, TensorFlow's fused
-  decode-and-crop (the tf.data engine's; workers = its private threads;
-  float32 out, as that engine makes it). Only where TensorFlow is installed.
-* ``pil_full``, ``pil``, ``simplejpeg``: ``data.host_recipes.imagenet_train``
-  with that decoder (``host_recipes``: Pillow at full size; Pillow at 1/2,
-  1/4 or 1/8 size where the crop window allows it; libjpeg-turbo through
-  simplejpeg at any n/8 size), uint8 out; workers = processes.
+* ``tf.data``: ``data.tf_data.recipes.imagenet_train`` in tf.data,
+  TensorFlow's fused decode-and-crop (the tf.data engine's; workers = its
+  private threads; float32 out, as that engine makes it). Only where
+  TensorFlow is installed.
+* ``pil_full``, ``pil``, ``simplejpeg``:
+  ``data.grain.host_recipes.imagenet_train`` with that decoder
+  (``host_recipes``: Pillow at full size; Pillow at 1/2, 1/4 or 1/8 size
+  where the crop window allows it; libjpeg-turbo through simplejpeg at any
+  n/8 size), uint8 out; workers = processes.
 * ``simplejpeg, device finish``: the host's share of the recipe when the
   lighting and the flip are left to the device
   (``host_recipes.imagenet_train_parts``, as the grain engine runs it with
@@ -26,7 +28,7 @@ and 14,000 img/s (a float ResNet-18 on an H100-class GPU):
 * ``simplejpeg, device resize``: the same with the resize left to the device
   too: windows on canvases (``input_resize='device'``).
 * ``grain engine`` and ``grain engine, device resize``: the whole grain
-  engine (``data.grain_inputs``) with ``input_resize='host'`` and
+  engine (``data.grain.grain_inputs``) with ``input_resize='host'`` and
   ``'device'`` on a ``folder:`` of the same JPEGs, batches of 16 out of its
   worker processes (workers = ``config.input_workers``): reading files, the
   recipe, batching and the transfer between processes.
@@ -55,7 +57,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data import engines, host_recipes
+from ir2net_jax.data import engines
+from ir2net_jax.data.grain import host_recipes
 
 __all__ = ["imagenet_like_jpegs", "write_imagenet_like_folder",
            "benchmark_decoders", "main"]
@@ -173,7 +176,7 @@ def _host_images_per_s(pool, workers: int, examples: int, image_size: int,
 def _tf_images_per_s(jpegs, workers: int, examples: int,
                      image_size: int) -> float:
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.data import recipes  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.tf_data import recipes  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], "GPU")
 
   def augment(index, jpeg):
@@ -200,7 +203,7 @@ def _grain_images_per_s(folder: str, workers: int, examples: int,
                         batch: int = 16) -> float:
   import jax  # pylint: disable=g-import-not-at-top
   from ir2net_jax.configs import default  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.data import grain_inputs  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.grain import grain_inputs  # pylint: disable=g-import-not-at-top
   from ir2net_jax.train import parallel  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.update(dict(dataset=f"folder:{folder}", augment="imagenet",

@@ -51,6 +51,7 @@ from ir2net_jax import configs, data, models
 from ir2net_jax.io import weights
 from ir2net_jax.train import (loop as loop_lib, parallel, run_metrics,
                               startup, step as step_lib)
+from ir2net_jax.tools import command_line
 from ir2net_jax.tools.benchmark import step as step_bench
 
 __all__ = ["loop_images_per_s", "resize_images_per_s", "benchmark_loop",
@@ -101,7 +102,7 @@ def resize_images_per_s(config, mesh, repeats: int = 20) -> Optional[float]:
   """
   if data.train_resize(config) != "device":
     return None
-  from ir2net_jax.data import (  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.grain import (  # pylint: disable=g-import-not-at-top
       grain_inputs, host_recipes, pillow_resize)
   size, batch = config.image_size, config.batch_size
   side = host_recipes.canvas_size(size)
@@ -218,7 +219,7 @@ def command(argv: Optional[Sequence[str]], define_flags: Callable[[], None],
       raise app.UsageError(f"unexpected arguments: {args[1:]}")
     result = row()
     print(json.dumps(result, indent=1) if FLAGS.json else format_table(result))
-  app.run(run, argv=configs.expand_config_flag(
+  command_line.run_app(run, configs.expand_config_flag(
       list(sys.argv if argv is None else argv)))
 
 

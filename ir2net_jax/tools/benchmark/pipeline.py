@@ -6,14 +6,14 @@ Two pipelines, each as the training loop reads it, in images/s:
 
 * ``imagenet_train``: the ImageNet train augmentation (fused JPEG decode +
   RandomResizedCrop, lighting, flip, normalise;
-  ``data.recipes.imagenet_train``) mapped in parallel over 500x375 JPEGs made
-  here, repeated and batched.
+  ``data.tf_data.recipes.imagenet_train``) mapped in parallel over 500x375
+  JPEGs made here, repeated and batched.
 * ``digits_train``: ``data.train_iterator`` of the digits recipe on a digits
   data set built in a temporary directory, after one epoch (which fills the
   cache).
 * ``digits_device``: the on-device engine's batches of the same recipe
-  (``data.on_device``), drawn by a jitted function on JAX's default device,
-  as the train step draws them.
+  (``data.device.on_device``), drawn by a jitted function on JAX's default
+  device, as the train step draws them.
 
 This is the only benchmark module that needs TensorFlow; ``python -m
 ir2net_jax.tools.benchmark`` runs it after the train steps unless
@@ -33,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from ir2net_jax import data
+from ir2net_jax.data.tf_data import pipeline as data_pipeline, recipes
 from ir2net_jax.tools.benchmark import report
-from ir2net_jax.data import pipeline as data_pipeline, recipes
 
 __all__ = ["imagenet_pipeline_images_per_s", "digits_pipeline_images_per_s",
            "device_digits_images_per_s", "benchmark_pipelines", "main"]
@@ -73,7 +73,7 @@ def imagenet_pipeline_images_per_s(image_size: int = 224,
                                    num_jpegs: int = 64) -> float:
   """ImageNet train augmentation alone, examples/s on this host's CPUs.
 
-  ``data.recipes.imagenet_train`` mapped in parallel over ``num_jpegs``
+  ``data.tf_data.recipes.imagenet_train`` mapped in parallel over ``num_jpegs``
   500x375 JPEGs, repeated, batched, as the training pipeline maps it.
   """
 

@@ -50,17 +50,23 @@ from typing import Optional, Tuple
 
 import tensorflow as tf
 
-from ir2net_jax.data import augment
 # The recipes' numbers, re-exported (``constants`` needs no TensorFlow).
-from ir2net_jax.data.constants import (  # pylint: disable=g-multiple-import
+from ir2net_jax.data.shared.constants import (  # pylint: disable=g-multiple-import
     CIFAR_PADDING, CROP_RATIO, CROP_SCALE, DIGITS_MEAN, DIGITS_PADDING,
     DIGITS_STD, IMAGENET_MEAN, IMAGENET_PCA_EIGVAL, IMAGENET_PCA_EIGVEC,
     IMAGENET_STD, LIGHTING_ALPHASTD, small_padding)
 # Re-exported: the configurable choices, shared with every engine.
-from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
+from ir2net_jax.data.shared.specs import (  # pylint: disable=g-multiple-import
     REFERENCE, Augmentation, normalized_range)
+from ir2net_jax.data.shared.tf_recipes import TfRecipe
+from ir2net_jax.data.tf_data import augment
 
 
+
+def apply(recipe: TfRecipe, *args) -> tf.Tensor:
+  """Runs the recipe a ``DatasetSpec`` names on ``args`` (an image, and for
+  training its seed; the image size; for training the augmentation)."""
+  return globals()[recipe.name](*args, **dict(recipe.bound))
 
 
 def _padding(augmentation: Augmentation, default: int) -> int:

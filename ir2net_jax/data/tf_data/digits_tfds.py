@@ -9,7 +9,7 @@ from their keys (their indices into ``load_digits()``).
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ir2net_jax.data import digits
+from ir2net_jax.data.shared import digits
 
 __all__ = ["Ir2netDigits"]
 

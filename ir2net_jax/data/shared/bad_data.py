@@ -25,8 +25,8 @@ from typing import Dict, Iterable, Optional
 
 from absl import logging
 
-from ir2net_jax.data import image_files
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.shared import image_files
+from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["POLICIES", "Policy", "read_policy", "check_listing", "Tally",
            "is_bad_data"]

@@ -35,7 +35,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["BadImage", "FORMATS", "max_bytes", "max_pixels", "read_file",
            "read_header", "printable", "file_kind", "open_error",

@@ -1,11 +1,4 @@
-"""The on-device input engine: small data sets live on the accelerators.
-
-digits and CIFAR-10 (150 MB as uint8) fit in any accelerator's memory many
-times over. This engine puts both splits on every device once, replicated
-(each device gathers its own rows of a batch, with no communication), and
-draws the training batch *inside the jitted train step* from ``(seed,
-step)``: no host pipeline, no transfers, no waiting. With it the train step
-is the run.
+"""The device engine's data on every device, and its stream of batches.
 
 The stream, for a global batch of B and ``steps_per_epoch = N // B``:
 
@@ -44,8 +37,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from ir2net_jax.data import constants, digits, sources
-from ir2net_jax.data.specs import DataError, DatasetInfo
+from ir2net_jax.data.shared import constants, digits, sources
+from ir2net_jax.data.shared.specs import DataError, DatasetInfo
 
 __all__ = ["DATASETS", "DeviceArrays", "DeviceInputs", "TooLarge", "can_serve",
            "check_config", "dataset_info", "upsample_bilinear",

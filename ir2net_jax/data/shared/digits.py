@@ -24,7 +24,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["NUM_TRAIN", "NUM_TEST", "TEST_EVERY", "TFDS_NAME", "load_split",
            "split_keys"]

@@ -33,8 +33,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from ir2net_jax.data import image_files
-from ir2net_jax.data.specs import DataError
+from ir2net_jax.data.shared import image_files
+from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["FOLDER_PREFIX", "IMAGE_SUFFIXES", "Folder", "scan"]
 

@@ -32,7 +32,7 @@ there.
 import jax
 import jax.numpy as jnp
 
-from ir2net_jax.data.pillow_resize import PRECISION_BITS
+from ir2net_jax.data.grain.pillow_resize import PRECISION_BITS
 
 __all__ = ["resize_windows"]
 

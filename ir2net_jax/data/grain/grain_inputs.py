@@ -1,10 +1,4 @@
-"""The grain input engine: host decoding in worker processes, no TensorFlow.
-
-``config.input_engine='grain'`` serves ``folder:PATH`` trees (the files
-listed as tfds' ``ImageFolder`` lists them, ``folders``) and tfds data sets
-prepared as ArrayRecord (``imagenet2012``, ``cifar10``, ``tfds:NAME``, read
-with ``tfds.data_source``; ``tfds build NAME --file_format=array_record``).
-digits is the device engine's (or tf.data's).
+"""The grain engine's records, stream and batches.
 
 The stream, the same on any number of hosts and workers:
 
@@ -46,10 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ir2net_jax.data import (bad_data, constants, folders, host_recipes,
-                             image_files, sources, window_resize)
-from ir2net_jax.data.prefetch import close_source
-from ir2net_jax.data.specs import DataError, DatasetInfo
+from ir2net_jax.data.grain import host_recipes, window_resize
+from ir2net_jax.data.shared import (bad_data, constants, folders, image_files,
+                                    sources)
+from ir2net_jax.data.shared.prefetch import close_source
+from ir2net_jax.data.shared.specs import DataError, DatasetInfo
 
 __all__ = ["grain_installed", "check_config", "dataset_info", "TrainOrder",
            "Records", "open_records", "recipe_kind", "RESIZES",
@@ -610,7 +605,7 @@ class GrainInputs:
     return finish
 
   def _placed(self, batches):
-    from ir2net_jax.data.prefetch import prefetch_to_device  # pylint: disable=g-import-not-at-top
+    from ir2net_jax.data.shared.prefetch import prefetch_to_device  # pylint: disable=g-import-not-at-top
     return prefetch_to_device(batches, self._config.prefetch,
                               jax.sharding.NamedSharding(
                                   self._mesh, jax.sharding.PartitionSpec(

@@ -61,7 +61,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 from PIL import Image
 
-from ir2net_jax.data import constants, image_files, pillow_resize
+from ir2net_jax.data.grain import pillow_resize
+from ir2net_jax.data.shared import constants, image_files
 
 __all__ = ["DECODERS", "resolve_decoder", "random_resized_crop_window",
            "eval_window", "decode_region", "decode_window", "resize_box",

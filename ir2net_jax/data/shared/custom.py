@@ -46,11 +46,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from absl import logging
 import numpy as np
 
-from ir2net_jax.data import constants, folders, image_files
-from ir2net_jax.data.folders import FOLDER_PREFIX, IMAGE_SUFFIXES
-from ir2net_jax.data.specs import (  # pylint: disable=g-multiple-import
+from ir2net_jax.data.shared import constants, folders, image_files
+from ir2net_jax.data.shared.folders import FOLDER_PREFIX, IMAGE_SUFFIXES
+from ir2net_jax.data.shared.specs import (  # pylint: disable=g-multiple-import
     DataError, DatasetSpec, normalized_range)
-from ir2net_jax.data.tf_recipes import tf_recipe
+from ir2net_jax.data.shared.tf_recipes import tf_recipe
 
 __all__ = [
     "TFDS_PREFIX", "FOLDER_PREFIX", "AUGMENTS", "SMALL_IMAGE_MAX_SIDE",

@@ -37,9 +37,11 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
-from ir2net_jax.data import sources
-from ir2net_jax.data.sources import DataError
-from ir2net_jax.data.specs import DatasetInfo
+from ir2net_jax.data.shared import sources
+from ir2net_jax.data.shared.prefetch import close_source
+from ir2net_jax.data.shared.sources import DataError
+from ir2net_jax.data.shared.specs import DatasetInfo
+from ir2net_jax.data.tf_data import recipes, splits
 
 __all__ = ["DatasetInfo", "dataset_info", "train_iterator", "eval_iterator"]
 
@@ -96,9 +98,9 @@ def _open(config, global_batch_size, process_index, process_count,
     # Process 0 prepares a missing data set alone; the others wait, then find
     # it prepared (a shared data_dir) or prepare their own (a local one).
     if jax.process_index() == 0:
-      sources.open_builder(settings)
+      splits.open_builder(settings)
     multihost_utils.sync_global_devices("ir2net_jax.data: prepared")
-  return settings, sources.open_builder(settings), index, count, local_batch
+  return settings, splits.open_builder(settings), index, count, local_batch
 
 
 def dataset_info(config) -> DatasetInfo:
@@ -110,13 +112,13 @@ def dataset_info(config) -> DatasetInfo:
   prepared once.
 
   Raises:
-    DataError: see ``sources.read_settings`` and ``sources.open_builder``.
+    DataError: see ``sources.read_settings`` and ``splits.open_builder``.
   """
   settings, builder, _, _, _ = _open(config, 1, 0, 1, prepare_once=True)
   spec = settings.spec
   num_train, num_eval = (
-      sources.read_split(builder, split, spec, 0, 1,
-                         sources.skipped_files(settings)).num_examples
+      splits.read_split(builder, split, spec, 0, 1,
+                        sources.skipped_files(settings)).num_examples
       for split in (settings.train_split, settings.eval_split))
   return DatasetInfo(num_train=num_train, num_eval=num_eval,
                      num_classes=spec.num_classes,
@@ -164,12 +166,12 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
   settings, builder, index, count, local_batch = _open(
       config, global_batch_size, process_index, process_count)
   if settings.spec.cache:  # The global stream; this host keeps its rows.
-    source = sources.read_split(builder, settings.train_split, settings.spec,
-                                0, 1, sources.skipped_files(settings))
+    source = splits.read_split(builder, settings.train_split, settings.spec,
+                               0, 1, sources.skipped_files(settings))
     stream_batch, rows = global_batch_size, index * local_batch
   else:  # This host's stream, all of it.
-    source = sources.read_split(builder, settings.train_split, settings.spec,
-                                index, count, sources.skipped_files(settings))
+    source = splits.read_split(builder, settings.train_split, settings.spec,
+                               index, count, sources.skipped_files(settings))
     stream_batch, rows = local_batch, 0
   # The same on every host (host slices differ by at most one example), and
   # equal to num_train // global_batch_size.
@@ -182,12 +184,13 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
   ds = _train_dataset(source, settings, stream_batch, rows, local_batch,
                       steps_per_epoch, seed, start_step)
   if num_classes is None:
-    return ds.as_numpy_iterator()
-  return sources.checked_labels(ds.as_numpy_iterator(), num_classes,
+    return _named_errors(ds.as_numpy_iterator(), settings)
+  return sources.checked_labels(_named_errors(ds.as_numpy_iterator(),
+                                              settings), num_classes,
                                 settings)
 
 
-def _train_dataset(source: sources.HostSplit, settings: sources.Settings,
+def _train_dataset(source: splits.HostSplit, settings: sources.Settings,
                    stream_batch: int, rows: int, local_batch: int,
                    steps_per_epoch: int, seed: int,
                    start_step: int) -> tf.data.Dataset:
@@ -227,9 +230,9 @@ def _train_dataset(source: sources.HostSplit, settings: sources.Settings,
 
   def preprocess(example_index, example):
     example_seed = tf.stack([tf.constant(augment_key, tf.int64), example_index])
-    image = settings.spec.train_recipe(example["image"], example_seed,
-                                       settings.image_size,
-                                       settings.augmentation)
+    image = recipes.apply(settings.spec.train_recipe, example["image"],
+                          example_seed, settings.image_size,
+                          settings.augmentation)
     return {"image": tf.cast(image, settings.dtype),
             "label": tf.cast(example["label"], tf.int32)}
 
@@ -266,13 +269,13 @@ def eval_iterator(config, *, global_batch_size: int,
   """
   settings, builder, index, count, local_batch = _open(
       config, global_batch_size, process_index, process_count)
-  source = sources.read_split(builder, settings.eval_split, settings.spec,
-                              index, count, sources.skipped_files(settings))
+  source = splits.read_split(builder, settings.eval_split, settings.spec,
+                             index, count, sources.skipped_files(settings))
   num_batches = -(-max(source.host_counts) // local_batch)
   size = settings.image_size
 
   def preprocess(example):
-    image = settings.spec.eval_recipe(example["image"], size)
+    image = recipes.apply(settings.spec.eval_recipe, example["image"], size)
     return {"image": tf.ensure_shape(tf.cast(image, settings.dtype),
                                      [size, size, 3]),
             "label": tf.cast(example["label"], tf.int32),
@@ -287,4 +290,27 @@ def eval_iterator(config, *, global_batch_size: int,
                           deterministic=True)
   ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return ds.as_numpy_iterator()
+  return _named_errors(ds.as_numpy_iterator(), settings)
+
+
+def _named_errors(batches: Iterator[Batch],
+                  settings: sources.Settings) -> Iterator[Batch]:
+  """Passes ``batches`` on; a decoder's error becomes a DataError that
+  says where to look (TensorFlow's message names no file). Closing it
+  closes ``batches``."""
+  try:
+    yield from batches
+  except tf.errors.InvalidArgumentError as e:
+    where = settings.dataset
+    check = (f"`ir2net-check-data --data={settings.spec.folder}` lists the "
+             "bad files; remove them, or train with --config.input_engine="
+             "grain, which names and skips them" if settings.spec.folder
+             else "check the prepared data in data_dir="
+             f"{settings.data_dir!r}")
+    # TensorFlow's first line ends with the decoder's words, after the
+    # names of the ops it went through.
+    words = e.message.splitlines()[0].rsplit(": ", 1)[-1].strip()
+    raise DataError(f"{where}: an image failed to decode in the tf.data "
+                    f"engine ({words}); {check}.") from None
+  finally:
+    close_source(batches)

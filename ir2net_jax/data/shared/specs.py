@@ -2,13 +2,14 @@
 
 Shared by the registry of named data sets (``sources``), the specs built
 for any image classification data (``custom``) and every engine. Imports no
-TensorFlow (a spec's tf.data recipes are ``tf_recipes.tf_recipe``s).
+TensorFlow (a spec's tf.data recipes are ``tf_recipes.TfRecipe`` names).
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
-from ir2net_jax.data.constants import CROP_SCALE
+from ir2net_jax.data.shared.constants import CROP_SCALE
+from ir2net_jax.data.shared.tf_recipes import TfRecipe
 
 __all__ = ["DataError", "DatasetInfo", "DatasetSpec", "Augmentation",
            "REFERENCE", "normalized_range", "augmentation"]
@@ -60,8 +61,8 @@ class DatasetSpec:
       recipe to decode; None decodes every feature.
     train_recipe: the tf.data engine's ``(image, seed, image_size,
       augmentation) -> float32 image`` (``augmentation``: an
-      :class:`Augmentation`).
-    eval_recipe: ``(image, image_size) -> float32 image``.
+      :class:`Augmentation`), by name (``tf_data.recipes.apply`` runs it).
+    eval_recipe: ``(image, image_size) -> float32 image``, by name.
     value_range: smallest and largest normalised pixel value.
     recipe: name of the augmentation recipe, for logs and tests:
       'digits', 'cifar10', 'imagenet2012' (the named data sets' own), or
@@ -83,8 +84,8 @@ class DatasetSpec:
   shuffle_buffer: int
   cache: bool
   decoders: Optional[Tuple[str, ...]]
-  train_recipe: Callable[..., Any]
-  eval_recipe: Callable[..., Any]
+  train_recipe: TfRecipe
+  eval_recipe: TfRecipe
   value_range: Tuple[float, float]
   recipe: str = ""
   image_key: str = "image"

@@ -1,0 +1,84 @@
+"""What a newcomer meets first: typos get one line with the nearest names
+(no traceback unless ``--debug``), and the Python API applies the XLA
+flags the commands apply."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ir2net_jax.backend import policy, xla_cpu
+from ir2net_jax.configs import get_config
+from ir2net_jax.tools import command_line
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--config=digit:smoke"], "no recipe or file 'digit'; did you mean "
+     "'digits'? The recipes: digits, cifar10_resnet20"),
+    (["--config=configs/digts.py"], "did you mean 'digits'?"),
+    (["--config=digits:smoke", "--config.batchsize=8"],
+     "--config.batchsize: digits:smoke has no such field; did you mean "
+     "--config.batch_size"),
+    (["--config=digits:smoke", "--config.model_kwargs.num_blok=2"],
+     "did you mean --config.model_kwargs.num_blocks"),
+    (["--config=digits:smoke", "--config.batch_size=8",
+      "--config.model_kwargs.num_blocks=(1,1,1)"], None),
+    (["--workdir=x"], None),
+])
+def test_config_typos_are_named_with_the_nearest_names(argv, want):
+  got = command_line.config_typo(["prog"] + argv)
+  if want is None:
+    assert got is None
+  else:
+    assert want in got, got
+
+
+def _launch(*args, timeout=120):
+  return subprocess.run(
+      [sys.executable, os.path.join(ROOT, "launch.py"), *args,
+       "--workdir=/nonexistent/never_made"], capture_output=True, text=True,
+      timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+
+
+def test_typos_on_the_command_line_give_one_line_not_a_traceback():
+  for args, want in (
+      (["--config=digit:smoke"], "did you mean 'digits'?"),
+      (["--config=digits:smoke", "--config.batchsize=8"],
+       "did you mean --config.batch_size"),
+      (["--config=digits:smoke", "--config.batch_size=abc"],
+       "--config.batch_size=abc: invalid literal for int()")):
+    done = _launch(*args)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines()
+              if line.startswith("error: ")]
+    assert len(errors) == 1 and want in errors[0], done.stderr[-2000:]
+  debug = _launch("--config=digits:smoke", "--config.batchsize=8", "--debug")
+  assert "Traceback" in debug.stderr and debug.returncode != 0
+
+
+def test_the_api_applies_the_commands_xla_flags(monkeypatch):
+  config = get_config("cifar10_resnet20")
+  assert policy.xla_cpu_flags(config, cpu_count=2) == xla_cpu.EIGEN_CONV_FLAGS
+  # Here JAX has run already: the flags cannot apply, and it says so once.
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  warned = []
+  monkeypatch.setattr(policy.logging, "warning",
+                      lambda msg, *args: warned.append(msg % args))
+  monkeypatch.setattr(policy, "_WARNED_FLAGS", set())
+  assert policy.apply_xla_cpu_flags(config) is None
+  assert policy.apply_xla_cpu_flags(config) is None
+  assert len(warned) == 1 and xla_cpu.EIGEN_CONV_FLAGS in warned[0]
+  # In a fresh process, train_and_evaluate applies them before JAX starts.
+  code = ("import os, ir2net_jax\n"
+          "from ir2net_jax.backend import policy\n"
+          "c = ir2net_jax.get_config('cifar10_resnet20')\n"
+          "print(policy.apply_xla_cpu_flags(c), os.environ['XLA_FLAGS'])\n")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                        text=True, cwd=ROOT, check=True, timeout=120,
+                        env={k: v for k, v in os.environ.items()
+                             if k != "XLA_FLAGS"})
+  assert done.stdout.split() == [xla_cpu.EIGEN_CONV_FLAGS] * 2
