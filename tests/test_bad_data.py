@@ -18,6 +18,7 @@ import numpy as np
 from photos import photo, write_tree
 import pytest
 from PIL import Image
+import simplejpeg
 import tensorflow as tf
 
 from ir2net_jax.configs import digits as digits_config
@@ -130,6 +131,10 @@ def _modes():
       "L JPEG": (_encoded(Image.fromarray(rgb[..., 0]), "JPEG"), 3),
       "CMYK JPEG": (_encoded(Image.fromarray(rng.integers(
           0, 256, (12, 16, 4), np.uint8), "CMYK"), "JPEG", quality=95), 10),
+      # libjpeg-turbo stores CMYK pixels as YCCK (Adobe transform 2).
+      "YCCK JPEG": (simplejpeg.encode_jpeg(rng.integers(
+          0, 256, (12, 16, 4), np.uint8), quality=95, colorspace="CMYK"),
+                    10),
   }
 
 
@@ -296,6 +301,10 @@ def test_a_file_name_that_is_not_utf8_is_read_and_printed(tmp_path):
   assert target in folders.scan(str(root)).splits["train"][0]
   inputs = _open(_config(f"folder:{root}"))
   assert len(_steps(inputs, 0, 1)) == 1
+  tf_data = _config(f"folder:{root}", input_engine="tf.data")
+  assert pipeline.dataset_info(tf_data).num_train == 6
+  batch = next(pipeline.train_iterator(tf_data, global_batch_size=6, seed=0))
+  assert batch["image"].shape == (6, 32, 32, 3)   # every file, read
   assert image_files.printable(target).endswith("caf\\xe9.jpg")
   with open(target, "wb"):
     pass
