@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from ir2net_jax.backend import policy, xla_cpu
@@ -64,6 +65,7 @@ def test_the_api_applies_the_commands_xla_flags(monkeypatch):
   config = get_config("cifar10_resnet20")
   assert policy.xla_cpu_flags(config, cpu_count=2) == xla_cpu.EIGEN_CONV_FLAGS
   # Here JAX has run already: the flags cannot apply, and it says so once.
+  jax.devices()
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   warned = []
   monkeypatch.setattr(policy.logging, "warning",
@@ -82,3 +84,24 @@ def test_the_api_applies_the_commands_xla_flags(monkeypatch):
                         env={k: v for k, v in os.environ.items()
                              if k != "XLA_FLAGS"})
   assert done.stdout.split() == [xla_cpu.EIGEN_CONV_FLAGS] * 2
+
+
+def test_the_progress_line_shows_the_loss_and_top1(monkeypatch):
+  from ir2net_jax.train import metric_writer  # pylint: disable=g-import-not-at-top
+
+  class Writer:
+    def write_scalars(self, step, scalars):
+      del step, scalars
+
+  lines = []
+  monkeypatch.setattr(metric_writer.logging, "info",
+                      lambda msg, *args: lines.append(msg % args))
+  clock = iter([0.0, 1.0, 2.0])
+  monkeypatch.setattr(metric_writer.time, "monotonic", lambda: next(clock))
+  report = metric_writer.ReportProgress(num_train_steps=10, writer=Writer(),
+                                        every_steps=2)
+  report(1)   # the first step compiles: no line
+  report.latest({"loss": 2.3456, "top1": 0.125, "grad_norm": 3.0})
+  report(2)
+  assert lines == ["step 2/10: loss 2.346, top-1 0.125, 1 steps/s, 20.0%, "
+                   "ETA 0h00m08s, 0% waiting for input"]

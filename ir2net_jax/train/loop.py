@@ -170,8 +170,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if log_now or eval_now or stop or step % ckpt_every == 0:
           divergence.check(pending, config, checkpoints.latest_step())
         if log_now:
-          skipped += _write_train_metrics(writer, step, pending, schedule,
-                                          _bad_files(inputs))
+          summary = _write_train_metrics(writer, step, pending, schedule,
+                                         _bad_files(inputs))
+          skipped += int(summary.get("skipped_steps", 0))
+          report.latest(summary)
           pending = []
         # After the logging step's sync: steps/s counts steps done, not
         # steps dispatched.
@@ -310,10 +312,10 @@ def _bad_files(inputs) -> int:
 
 
 def _write_train_metrics(writer, step: int, pending, schedule,
-                         bad_files: int) -> int:
+                         bad_files: int) -> Dict[str, float]:
   """Writes the train metrics of ``pending`` steps at ``step`` (and the
-  count of bad files skipped so far); returns how many of the steps
-  ``skip_nonfinite_updates`` skipped."""
+  count of bad files skipped so far); returns the scalars (means over the
+  steps; ``skipped_steps``, how many ``skip_nonfinite_updates`` skipped)."""
   summary, histograms = _train_metrics(pending)
   summary["learning_rate"] = float(schedule(step - 1))
   writer.write_scalars(step, {**{f"train_{k}": v for k, v in summary.items()},
@@ -321,7 +323,7 @@ def _write_train_metrics(writer, step: int, pending, schedule,
   if histograms:
     writer.write_histograms(step, {f"train_{k}": v
                                    for k, v in histograms.items()})
-  return int(summary.get("skipped_steps", 0))
+  return summary
 
 
 def _train_metrics(pending) -> Tuple[Dict[str, float],

@@ -13,7 +13,7 @@ The interface is clu's ``MetricWriter``'s, so either can serve the loop.
 
 import io
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from absl import logging
 import numpy as np
@@ -153,7 +153,8 @@ class MetricWriter:
 
 
 class ReportProgress:
-  """Every ``every_steps`` steps: steps/s and the ETA, logged and written
+  """Every ``every_steps`` steps: the train loss and top-1 (from
+  :meth:`latest`), steps/s and the ETA, logged, and steps/s written
   (scalar ``steps_per_sec``, as clu's ``ReportProgress``), and the share of
   that time the loop waited for its next batch (scalar
   ``input_wait_fraction``, from :meth:`waited`): near 0 when the input
@@ -170,6 +171,14 @@ class ReportProgress:
     self._num, self._writer, self._every = num_train_steps, writer, every_steps
     self._last: Optional[tuple] = None  # (step, time, waited)
     self._waited = 0.0
+    self._metrics = ""
+
+  def latest(self, train: Dict[str, float]) -> None:
+    """The train metrics the next line shows (the loss and top-1 of the
+    last logging steps), from the scalars the loop writes."""
+    shown = [f"{name} {train[key]:.4g}" for key, name in
+             (("loss", "loss"), ("top1", "top-1")) if key in train]
+    self._metrics = ", ".join(shown) + ", " if shown else ""
 
   def waited(self, seconds: float) -> None:
     """Adds time the loop spent waiting for a batch."""
@@ -189,9 +198,9 @@ class ReportProgress:
     rate = (step - first) / (now - then)
     wait = min(1.0, (self._waited - waited) / (now - then))
     eta = (self._num - step) / rate
-    logging.info("step %d/%d: %.3g steps/s, %.1f%%, ETA %dh%02dm%02ds, "
-                 "%.0f%% waiting for input", step, self._num, rate,
-                 100 * step / self._num, eta // 3600, eta % 3600 // 60,
-                 eta % 60, 100 * wait)
+    logging.info("step %d/%d: %s%.3g steps/s, %.1f%%, ETA %dh%02dm%02ds, "
+                 "%.0f%% waiting for input", step, self._num, self._metrics,
+                 rate, 100 * step / self._num, eta // 3600,
+                 eta % 3600 // 60, eta % 60, 100 * wait)
     self._writer.write_scalars(step, {"steps_per_sec": rate,
                                       "input_wait_fraction": wait})
