@@ -44,6 +44,7 @@ def _launch(*args, timeout=120):
       timeout=timeout, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
 
 
+@pytest.mark.slow
 def test_typos_on_the_command_line_give_one_line_not_a_traceback():
   for args, want in (
       (["--config=digit:smoke"], "did you mean 'digits'?"),

@@ -386,6 +386,7 @@ def _running(pids, wait_s=5.0):
   return [pid for pid in pids if alive(pid)]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="reads processes from /proc")
 @pytest.mark.parametrize("signum, group", [
@@ -419,6 +420,7 @@ def test_a_signal_stops_the_workers_and_leaves_no_partial_file(
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"),
                     reason="reads processes from /proc; parent-death signal")
+@pytest.mark.slow
 def test_after_sigkill_no_worker_runs_on_and_a_rerun_completes(many,
                                                               tmp_path):
   out = tmp_path / "small"

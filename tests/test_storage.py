@@ -352,6 +352,7 @@ def test_a_workdir_in_the_folder_data_is_refused_through_links(
                       str(tmp_path / "photos2" / "run"))   # beside: fine
 
 
+@pytest.mark.slow
 def test_the_launcher_refuses_a_file_workdir_before_the_data(tmp_path):
   afile = tmp_path / "workdir"
   afile.write_text("not a folder")
