@@ -31,7 +31,7 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ir2net_jax.data.shared import folders, image_files
 from ir2net_jax.data.shared.specs import DataError
@@ -41,9 +41,10 @@ __all__ = ["check_files", "check_tree", "main", "run"]
 _CHUNK = 64   # files a worker checks per task
 
 
-def _check_chunk(paths: Sequence[str]) -> List[Tuple[str, str]]:
+def _check_chunk(paths: Sequence[str], check=image_files.verify
+                 ) -> List[Tuple[str, str]]:
   return [(path, reason) for path in paths
-          if (reason := image_files.verify(path)) is not None]
+          if (reason := check(path)) is not None]
 
 
 def _progress(done: int, total: int, bad: int, start: float) -> str:
@@ -55,18 +56,22 @@ def _progress(done: int, total: int, bad: int, start: float) -> str:
 
 
 def check_files(paths: Sequence[str], workers: int = -1,
-                progress_s: Optional[float] = 5.0) -> Dict[str, str]:
+                progress_s: Optional[float] = 5.0,
+                check: Callable[[str], Optional[str]] = image_files.verify
+                ) -> Dict[str, str]:
   """``{path: what is wrong}`` for the bad files of ``paths``.
 
   Args:
     paths: image files.
     workers: processes; -1 one per core, 0 none (this process).
     progress_s: seconds between progress lines (on stderr); None: none.
+    check: ``path -> what is wrong or None`` (picklable, for the workers).
   """
   if workers < 0:
     workers = len(os.sched_getaffinity(0)) if hasattr(
         os, "sched_getaffinity") else (os.cpu_count() or 1)
   chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+  check_chunk = functools.partial(_check_chunk, check=check)
   start = last = time.monotonic()
   bad: Dict[str, str] = {}
   done = 0
@@ -82,12 +87,12 @@ def check_files(paths: Sequence[str], workers: int = -1,
 
   if workers == 0:
     for chunk in chunks:
-      report((len(chunk), _check_chunk(chunk)))
+      report((len(chunk), check_chunk(chunk)))
   else:
     # spawn: this process has imported JAX (threads), which fork would copy.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, context) as pool:
-      for chunk, found in zip(chunks, pool.map(_check_chunk, chunks)):
+      for chunk, found in zip(chunks, pool.map(check_chunk, chunks)):
         report((len(chunk), found))
   if progress_s is not None:
     print(_progress(done, len(paths), len(bad), start), file=sys.stderr,

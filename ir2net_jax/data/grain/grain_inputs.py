@@ -380,11 +380,9 @@ def _read(records: Records, index: int, recipe, *args):
   """
   try:
     image, label = records[index]
-    if isinstance(image, bytes):
-      image_files.image_size(image, records.name(index))
     return recipe(image, *args), label
-  except image_files.BadImage:
-    raise
+  except image_files.BadImage as e:   # the decoders' checks name no file
+    raise image_files.BadImage(records.name(index), e.reason) from None
   except Exception as e:  # pylint: disable=broad-except
     if not bad_data.is_bad_data(e):
       raise

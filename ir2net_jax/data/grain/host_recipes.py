@@ -54,7 +54,6 @@ per example (e.g. from ``(seed, example index)``), so a pipeline that seeds
 them so is deterministic whatever its worker count.
 """
 
-import io
 import math
 from typing import Dict, Optional, Tuple
 
@@ -180,6 +179,7 @@ def decode_region(encoded: bytes, window_fn, image_size: int,
     header = _simplejpeg().decode_jpeg_header(encoded)
     if header[2] in ("YCbCr", "Gray", "RGB"):
       full_h, full_w = header[:2]
+      image_files.check_pixels("<bytes>", full_h, full_w)
       window = window_fn(full_h, full_w)
       factor = (max(1.0, min(window[2], window[3]) / image_size) if reduce
                 else 1.0)
@@ -188,7 +188,7 @@ def decode_region(encoded: bytes, window_fn, image_size: int,
           min_width=math.ceil(full_w / factor))
       return _region(pixels, (full_h, full_w), window, image_size, context)
     decoder = "pil"   # CMYK and YCCK: Pillow knows Adobe's inverted inks
-  with Image.open(io.BytesIO(encoded)) as image:
+  with image_files.open_image(encoded) as image:
     full_w, full_h = image.size
     window = window_fn(full_h, full_w)
     factor = min(window[2], window[3]) / image_size
@@ -374,7 +374,7 @@ def decode_rgb(image) -> np.ndarray:
     if image.shape[-1] == 1:
       return np.repeat(image, 3, axis=-1)
     return np.ascontiguousarray(image[..., :3])
-  with Image.open(io.BytesIO(image)) as opened:
+  with image_files.open_image(image) as opened:
     return image_files.to_rgb(opened)
 
 

@@ -68,9 +68,10 @@ def is_bad_data(error: BaseException) -> bool:
   """Whether ``error``, raised while reading or decoding one example, means
   a bad file (not a bug of ours, not a full host: MemoryError and
   interrupts are passed on)."""
+  if isinstance(error, image_files.BadImage):
+    return True
   return isinstance(error, Exception) and not isinstance(
-      error, (MemoryError, DataError)) or isinstance(
-          error, image_files.BadImage)
+      error, (MemoryError, DataError))
 
 
 def _listed(problems: Dict[str, str]) -> str:

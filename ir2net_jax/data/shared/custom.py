@@ -54,7 +54,7 @@ from ir2net_jax.data.shared.tf_recipes import tf_recipe
 
 __all__ = [
     "TFDS_PREFIX", "FOLDER_PREFIX", "AUGMENTS", "SMALL_IMAGE_MAX_SIDE",
-    "CACHE_MAX_BYTES", "is_custom", "custom_spec", "folder_problems",
+    "CACHE_MAX_BYTES", "is_custom", "custom_spec",
     "unprepared_error",
 ]
 
@@ -136,7 +136,8 @@ def _choose_recipe(augment: str, size: Optional[_SIZE], where: str,
 def _make_spec(*, tfds_name: str, where: str, num_classes: int,
                splits: Dict[str, int], size: Optional[_SIZE],
                cache_bytes: Optional[int], recipe: str, image_key: str,
-               label_key: str, folder: Optional[str] = None) -> DatasetSpec:
+               label_key: str, folder: Optional[str] = None,
+               problems: Tuple[Tuple[str, str], ...] = ()) -> DatasetSpec:
   """The spec, from what was read of the data set."""
   if num_classes < 1:
     raise DataError(f"{where} has no classes; its label feature names none.")
@@ -170,7 +171,7 @@ def _make_spec(*, tfds_name: str, where: str, num_classes: int,
       value_range=normalized_range(constants.IMAGENET_MEAN,
                                    constants.IMAGENET_STD),
       recipe=recipe, image_key=image_key, label_key=label_key, folder=folder,
-      crop="pad" if recipe == "cifar" else "resized")
+      problems=problems, crop="pad" if recipe == "cifar" else "resized")
 
 
 # ------------------------------------------------------------- tfds:NAME ---
@@ -277,14 +278,6 @@ def _common_size(paths: Sequence[str], root: str, skip: Dict[str, str],
   return first, ""
 
 
-@functools.lru_cache(maxsize=64)
-def folder_problems(root: str) -> Dict[str, str]:
-  """``{path: what is wrong}`` of the files of the folder data set at
-  ``root`` (real path) that its listing and header check found: filled by
-  :func:`custom_spec`."""
-  return {}
-
-
 def _folder_spec(path: str, augment: str) -> DatasetSpec:
   where = FOLDER_PREFIX + path
   root = os.path.realpath(os.path.expanduser(path))
@@ -300,8 +293,7 @@ def _folder_spec(path: str, augment: str) -> DatasetSpec:
         f"{found or 'nothing'} in {root}).")
   files = [f for split in sorted(splits, key=lambda s: s != "train")
            for f in sorted(tree.splits[split][0])]
-  problems = folder_problems(root)
-  problems.update(tree.problems)
+  problems = dict(tree.problems)
   if augment == "imagenet":
     size, sizes_found = None, ""
   else:
@@ -313,4 +305,5 @@ def _folder_spec(path: str, augment: str) -> DatasetSpec:
       tfds_name="image_folder", where=where,
       num_classes=len(tree.classes), splits=splits,
       size=size, cache_bytes=tree.total_bytes,
-      recipe=recipe, image_key="image", label_key="label", folder=root)
+      recipe=recipe, image_key="image", label_key="label", folder=root,
+      problems=tuple(sorted(problems.items())))

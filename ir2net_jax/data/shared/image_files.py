@@ -39,6 +39,7 @@ from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["BadImage", "FORMATS", "max_bytes", "max_pixels", "read_file",
            "read_header", "printable", "file_kind", "open_error",
+           "check_pixels", "open_image",
            "image_size", "to_rgb", "decode_rgb", "verify", "describe_error"]
 
 # What tf.io.decode_image decodes; Pillow opens these and more (TIFF, ...),
@@ -165,7 +166,8 @@ def _simplejpeg():
   return simplejpeg
 
 
-def _check_pixels(path: str, height: int, width: int) -> None:
+def check_pixels(path: str, height: int, width: int) -> None:
+  """Raises BadImage where (height, width) is over :func:`max_pixels`."""
   limit = max_pixels()
   if height * width > limit:
     raise BadImage(path, f"declares {height}x{width} pixels, over the "
@@ -175,7 +177,7 @@ def _check_pixels(path: str, height: int, width: int) -> None:
     raise BadImage(path, f"declares {height}x{width} pixels")
 
 
-def _open(encoded: bytes, path: str) -> Image.Image:
+def open_image(encoded: bytes, path: str = "<bytes>") -> Image.Image:
   """Pillow's image of ``encoded`` (header read, pixels not yet), checked
   for its format and pixel count."""
   try:
@@ -189,7 +191,7 @@ def _open(encoded: bytes, path: str) -> Image.Image:
               if isinstance(e, Image.UnidentifiedImageError)
               else f"an unreadable image header ({e})")
     raise BadImage(path, reason) from None
-  _check_pixels(path, image.height, image.width)
+  check_pixels(path, image.height, image.width)
   return image
 
 
@@ -204,9 +206,9 @@ def image_size(encoded: bytes, path: str = "<bytes>") -> Tuple[int, int]:
       height, width = _simplejpeg().decode_jpeg_header(encoded)[:2]
     except ValueError as e:
       raise BadImage(path, f"an unreadable JPEG header ({e})") from None
-    _check_pixels(path, height, width)
+    check_pixels(path, height, width)
     return height, width
-  with _open(encoded, path) as image:
+  with open_image(encoded, path) as image:
     return image.height, image.width
 
 
@@ -236,7 +238,7 @@ def decode_rgb(encoded: bytes, path: str = "<bytes>") -> np.ndarray:
   Raises:
     BadImage: see the module docstring.
   """
-  with _open(encoded, path) as image:
+  with open_image(encoded, path) as image:
     try:
       return to_rgb(image)
     except (OSError, ValueError, SyntaxError) as e:

@@ -153,16 +153,14 @@ def check_files(settings: Settings) -> None:
   """
   if settings.spec.folder is not None:
     _check_folder(settings.dataset, settings.spec.folder,
-                  settings.bad_examples)
+                  settings.spec.problems, settings.bad_examples)
 
 
 def bad_file_tally(settings: Settings) -> bad_data.Tally:
   """A run's tally of bad files, holding what a ``folder:`` listing found
   (see ``bad_data``)."""
-  tally = bad_data.Tally(settings.dataset, settings.bad_examples)
-  if settings.spec.folder is not None:
-    tally.preload(custom.folder_problems(settings.spec.folder))
-  return tally
+  return bad_data.Tally(settings.dataset, settings.bad_examples).preload(
+      dict(settings.spec.problems))
 
 
 def skipped_files(settings: Settings) -> Tuple[str, ...]:
@@ -171,14 +169,15 @@ def skipped_files(settings: Settings) -> Tuple[str, ...]:
   where they are read)."""
   if settings.spec.folder is None or not settings.bad_examples.skip:
     return ()
-  return tuple(sorted(custom.folder_problems(settings.spec.folder)))
+  return tuple(path for path, _ in settings.spec.problems)
 
 
 @functools.lru_cache(maxsize=16)
-def _check_folder(where: str, root: str, policy: bad_data.Policy) -> None:
+def _check_folder(where: str, root: str, problems, policy: bad_data.Policy
+                  ) -> None:
   tree = folders.scan(root)
   bad_data.check_listing(
-      where, custom.folder_problems(root),
+      where, dict(problems),
       sum(tree.num_examples(split) for split in tree.splits), policy,
       tree.empty_classes)
 

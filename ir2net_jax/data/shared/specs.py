@@ -71,6 +71,8 @@ class DatasetSpec:
     label_key: the builder's label feature.
     folder: the real path of a class-per-subfolder tree (``folders``;
       whole splits only: no ``'train[:90%]'``); None for a tfds builder.
+    problems: ``(path, what is wrong)`` of a folder's files that its
+      listing and header check found bad (see ``bad_data``).
     flip: whether the train recipe flips unless the config says otherwise.
     crop: the train recipe's crop: 'pad' (pad and random crop:
       ``config.crop_padding`` applies) or 'resized' (RandomResizedCrop:
@@ -91,6 +93,7 @@ class DatasetSpec:
   image_key: str = "image"
   label_key: str = "label"
   folder: Optional[str] = None
+  problems: Tuple[Tuple[str, str], ...] = ()
   flip: bool = True
   crop: str = "pad"
 
