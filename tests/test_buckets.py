@@ -88,12 +88,12 @@ def _assert_states_equal(a, b):
 
 
 def _stop_after(proc, step, signum):
-  """Sends ``signum`` once ``proc`` logged the train metrics of ``step``
+  """Sends ``signum`` once ``proc`` logged the progress line of ``step``
   (or a later one); returns its whole output once it exited."""
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    logged = re.search(r"\[(\d+)\] .*train_loss=", line)
+    logged = re.search(r"step (\d+)/\d+: loss ", line)
     if logged and int(logged.group(1)) >= step:
       proc.send_signal(signum)
       break

@@ -71,13 +71,19 @@ def test_same_summaries_as_clu(tmp_path):
       str(theirs))
 
 
-def test_just_logging_writes_no_file(tmp_path, caplog):
-  writer = metric_writer.MetricWriter(str(tmp_path), just_logging=True)
+@pytest.mark.parametrize("log_scalars", [True, False])
+def test_just_logging_writes_no_file(tmp_path, caplog, log_scalars):
+  """... and logs the scalars only where asked (the loop asks under
+  ``--verbose``)."""
+  writer = metric_writer.MetricWriter(str(tmp_path), just_logging=True,
+                                      log_scalars=log_scalars)
   with caplog.at_level(logging.INFO):
     writer.write_scalars(5, {"eval_top1": 0.5})
+    writer.write_hparams({"batch_size": 8})
   writer.close()
   assert list(tmp_path.iterdir()) == []
-  assert "[5] eval_top1=0.5" in caplog.text
+  assert ("[5] eval_top1=0.5" in caplog.text) == log_scalars
+  assert ("batch_size" in caplog.text) == log_scalars
 
 
 def test_report_progress_times_steps_after_the_first(tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ def test_launch_leaves_jax_distributed_before_exiting_on_a_signal(
     monkeypatch, tmp_path):
   calls = []
 
-  def preempted(config, workdir):
+  def preempted(config, workdir, verbose=False):
     calls.append("train")
     raise preemption.Preempted(3, signal.SIGTERM, str(workdir))
   monkeypatch.setattr(loop, "train_and_evaluate", preempted)
@@ -86,7 +86,7 @@ def test_launch_leaves_jax_distributed_before_exiting_on_a_signal(
                       lambda: calls.append("shutdown"))
   monkeypatch.setattr(launch, "FLAGS", types.SimpleNamespace(
       config=train_utils.tiny_digits_config("", xla_cpu_flags=""),
-      workdir=str(tmp_path)))
+      workdir=str(tmp_path), verbose=False))
   with pytest.raises(SystemExit) as e:
     launch.main(["launch.py"])
   assert e.value.code == 128 + signal.SIGTERM

@@ -1,6 +1,7 @@
 """The training system: devices, hosts, resume, two stages, clear errors."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 import tensorflow_datasets as tfds
 
 import train_utils
@@ -199,4 +201,19 @@ def test_launcher_smoke_run_writes_summary_and_tensorboard(tmp_path, digits_dir)
   assert summary["steps"] == 6 and summary["name"] == "digits_resnet20"
   assert 0 <= summary["final_eval_top1"] <= 1
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "w"))
-  assert "steps/s" in out.decode() or "steps_per_sec" in out.decode()
+  # A console a person reads: a header, progress lines with the loss and
+  # top-1, short lines, no TensorFlow (nor its banners), no config dump.
+  lines = out.decode().replace(str(tmp_path), "TMP").replace(
+      str(digits_dir), "DATA").replace(train_utils.ROOT, "ROOT").splitlines()
+  assert [l[11:] for l in lines[:3]] == [
+      "ROOT/configs/digits.py:smoke: cifar_resnet20 stage 1 on digits, "
+      "batch 16", "data_dir: DATA", "workdir: TMP/w"], lines[:3]
+  assert any(re.search(r"step \d+/6: loss [\d.]+, top-1 [\d.]+, .* steps/s, "
+                       r".*ETA", line) for line in lines), lines
+  assert max(map(len, lines)) <= 160, max(lines, key=len)  # paths aside
+  assert not [l for l in lines if re.search(r"tensorflow|onednn", l, re.I)]
+  assert not [l for l in lines if l.startswith("momentum:")]
+  assert "done: 6 steps, eval top-1" in lines[-1], lines[-1]
+  # The curves, drawn at the end of the run.
+  png = Image.open(tmp_path / "w" / "curves.png")
+  assert png.size[0] > 800 and len(set(png.convert("L").getdata())) > 10

@@ -9,6 +9,7 @@ the command line.
 
 import glob
 import io
+import json
 import os
 import subprocess
 import sys
@@ -271,11 +272,96 @@ def test_image_files_load_alike_without_tensorflow(tmp_path, monkeypatch,
   config = ml_collections.ConfigDict({"dataset": dataset,
                                       "image_size": size})
   pattern = str(tmp_path / "tree" / "x" / "*" / "*.jpg")
-  with_tf = images.load_images(config, pattern)
+  with_tf = images.load_images(config, pattern, "tf.data")
+  without = images.load_images(config, pattern, "numpy")
+  # What a run without TensorFlow gets from 'auto'.
+  from ir2net_jax.data import engines  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(on_device, "tensorflow_installed", lambda: False)
-  without = images.load_images(config, pattern)
+  monkeypatch.setattr(engines, "tensorflow_installed", lambda: False)
+  np.testing.assert_array_equal(images.load_images(config, pattern), without)
   assert with_tf.shape == without.shape == (6, size, size, 3)
   std = np.array(constants.DIGITS_STD if dataset == "digits"
                  else constants.IMAGENET_STD) * 255
   levels = np.abs(with_tf - without) * std
   assert levels.reshape(6, -1).mean(1).max() < 2.0, levels.mean()
+
+
+def _digit_files(directory, count=3, seed=3):
+  """``count`` 8x8 grey PNGs and a text file named .png."""
+  rng = np.random.default_rng(seed)
+  directory.mkdir()
+  for i in range(count):
+    Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(
+        directory / f"d{i}.png")
+  (directory / "notes.png").write_text("not an image")
+  return directory
+
+
+def test_predict_gives_the_models_top_classes(smoke_run, tmp_path, caplog):
+  """``ir2net_jax.train.predict``: each readable image's top-k labels and
+  softmax probabilities are the model's on the eval recipe's images, named
+  by the data set; a bad file is skipped and named."""
+  from ir2net_jax.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.train import predict  # pylint: disable=g-import-not-at-top
+  config = read_recorded_config(evaluate.recorded_config(str(smoke_run)))
+  files = _digit_files(tmp_path / "images")
+  found = predict.predict(config, str(smoke_run / "best"), str(files),
+                          top_k=3)
+  assert "notes.png" in caplog.text
+  assert [os.path.basename(p.path) for p in found.predictions] == [
+      "d0.png", "d1.png", "d2.png"]
+  model, variables = evaluate.load_model(config, str(smoke_run / "best"))
+  images = images_lib.load_images(config, str(files))
+  logits = np.asarray(model.apply(variables, images, train=False)[0],
+                      np.float64)
+  want = np.exp(logits - logits.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  for p, row in zip(found.predictions, want):
+    assert list(p.labels) == list(np.argsort(-row)[:3])
+    assert list(p.classes) == [str(l) for l in p.labels]   # digits' names
+    np.testing.assert_allclose(p.probabilities, row[list(p.labels)],
+                               rtol=1e-5)
+  assert "d0.png  " in predict.table(found.predictions)
+
+
+def test_class_names_are_the_data_sets(tmp_path):
+  import photos  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.shared import sources  # pylint: disable=g-import-not-at-top
+  photos.write_tree(str(tmp_path / "tree"), {"train": 1}, [(8, 8)])
+  folder = ml_collections.ConfigDict({"dataset": f"folder:{tmp_path}/tree"})
+  assert sources.class_names(folder, 4) == ["ant", "bee", "cow", "3"]
+  cifar = ml_collections.ConfigDict({"dataset": "cifar10"})
+  assert sources.class_names(cifar, 10)[:2] == ["airplane", "automobile"]
+  imagenet = sources.class_names(
+      ml_collections.ConfigDict({"dataset": "imagenet2012"}), 1000)
+  assert imagenet[0] == "n01440764" and len(set(imagenet)) == 1000
+
+
+@pytest.mark.slow
+def test_predict_command_prints_a_table_json_and_pictures(smoke_run,
+                                                          tmp_path):
+  files = _digit_files(tmp_path / "images", count=2)
+  run = lambda *args: subprocess.run(
+      [sys.executable, "-m", "ir2net_jax.tools.predict",
+       f"--images={files}", *args], cwd=train_utils.ROOT,
+      capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  p = run(f"--checkpoint={smoke_run}", "--json", "--top_k=2",
+          f"--output={tmp_path / 'out' / 'p.json'}",
+          f"--pictures={tmp_path / 'out' / 'maps.png'}")
+  assert p.returncode == 0, p.stderr[-3000:]
+  printed = json.loads(p.stdout)
+  assert printed == json.loads((tmp_path / "out" / "p.json").read_text())
+  assert printed["model"] == "cifar_resnet20"
+  assert [len(e["top"]) for e in printed["predictions"]] == [2, 2]
+  assert "Traceback" not in p.stderr and "oneDNN" not in p.stderr
+  assert not [l for l in p.stderr.splitlines() if l.startswith("W")], p.stderr
+  cell = 32 * SCALE
+  maps = np.asarray(Image.open(tmp_path / "out" / "maps.png"))
+  assert maps.shape[0] == (grid_lib.HEADER + grid_lib.GAP
+                           + 2 * (cell + grid_lib.GAP))
+  missing = run(f"--checkpoint={tmp_path / 'nothing'}")
+  assert missing.returncode == 1
+  assert missing.stderr.strip().splitlines() == [
+      f"error: --checkpoint={tmp_path / 'nothing'}: no such directory; pass "
+      "a training workdir, its best/, or converted weights (ir2net-convert)"]

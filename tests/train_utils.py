@@ -171,7 +171,7 @@ def float64_steps(config, devices, batches):
 
 
 def preempt_after_step(procs, step: int = 1):
-  """Sends SIGTERM to process 1 once process 0 logged the train metrics of
+  """Sends SIGTERM to process 1 once process 0 logged the progress line of
   ``step`` (or a later one), and waits for both. Returns their logs; each
   must have exited 128 + SIGTERM."""
   logs, stepping = [[], []], threading.Event()
@@ -179,7 +179,7 @@ def preempt_after_step(procs, step: int = 1):
   def read(i):
     for line in procs[i].stdout:
       logs[i].append(line.decode() if isinstance(line, bytes) else line)
-      logged = re.search(r"\[(\d+)\] .*train_loss=", logs[i][-1])
+      logged = re.search(r"step (\d+)/\d+: loss ", logs[i][-1])
       if i == 0 and logged and int(logged.group(1)) >= step:
         stepping.set()
   readers = [threading.Thread(target=read, args=(i,)) for i in range(2)]

@@ -1,8 +1,8 @@
 """Image files as a data set's eval recipe prepares its own images (the
-restriction pictures of ``ir2net_jax.tools.visualize``): with the tf.data
-recipes where TensorFlow is installed, else with their numpy counterparts
-(``host_recipes``, ``on_device.upsample_bilinear``), which agree up to the
-decoders' rounding."""
+restriction pictures of ``ir2net_jax.tools.visualize``, ``ir2net-predict``):
+with the tf.data recipes where the run's input engine is tf.data, else with
+their numpy counterparts (``host_recipes``, ``on_device.upsample_bilinear``),
+which agree up to the decoders' rounding and need no TensorFlow."""
 
 import glob
 import os
@@ -13,13 +13,14 @@ from absl import logging
 import numpy as np
 from PIL import Image
 
+from ir2net_jax.data import engines
 from ir2net_jax.data.device import on_device
 from ir2net_jax.data.grain import host_recipes
 from ir2net_jax.data.shared import bad_data, constants, image_files, sources
 from ir2net_jax.data.shared.folders import IMAGE_SUFFIXES
 from ir2net_jax.data.shared.specs import DataError
 
-__all__ = ["load_images"]
+__all__ = ["load_images", "load_image_files"]
 
 
 def _image_files(patterns: str) -> Sequence[str]:
@@ -63,9 +64,27 @@ def _readable(config, files: Sequence[str]) -> List[Tuple[str, bytes]]:
   return found
 
 
-def load_images(config, patterns: str) -> np.ndarray:
-  """Image files -> (N, S, S, 3) float32, as the data set's eval recipe
-  prepares its own images.
+def load_images(config, patterns: str, recipes: str = "auto") -> np.ndarray:
+  """``load_image_files``' images alone: (N, S, S, 3) float32."""
+  return load_image_files(config, patterns, recipes)[1]
+
+
+def _tf_recipes(config, recipes: str) -> bool:
+  """Whether the tf.data recipes prepare the images: ``recipes`` 'tf.data'
+  or 'numpy', or 'auto': those of the engine that would read ``config``'s
+  data (tf.data where that cannot be told and TensorFlow is installed)."""
+  if recipes != "auto":
+    return recipes == "tf.data"
+  try:
+    return engines.resolve_engine(config) == "tf.data"
+  except DataError:
+    return on_device.tensorflow_installed()
+
+
+def load_image_files(config, patterns: str, recipes: str = "auto"
+                     ) -> Tuple[List[str], np.ndarray]:
+  """Image files -> their paths and (N, S, S, 3) float32 images, as the data
+  set's eval recipe prepares its own images.
 
   ImageNet: the recipe decodes, resizes the shorter side and centre-crops.
   Digits: converted to grey, then the recipe's bilinear resize to S. Others
@@ -75,9 +94,10 @@ def load_images(config, patterns: str) -> np.ndarray:
   Args:
     config: the run's config (``dataset``, ``image_size``).
     patterns: comma-separated files, glob patterns or directories.
+    recipes: 'auto' (the run's input engine's), 'tf.data' or 'numpy'.
 
-  Bad files (``image_files``) are skipped with a warning, or stop it, as
-  ``config.bad_examples`` says.
+  Bad files (``image_files``) are skipped with a warning (and left out of
+  the paths), or stop it, as ``config.bad_examples`` says.
 
   Raises:
     DataError: a pattern matches no .png / .jpg file, or none is given, or
@@ -85,9 +105,10 @@ def load_images(config, patterns: str) -> np.ndarray:
   """
   settings = sources.read_settings(config)
   files = _readable(config, _image_files(patterns))
-  if not on_device.tensorflow_installed():
-    return np.stack([_numpy_recipe(config, settings, encoded)
-                     for _, encoded in files])
+  names = [path for path, _ in files]
+  if not _tf_recipes(config, recipes):
+    return names, np.stack([_numpy_recipe(config, settings, encoded)
+                            for _, encoded in files])
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from ir2net_jax.data.tf_data import augment, recipes  # pylint: disable=g-import-not-at-top
   spec, size = settings.spec, settings.image_size
@@ -105,7 +126,7 @@ def load_images(config, patterns: str) -> np.ndarray:
                                     size)
       image = recipes.apply(spec.eval_recipe, image, size)
     out.append(np.asarray(image, np.float32))
-  return np.stack(out)
+  return names, np.stack(out)
 
 
 def _numpy_recipe(config, settings: sources.Settings,

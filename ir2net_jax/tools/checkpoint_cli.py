@@ -12,7 +12,7 @@ from ml_collections import config_flags
 
 from ir2net_jax import configs
 from ir2net_jax.tools import command_line
-from ir2net_jax.train import evaluate
+from ir2net_jax.train import evaluate, startup
 
 __all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE"]
 
@@ -59,6 +59,7 @@ def run(main: Callable[[List[str]], None],
   The flags are defined here, when the command runs, so that importing a
   command's module defines no absl flags in someone else's program.
   """
+  startup.quiet_library_logs()   # orbax logs as the checkpoint is found
   define()
   define_more()
   command_line.run_app(main, with_recorded_config(

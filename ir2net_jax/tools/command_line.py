@@ -11,25 +11,44 @@ for a typo, not a traceback.
 
 Each exits with status 2 (flags) or 1 (the run refused). ``--debug``
 anywhere on the command line shows the traceback instead.
+
+The console: log lines start with their level's letter and the time
+(``I 14:02:07 step 50/330: ...``), not absl's 60-character prefix of date,
+thread and source line; ``--verbose`` asks a command for more lines (the
+train command: the whole config, every scalar it writes).
 """
 
 import difflib
 import importlib.util
+import logging as python_logging
 import os
 import sys
 from typing import Callable, Iterable, List, Optional, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from ir2net_jax import configs
 
-__all__ = ["config_typo", "run_app", "exit_on_error", "DEBUG_FLAG"]
+__all__ = ["config_typo", "run_app", "exit_on_error", "verbose",
+           "DEBUG_FLAG", "VERBOSE_FLAG"]
 
 DEBUG_FLAG = "--debug"
+VERBOSE_FLAG = "--verbose"
+# Read from the command line before absl parses it (a typo is reported
+# before any flag is read); defined so that --help lists them.
+flags.DEFINE_bool("debug", False, "Show the traceback of an error instead of "
+                  "its one line.")
+flags.DEFINE_bool("verbose", False, "More on the console: the whole config "
+                  "and every scalar written to TensorBoard.")
 
 
 def _debug(argv: Sequence[str]) -> bool:
   return DEBUG_FLAG in argv
+
+
+def verbose() -> bool:
+  """Whether ``--verbose`` is on this command's line."""
+  return VERBOSE_FLAG in sys.argv
 
 
 def _fields(config, prefix: str = "") -> List[str]:
@@ -116,7 +135,7 @@ def _parser(argv: Sequence[str]) -> List[str]:
   if typo and not _debug(argv):
     _fail(typo, 2)
   try:
-    return flags.FLAGS([a for a in argv if a != DEBUG_FLAG])
+    return flags.FLAGS(list(argv))
   except Exception as e:  # pylint: disable=broad-except
     if _debug(argv):
       raise
@@ -132,6 +151,22 @@ def exit_on_error(error: BaseException) -> None:
   _fail(str(error), 1)
 
 
+class _ShortFormatter(python_logging.Formatter):
+  """``I 14:02:07 message``: the level's letter, the time, the message."""
+
+  def __init__(self):
+    super().__init__("%(levelname).1s %(asctime)s %(message)s", "%H:%M:%S")
+
+
+def _short_console(main: Callable[[List[str]], None]):
+  def wrapped(argv):
+    logging.get_absl_handler().setFormatter(_ShortFormatter())
+    return main(argv)
+  return wrapped
+
+
 def run_app(main: Callable[[List[str]], None], argv: Sequence[str]) -> None:
-  """``app.run(main, argv)``, flags read by :func:`_parser`."""
-  app.run(main, argv=list(argv), flags_parser=_parser)
+  """``app.run(main, argv)``, flags read by :func:`_parser`, log lines in
+  the short form (``_ShortFormatter``).
+  """
+  app.run(_short_console(main), argv=list(argv), flags_parser=_parser)

@@ -21,6 +21,7 @@ the fix (no traceback; ``--debug`` shows it). A typo in ``--config`` or a
 """
 
 import sys
+from typing import List
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -42,16 +43,35 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _header(config, workdir: str) -> List[str]:
+  """The run in a few lines: recipe, model, data, workdir (the loop's next
+  line adds the steps, devices and input engine)."""
+  recipe = next((a.split("=", 1)[1] for a in sys.argv
+                 if a.startswith("--config=")), "?")
+  lines = [f"{recipe}: {config.model} stage {config.stage} on "
+           f"{config.dataset}, batch {config.batch_size}"]
+  if config.data_dir:
+    lines.append(f"data_dir: {config.data_dir}")
+  return lines + [f"workdir: {workdir}"]
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.info("config:\n%s", FLAGS.config)
+  for line in _header(FLAGS.config, FLAGS.workdir):
+    logging.info("%s", line)
+  if FLAGS.verbose:
+    logging.info("config:\n%s", FLAGS.config)
+  else:
+    logging.info("the whole config: config.json in the workdir, or "
+                 "--verbose")
   added = policy.apply_xla_cpu_flags(FLAGS.config)
   if added:
     logging.info("XLA_FLAGS += %s", added)
   status = 0
   try:
-    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                            verbose=FLAGS.verbose)
   except Preempted as e:
     logging.warning("%s", e)
     status = 128 + e.signum

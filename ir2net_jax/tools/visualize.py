@@ -25,11 +25,10 @@ import numpy as np
 from absl import flags, logging
 
 from ir2net_jax.data import images as images_lib
-from ir2net_jax.data.shared import sources
 from ir2net_jax.data.shared.specs import DataError
 from ir2net_jax.nn import restriction
 from ir2net_jax.tools import checkpoint_cli
-from ir2net_jax.train import evaluate, grid, pictures, step
+from ir2net_jax.train import evaluate, grid, pictures
 
 __all__ = ["VisualizeError", "load_model", "main", "run"]
 
@@ -38,30 +37,12 @@ class VisualizeError(ValueError):
   """A checkpoint, config or image the command was given cannot be used."""
 
 
-def _num_classes(config) -> int:
-  if config.num_classes > 0:
-    return config.num_classes
-  return sources.read_settings(config).spec.num_classes
-
-
 def load_model(config, checkpoint: str) -> Tuple[Any, Dict[str, Any]]:
-  """The model ``config`` names and its variables from ``checkpoint``: a
-  workdir, ``workdir/best`` or converted weights
-  (``evaluate.load_checkpoint``).
-
-  Returns:
-    ``(model, {'params', 'batch_stats'})``; the model has no BatchNorm
-    ``axis_name`` (it runs outside ``shard_map``).
-
-  Raises:
-    VisualizeError: no checkpoint there, or one that does not fit the model.
-  """
-  num_classes = _num_classes(config)
+  """``evaluate.load_model``, its errors as ``VisualizeError``."""
   try:
-    loaded = evaluate.load_checkpoint(config, checkpoint, num_classes)
+    return evaluate.load_model(config, checkpoint)
   except evaluate.CheckpointError as e:
     raise VisualizeError(str(e)) from None
-  return step.build_model(config, num_classes), loaded.variables
 
 
 def main(argv) -> None:

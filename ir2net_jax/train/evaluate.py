@@ -9,20 +9,21 @@ be wrong (no checkpoint, one of another model, no data) is reported before
 anything is compiled.
 """
 
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 
 from ir2net_jax import data, models
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.configs.record import read_recorded_config
+from ir2net_jax.data.shared import sources
 from ir2net_jax.io import weights
 from ir2net_jax.io.weights import CheckpointError
 from ir2net_jax.storage import paths, preflight
 from ir2net_jax.train import config_checks, parallel, startup, step
 
-__all__ = ["evaluate", "evaluate_split", "load_checkpoint", "recorded_config",
-           "CheckpointError"]
+__all__ = ["evaluate", "evaluate_split", "load_checkpoint", "load_model",
+           "recorded_config", "CheckpointError"]
 
 
 def recorded_config(checkpoint: str) -> Optional[str]:
@@ -83,6 +84,27 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
           "dataset": config.dataset}
 
 
+def load_model(config, checkpoint: str) -> Tuple[Any, Dict[str, Any]]:
+  """The model ``config`` names and its variables from ``checkpoint``: a
+  workdir, ``workdir/best`` or converted weights (``load_checkpoint``).
+
+  Returns:
+    ``(model, {'params', 'batch_stats'})``; the model has no BatchNorm
+    ``axis_name`` (it runs outside ``shard_map``), its classes
+    ``config.num_classes``, or the data set's where that is -1.
+
+  Raises:
+    CheckpointError: no checkpoint there, or one that does not fit the model.
+    DataError: an unknown data set, or a ``folder:`` / ``tfds:`` one that is
+      not there (its classes are counted from it).
+  """
+  num_classes = config.num_classes
+  if num_classes <= 0:
+    num_classes = sources.read_settings(config).spec.num_classes
+  loaded = load_checkpoint(config, checkpoint, num_classes)
+  return step.build_model(config, num_classes), loaded.variables
+
+
 def load_checkpoint(config, checkpoint: str, num_classes: int
                     ) -> weights.LoadedVariables:
   """The variables of ``checkpoint`` for the model ``config`` names
@@ -123,17 +145,19 @@ def evaluate_split(eval_step: Callable, variables, config,
     inputs: the run's ``data.open_inputs``; None opens the config's.
 
   Returns:
-    ``eval_top1`` and ``eval_top5`` (fractions) and ``eval_count``, the
-    number of examples, each counted once.
+    ``eval_top1`` and ``eval_top5`` (fractions), ``eval_loss`` (the mean
+    cross-entropy) and ``eval_count``, the number of examples, each counted
+    once.
   """
   if inputs is None:
     inputs = data.open_inputs(config, mesh,
                               config_checks.eval_batch_size(config))
-  totals = {"count": 0.0, "top1": 0.0, "top5": 0.0}
+  totals = {"count": 0.0, "top1": 0.0, "top5": 0.0, "loss": 0.0}
   for batch in inputs.eval_batches():
     sums = eval_step(variables, batch)
     for k in totals:
       totals[k] += float(sums[k])
   count = max(totals["count"], 1.0)
   return {"eval_top1": totals["top1"] / count,
-          "eval_top5": totals["top5"] / count, "eval_count": totals["count"]}
+          "eval_top5": totals["top5"] / count,
+          "eval_loss": totals["loss"] / count, "eval_count": totals["count"]}

@@ -68,7 +68,9 @@ def restriction_grid(images, maps: Dict[str, Any],
                      mean: Optional[Sequence[float]] = None,
                      std: Optional[Sequence[float]] = None,
                      scale: Optional[int] = None,
-                     header: bool = True) -> np.ndarray:
+                     header: bool = True,
+                     row_labels: Optional[Sequence[str]] = None
+                     ) -> np.ndarray:
   """One row per image: input, attention, mask, erased input.
 
   Cell ``(r, c)`` (row r, column c of ``COLUMNS``) starts at pixel
@@ -89,6 +91,9 @@ def restriction_grid(images, maps: Dict[str, Any],
       mask's edge stay sharp); default the smallest making a cell at least
       ``MIN_CELL`` pixels.
     header: draw the column titles above the grid.
+    row_labels: text for each row (two short lines fit beside a
+      ``MIN_CELL`` row), drawn above its kept fraction; the label column
+      widens to fit it.
 
   Returns:
     uint8 (H', W', 3). The attention is divided by each image's maximum
@@ -108,7 +113,14 @@ def restriction_grid(images, maps: Dict[str, Any],
   ch, cw = h * scale, w * scale
   top = HEADER if header else 0
   width = GAP + len(cells) * (cw + GAP)
-  grid = np.empty((top + GAP + n * (ch + GAP), width + LABEL, 3), np.uint8)
+  font = ImageFont.load_default()
+  label_width = LABEL
+  if row_labels:
+    label_width = max([LABEL] + [int(font.getlength(line)) + 8
+                                 for text in row_labels
+                                 for line in text.split("\n")])
+  grid = np.empty((top + GAP + n * (ch + GAP), width + label_width, 3),
+                  np.uint8)
   grid[...] = _BACKGROUND
   grid[:top] = _PAPER
   grid[:, width:] = _PAPER
@@ -120,7 +132,6 @@ def restriction_grid(images, maps: Dict[str, Any],
       grid[y:y + ch, x:x + cw] = big[r]
   picture = Image.fromarray(grid)
   draw = ImageDraw.Draw(picture)
-  font = ImageFont.load_default()
   if header:
     for c, title in enumerate(COLUMNS):
       left, _, right, _ = draw.textbbox((0, 0), title, font=font)
@@ -131,9 +142,13 @@ def restriction_grid(images, maps: Dict[str, Any],
   low = attention.min(axis=(1, 2)) / np.maximum(
       attention.mean(axis=(1, 2)), 1e-12)
   for r, (kept, ratio) in enumerate(zip(mask.mean(axis=(1, 2)), low)):
-    y = top + GAP + r * (ch + GAP) + max(0, ch // 2 - 24)
-    draw.text((width + 4, y), f"kept\n{kept:.0%}\nmin/mean\n{ratio:.2f}",
-              fill=(0, 0, 0), font=font)
+    text = f"kept\n{kept:.0%}\nmin/mean\n{ratio:.2f}"
+    if row_labels:
+      text = f"{row_labels[r]}\n{text}"
+      y = top + GAP + r * (ch + GAP)
+    else:
+      y = top + GAP + r * (ch + GAP) + max(0, ch // 2 - 24)
+    draw.text((width + 4, y), text, fill=(0, 0, 0), font=font)
   return np.asarray(picture)
 
 

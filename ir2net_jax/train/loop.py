@@ -11,9 +11,10 @@ run of another config: see ``config_checks`` and ``resume``) is checked
 before the workdir is touched and before anything is compiled.
 """
 
+import dataclasses
 import json
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import jax
 import ml_collections
@@ -28,7 +29,7 @@ from ir2net_jax.io import checkpoints as checkpoints_lib, weights
 from ir2net_jax.io.checkpoints import on_every_process
 from ir2net_jax.nn import diagnostics
 from ir2net_jax.storage import paths, preflight
-from ir2net_jax.train import (config_checks, divergence, evaluate,
+from ir2net_jax.train import (config_checks, curves, divergence, evaluate,
                               metric_writer, optim, parallel, pictures,
                               preemption, resume, startup)
 from ir2net_jax.train.preemption import Preempted
@@ -38,8 +39,37 @@ from ir2net_jax.train.step import (build_teacher, create_train_state,
 __all__ = ["train_and_evaluate"]
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> Dict[str, Any]:
+@dataclasses.dataclass
+class _Run:
+  """What ``_build`` makes of a config, before the workdir is touched."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  model: Any
+  mesh: jax.sharding.Mesh
+  inputs: Any            # data.open_inputs
+  train_step: Callable   # (state, batch, teacher_vars) -> (state, metrics)
+  eval_step: Callable
+  teacher_vars: Any
+  state: Any             # the new run's, before any restore
+  steps_per_epoch: int
+  num_steps: int
+
+  def variables(self, state):
+    return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Where a run stands: what its checkpoints' metadata record."""
+  start_step: int = 0
+  best: Dict[str, float] = dataclasses.field(
+      default_factory=lambda: {"eval_top1": -1.0, "eval_top5": -1.0})
+  skipped: int = 0     # steps skip_nonfinite_updates skipped, over the run
+  last_eval: Dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       verbose: bool = False) -> Dict[str, Any]:
   """Trains and evaluates one stage as the config says; returns the summary.
 
   Resumes from the newest checkpoint in ``workdir`` that every process can
@@ -49,7 +79,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   says what may change); a finished run started again only reports its
   result and writes nothing. A new run starts from ``config.init_from``'s
   converted variables if set, else (stage 2 of an IR2Net model) from the
-  last stage-1 checkpoint; a resumed one reads neither.
+  last stage-1 checkpoint; a resumed one reads neither. At the end,
+  ``curves.png`` in the workdir plots the run's TensorBoard scalars.
+
+  Args:
+    config: the run's config (``ir2net_jax.get_config``).
+    workdir: a local directory or a bucket URL (``gs://...``).
+    verbose: also log every scalar written to TensorBoard (the per-layer
+      diagnostics among them) and the hyperparameters.
 
   Raises:
     DivergenceError: a step's loss, gradient or new state was not finite
@@ -62,7 +99,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   start_time = time.time()
   policy.apply_xla_cpu_flags(config)   # as the commands do, where it can
-  workdir = paths.resolve(workdir)
+  run = _build(config, paths.resolve(workdir))
+  workdir = run.workdir
+  # From here on the workdir is written to.
+  is_host0 = jax.process_index() == 0
+  paths.makedirs(workdir)
+  checkpoints = checkpoints_lib.Checkpoints(workdir, config.keep_checkpoints)
+  state, progress = _restore(run, checkpoints)
+  finished = progress.start_step >= run.num_steps  # only report its result
+  if is_host0 and not finished:
+    resume.record_config(workdir, config)
+  writer = metric_writer.MetricWriter(
+      workdir, just_logging=not is_host0 or finished, log_scalars=verbose)
+  if progress.start_step == 0:
+    writer.write_hparams(_flat(config.to_dict()))
+  logging.info("training %s for %d steps (%d per epoch) on %d devices, "
+               "input engine %s", config.name, run.num_steps,
+               run.steps_per_epoch, jax.device_count(), run.inputs.engine)
+  try:
+    state = _train(run, state, progress, checkpoints, writer)
+    if not progress.last_eval:  # a finished run started again: its result
+      progress.last_eval = evaluate.evaluate_split(
+          run.eval_step, run.variables(state), config, run.mesh, run.inputs)
+  finally:
+    # Whatever stops the loop, a save in flight (of a checked, finite state)
+    # is finished, and the metrics written so far reach the disk.
+    writer.close()
+    checkpoints.wait()
+    checkpoints.close()
+  summary = _summary(config, max(run.num_steps, progress.start_step),
+                     progress, time.time() - start_time)
+  summary["bad_files"] = _bad_files(run.inputs)
+  if is_host0 and not finished:
+    paths.write_atomic(paths.join(workdir, "summary.json"),
+                       json.dumps(summary, indent=1))
+    _plot_curves(workdir)
+  logging.info("done: %s", _done_line(summary, workdir))
+  return summary
+
+
+def _build(config, workdir: str) -> _Run:
+  """Checks everything that can be wrong with the run (config, data,
+  stage-1 run, teacher, the workdir's earlier run) and builds it: data,
+  model, teacher, optimizer, steps and the new run's state. Writes
+  nothing."""
   startup.connect(config)
   preflight.check_run(config, workdir)
   info, num_classes = startup.prepare(config, training=True)
@@ -85,9 +165,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if steps_per_epoch < 1:
     raise ConfigError(f"config.batch_size={config.batch_size} is larger than "
                       f"the {info.num_train} training examples")
-  num_steps = (config.num_train_steps if config.num_train_steps > 0
-               else config.num_epochs * steps_per_epoch)
-
   model, mesh = startup.student(config, num_classes)
   inputs = data.open_inputs(config, mesh,
                             config_checks.eval_batch_size(config), num_classes)
@@ -101,118 +178,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                                  bool(config.init_from) and not resuming)
   tx = optim.create_optimizer(config, variables["params"], model,
                               steps_per_epoch)
-  state = create_train_state(variables, tx)
+  return _Run(
+      config, workdir, model, mesh, inputs,
+      sharded_train_step(model, tx, config, mesh, teacher,
+                         batch_fn=inputs.batch_fn()),
+      sharded_eval_step(model, mesh), parallel.replicate(teacher_vars, mesh),
+      create_train_state(variables, tx), steps_per_epoch,
+      (config.num_train_steps if config.num_train_steps > 0
+       else config.num_epochs * steps_per_epoch))
 
-  # From here on the workdir is written to.
-  is_host0 = jax.process_index() == 0
-  paths.makedirs(workdir)
-  checkpoints = checkpoints_lib.Checkpoints(workdir, config.keep_checkpoints)
-  best = {"eval_top1": -1.0, "eval_top5": -1.0}
-  skipped = 0   # steps that skip_nonfinite_updates skipped, over the run
+
+def _restore(run: _Run, checkpoints) -> Tuple[Any, _Progress]:
+  """The state to start from (the newest readable checkpoint's, else the
+  new run's), on the mesh, and the progress its metadata records."""
+  state, progress = run.state, _Progress()
   if checkpoints.latest_step() is not None:
     state, meta = checkpoints.restore(state)   # newest readable one
-    best = meta.get("best", best)   # the one best/ holds
-    skipped = meta.get("skipped_steps", 0)
+    progress.best = meta.get("best", progress.best)   # the one best/ holds
+    progress.skipped = meta.get("skipped_steps", 0)
     logging.info("resumed from step %d", int(state.step))
-  start_step = int(state.step)
-  finished = start_step >= num_steps  # started again: only report its result
-  if is_host0 and not finished:
-    resume.record_config(workdir, config)
-  state = parallel.replicate(state, mesh)
-  teacher_vars = parallel.replicate(teacher_vars, mesh)
+  progress.start_step = int(state.step)
+  return parallel.replicate(state, run.mesh), progress
 
-  train_step = sharded_train_step(model, tx, config, mesh, teacher,
-                                  batch_fn=inputs.batch_fn())
-  eval_step = sharded_eval_step(model, mesh)
 
-  writer = metric_writer.MetricWriter(
-      workdir, just_logging=not is_host0 or finished)
-  if start_step == 0:
-    writer.write_hparams({k: v for k, v in _flat(config.to_dict()).items()})
+def _train(run: _Run, state, progress: _Progress, checkpoints, writer):
+  """Steps ``progress.start_step + 1 .. run.num_steps``: logs, evaluates,
+  saves (see ``train_and_evaluate``). Returns the last state; fills
+  ``progress``."""
+  config = run.config
   report = metric_writer.ReportProgress(
-      num_train_steps=num_steps, writer=writer,
+      num_train_steps=run.num_steps, writer=writer,
       every_steps=config.log_every_steps)
-  schedule = optim.learning_rate_schedule(config, steps_per_epoch)
+  schedule = optim.learning_rate_schedule(config, run.steps_per_epoch)
   ckpt_every = (config.checkpoint_every_steps
-                if config.checkpoint_every_steps > 0 else steps_per_epoch)
-  train_iter = inputs.train_batches(start_step)
-  logging.info("training %s for %d steps (%d per epoch) on %d devices, "
-               "input engine %s", config.name, num_steps, steps_per_epoch,
-               jax.device_count(), inputs.engine)
-
+                if config.checkpoint_every_steps > 0 else run.steps_per_epoch)
+  train_iter = run.inputs.train_batches(progress.start_step)
+  evaluator = _Evaluator(run, writer)
   # pending: (step, metrics) since the last logging step, not yet written;
   # every one of them is checked for divergence before anything is
   # evaluated or saved.
-  pending, last_eval = [], {}
-  pictures = None  # pictures.RestrictionPictures or False, at the first eval
+  pending = []
   meta = lambda: {"model": config.model, "stage": config.stage,
-                  "name": config.name, "best": best, **last_eval,
-                  "skipped_steps": skipped + divergence.count_skipped(pending)}
+                  "name": config.name, "best": progress.best,
+                  **progress.last_eval, "skipped_steps":
+                  progress.skipped + divergence.count_skipped(pending)}
+  step = progress.start_step
   try:
     with preemption.StopSignals() as stop_signals:
-      for step in range(start_step + 1, num_steps + 1):
+      for step in range(progress.start_step + 1, run.num_steps + 1):
         # A signal gives up the wait for a batch, and the first step.
-        stop_signals.interruptible = step == start_step + 1
+        stop_signals.interruptible = step == progress.start_step + 1
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
           with stop_signals.waiting():
             waiting = time.perf_counter()
             batch = next(train_iter)
             report.waited(time.perf_counter() - waiting)
-          state, metrics = train_step(state, batch, teacher_vars)
+          state, metrics = run.train_step(state, batch, run.teacher_vars)
         stop_signals.interruptible = False
         pending.append((step, metrics))
         stop = stop_signals.stop_requested(step)
-        log_now = step % config.log_every_steps == 0 or step == num_steps
-        end_of_epoch = step % steps_per_epoch == 0
-        eval_now = not stop and (step == num_steps or (
-            end_of_epoch and
-            (step // steps_per_epoch) % config.eval_every_epochs == 0))
+        log_now = step % config.log_every_steps == 0 or step == run.num_steps
+        eval_now = not stop and _eval_due(step, run)
         if log_now or eval_now or stop or step % ckpt_every == 0:
           divergence.check(pending, config, checkpoints.latest_step())
         if log_now:
           summary = _write_train_metrics(writer, step, pending, schedule,
-                                         _bad_files(inputs))
-          skipped += int(summary.get("skipped_steps", 0))
+                                         _bad_files(run.inputs))
+          progress.skipped += int(summary.get("skipped_steps", 0))
           report.latest(summary)
           pending = []
         # After the logging step's sync: steps/s counts steps done, not
         # steps dispatched.
         report(step)
-        is_best = False
-        if eval_now:
-          last_eval = evaluate.evaluate_split(
-              eval_step, {"params": state.params,
-                          "batch_stats": state.batch_stats}, config, mesh,
-              inputs)
-          writer.write_scalars(step, last_eval)
-          if pictures is None:  # made once, at the first evaluation
-            pictures = _restriction_pictures(config, model, mesh, workdir,
-                                             inputs)
-          if pictures:
-            pictures(step, {"params": state.params,
-                            "batch_stats": state.batch_stats}, writer)
-          logging.info("step %d (epoch %.2f): eval top-1 %.4f top-5 %.4f",
-                       step, step / steps_per_epoch, last_eval["eval_top1"],
-                       last_eval["eval_top5"])
-          if last_eval["eval_top1"] > best["eval_top1"]:
-            best = {"eval_top1": last_eval["eval_top1"],
-                    "eval_top5": last_eval["eval_top5"], "step": step}
-            is_best = True
-        if step % ckpt_every == 0 or step == num_steps or is_best or stop:
+        is_best = eval_now and evaluator(step, state, progress)
+        if step % ckpt_every == 0 or step == run.num_steps or is_best or stop:
           checkpoints.save(step, state, meta(), best=is_best)
           writer.flush()   # TensorBoard keeps up with the checkpoints
         if stop:
           checkpoints.wait()
           raise Preempted(step, stop_signals.signum,
                           checkpoints.step_path(step))
-    if not last_eval:  # a finished run started again: report its result
-      last_eval = evaluate.evaluate_split(
-          eval_step, {"params": state.params,
-                      "batch_stats": state.batch_stats}, config, mesh,
-          inputs)
   except preemption.Interrupted as e:  # in step: state is step - 1's
-    if step - 1 == start_step:   # nothing new to save
-      raise Preempted(start_step, e.signum, None) from None
+    if step - 1 == progress.start_step:   # nothing new to save
+      raise Preempted(progress.start_step, e.signum, None) from None
     divergence.check(pending, config, checkpoints.latest_step())
     checkpoints.save(step - 1, state, meta())
     writer.flush()
@@ -220,33 +268,78 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     raise Preempted(step - 1, e.signum,
                     checkpoints.step_path(step - 1)) from None
   finally:
-    # Whatever stops the loop, a save in flight (of a checked, finite state)
-    # is finished, and the metrics written so far reach the disk.
-    writer.close()
-    checkpoints.wait()
-    checkpoints.close()
     close_source(train_iter)   # grain: its worker processes and shared memory
-  summary = _summary(config, max(num_steps, start_step), last_eval, best,
-                     skipped, time.time() - start_time)
-  summary["bad_files"] = _bad_files(inputs)
-  if is_host0 and not finished:
-    paths.write_atomic(paths.join(workdir, "summary.json"),
-                       json.dumps(summary, indent=1))
-  logging.info("done: %s", json.dumps(summary))
-  return summary
+  return state
 
 
-def _summary(config, steps: int, last_eval: Dict[str, float],
-             best: Dict[str, float], skipped: int,
+def _eval_due(step: int, run: _Run) -> bool:
+  """The last step, and the end of every ``eval_every_epochs``-th epoch."""
+  epochs, rest = divmod(step, run.steps_per_epoch)
+  return step == run.num_steps or (
+      rest == 0 and epochs % run.config.eval_every_epochs == 0)
+
+
+class _Evaluator:
+  """Evaluates at a step: writes the metrics and the restriction pictures,
+  logs the top-1, records a new best in the progress."""
+
+  def __init__(self, run: _Run, writer):
+    self._run, self._writer = run, writer
+    self._pictures = None  # RestrictionPictures or False, at the first eval
+
+  def __call__(self, step: int, state, progress: _Progress) -> bool:
+    """Returns whether the step is the run's best so far."""
+    run, variables = self._run, self._run.variables(state)
+    progress.last_eval = evaluate.evaluate_split(
+        run.eval_step, variables, run.config, run.mesh, run.inputs)
+    self._writer.write_scalars(step, progress.last_eval)
+    if self._pictures is None:
+      self._pictures = _restriction_pictures(run.config, run.model, run.mesh,
+                                             run.workdir, run.inputs)
+    if self._pictures:
+      self._pictures(step, variables, self._writer)
+    top1, top5 = (progress.last_eval["eval_top1"],
+                  progress.last_eval["eval_top5"])
+    logging.info("step %d (epoch %.2f): eval top-1 %.4f top-5 %.4f", step,
+                 step / run.steps_per_epoch, top1, top5)
+    if top1 <= progress.best["eval_top1"]:
+      return False
+    progress.best = {"eval_top1": top1, "eval_top5": top5, "step": step}
+    return True
+
+
+def _plot_curves(workdir: str) -> None:
+  """``curves.png`` in the workdir; a run that trained is not failed by
+  its picture."""
+  try:
+    curves.plot(workdir)
+  except ImportError:
+    logging.info("no %s: matplotlib is not installed", curves.FILE_NAME)
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("could not draw %s: %s: %s", curves.FILE_NAME,
+                    type(e).__name__, paths.first_line(e))
+
+
+def _done_line(summary: Dict[str, Any], workdir: str) -> str:
+  """The end of a run in a line: its top-1s, its time, where it is."""
+  best = summary["best_eval_top1"]
+  return ("%d steps, eval top-1 %.4f (best %.4f), %.0f s; %s" % (
+      summary["steps"], summary["final_eval_top1"] or 0.0,
+      best if best is not None else 0.0, summary["wall_time_s"],
+      paths.join(workdir, "summary.json")))
+
+
+def _summary(config, steps: int, progress: _Progress,
              wall_time_s: float) -> Dict[str, Any]:
   """What ``summary.json`` holds."""
+  last_eval, best = progress.last_eval, progress.best
   return {
       "name": config.name, "model": config.model, "stage": config.stage,
       "dataset": config.dataset, "steps": steps,
       "final_eval_top1": last_eval.get("eval_top1"),
       "final_eval_top5": last_eval.get("eval_top5"),
       "best_eval_top1": best["eval_top1"], "best_eval_top5": best["eval_top5"],
-      "skipped_steps": skipped, "wall_time_s": wall_time_s,
+      "skipped_steps": progress.skipped, "wall_time_s": wall_time_s,
       "devices": jax.device_count(), "processes": jax.process_count(),
   }
 

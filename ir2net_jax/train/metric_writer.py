@@ -5,7 +5,8 @@ summaries: scalars, images, histograms as tensors with their plugin's
 metadata, and the hparams plugin's session), with the ``tensorboard``
 package's own event-file writer, so a run writes its TensorBoard files where
 TensorFlow is not installed (GPU images, Colab TPU runtimes). It also logs
-each scalar, as clu's ``LoggingWriter`` does. ``ReportProgress`` logs and
+each scalar, as clu's ``LoggingWriter`` does, where asked (``log_scalars``;
+the loop's own lines say what a person reads). ``ReportProgress`` logs and
 writes steps per second and the ETA every few steps.
 
 The interface is clu's ``MetricWriter``'s, so either can serve the loop.
@@ -66,20 +67,19 @@ class MetricWriter:
     just_logging: only log, write no file (other hosts than the first, and
       a finished run started again).
     max_images: images written per ``write_images`` entry (clu's default).
+    log_scalars: also log every scalar and the hyperparameters.
   """
 
   def __init__(self, logdir: str, just_logging: bool = False,
-               max_images: int = 3):
-    self._max_images = max_images
+               max_images: int = 3, log_scalars: bool = True):
+    self._max_images, self._log = max_images, log_scalars
     self._events = None
     if just_logging:
       return
     if paths.is_cloud(logdir):   # uploaded whole, from a thread
       self._events = event_files.BucketEventFile(logdir)
     else:
-      # pylint: disable=g-import-not-at-top
-      from tensorboard.summary.writer.event_file_writer import EventFileWriter
-      self._events = EventFileWriter(logdir)
+      self._events = event_files.LocalEventFile(logdir)
 
   def _write(self, step: int, values) -> None:
     from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=g-import-not-at-top
@@ -102,8 +102,9 @@ class MetricWriter:
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     """Scalars as 0-d float32 tensors (plugin ``scalars``), and a log line."""
     values = {k: float(np.asarray(v)) for k, v in scalars.items()}
-    logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}"
-                                            for k, v in values.items()))
+    if self._log:
+      logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}"
+                                              for k, v in values.items()))
     self._write(step, [self._value(k, np.asarray(v, np.float32), "scalars")
                        for k, v in values.items()])
 
@@ -138,7 +139,8 @@ class MetricWriter:
     from tensorboard.plugins.hparams import summary_v2 as hp  # pylint: disable=g-import-not-at-top
     plain = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
              for k, v in hparams.items()}
-    logging.info("hparams: %s", plain)
+    if self._log:
+      logging.info("hparams: %s", plain)
     if self._events is not None:
       self._write(0, hp.hparams_pb(plain).value)
 

@@ -18,7 +18,8 @@ from absl import logging
 from ir2net_jax import data
 from ir2net_jax.train import config_checks, parallel, step
 
-__all__ = ["Prepared", "connect", "prepare", "num_classes", "student"]
+__all__ = ["Prepared", "connect", "prepare", "num_classes", "student",
+           "quiet_library_logs"]
 
 
 class Prepared(NamedTuple):
@@ -34,26 +35,44 @@ class Prepared(NamedTuple):
 
 class _DropLibraryInfo(pylogging.Filter):
   """Keeps INFO lines of orbax / tfds (several per checkpoint) out of the
-  log."""
+  log, orbax's warnings about what we do on purpose (a read-only manager
+  for a restore, a step saved before orbax wrote its metadata file), and
+  every other warning of theirs after its first time."""
   _NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/xla_bridge")
+  _MEANT = ("CheckpointManagerOptions.read_only=True",
+            "Given directory is read only",
+            "Metadata file does not exist")
+
+  def __init__(self):
+    super().__init__()
+    self._warned = set()
 
   def filter(self, record):
-    return (record.levelno >= pylogging.WARNING
-            or not any(p in record.pathname for p in self._NOISY))
+    if not any(p in record.pathname for p in self._NOISY):
+      return True
+    if (record.levelno < pylogging.WARNING
+        or str(record.msg).startswith(self._MEANT)):
+      return False
+    key = (record.pathname, record.lineno, record.getMessage())
+    if key in self._warned:
+      return False
+    self._warned.add(key)
+    return True
 
 
-def _quiet_library_logs() -> None:
-  """Adds ``_DropLibraryInfo`` to absl's log handler (once)."""
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
-    handler.addFilter(_DropLibraryInfo())
+def quiet_library_logs() -> None:
+  """Adds ``_DropLibraryInfo`` to absl's logger (once), which orbax and tfds
+  log through, whichever handler is attached yet."""
+  logger = logging.get_absl_logger()
+  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+    logger.addFilter(_DropLibraryInfo())
 
 
 def connect(config) -> None:
   """Joins multi-host JAX (``parallel.init_distributed``; a config of None
   reads the cluster environment only) and keeps library INFO lines out of
   the log. Call before anything starts JAX's backends."""
-  _quiet_library_logs()
+  quiet_library_logs()
   parallel.init_distributed(config)
 
 

@@ -197,8 +197,8 @@ def build_teacher(config, num_classes: int,
 def make_eval_step(model: nn.Module) -> Callable:
   """Per-device eval step ``(variables, batch) -> global sums``.
 
-  Returns the number of real (unmasked) examples and of top-1 / top-5 hits,
-  summed over devices, so padding never counts.
+  Returns the number of real (unmasked) examples, of top-1 / top-5 hits and
+  their cross-entropy, summed over devices, so padding never counts.
   """
 
   def step(variables, batch):
@@ -207,8 +207,10 @@ def make_eval_step(model: nn.Module) -> Callable:
     top1 = jnp.argmax(logits, -1) == labels
     k = min(5, logits.shape[-1])
     top5 = jnp.any(lax.top_k(logits, k)[1] == labels[:, None], axis=-1)
+    loss = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.maximum(labels, 0))
     sums = {"count": jnp.sum(mask), "top1": jnp.sum(top1 * mask),
-            "top5": jnp.sum(top5 * mask)}
+            "top5": jnp.sum(top5 * mask), "loss": jnp.sum(loss * mask)}
     return lax.psum(sums, parallel.AXIS)
 
   return step

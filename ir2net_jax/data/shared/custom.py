@@ -137,7 +137,8 @@ def _make_spec(*, tfds_name: str, where: str, num_classes: int,
                splits: Dict[str, int], size: Optional[_SIZE],
                cache_bytes: Optional[int], recipe: str, image_key: str,
                label_key: str, folder: Optional[str] = None,
-               problems: Tuple[Tuple[str, str], ...] = ()) -> DatasetSpec:
+               problems: Tuple[Tuple[str, str], ...] = (),
+               class_names: Sequence[str] = ()) -> DatasetSpec:
   """The spec, from what was read of the data set."""
   if num_classes < 1:
     raise DataError(f"{where} has no classes; its label feature names none.")
@@ -171,7 +172,8 @@ def _make_spec(*, tfds_name: str, where: str, num_classes: int,
       value_range=normalized_range(constants.IMAGENET_MEAN,
                                    constants.IMAGENET_STD),
       recipe=recipe, image_key=image_key, label_key=label_key, folder=folder,
-      problems=problems, crop="pad" if recipe == "cifar" else "resized")
+      problems=problems, crop="pad" if recipe == "cifar" else "resized",
+      class_names=tuple(class_names))
 
 
 # ------------------------------------------------------------- tfds:NAME ---
@@ -245,7 +247,7 @@ def _tfds_spec(name: str, data_dir: Optional[str], augment: str
       tfds_name=name, where=where,
       num_classes=info.features[label_key].num_classes, splits=splits,
       size=size, cache_bytes=cache_bytes, recipe=recipe, image_key=image_key,
-      label_key=label_key)
+      label_key=label_key, class_names=info.features[label_key].names)
 
 
 # ----------------------------------------------------------- folder:PATH ---
@@ -306,4 +308,4 @@ def _folder_spec(path: str, augment: str) -> DatasetSpec:
       num_classes=len(tree.classes), splits=splits,
       size=size, cache_bytes=tree.total_bytes,
       recipe=recipe, image_key="image", label_key="label", folder=root,
-      problems=tuple(sorted(problems.items())))
+      problems=tuple(sorted(problems.items())), class_names=tree.classes)

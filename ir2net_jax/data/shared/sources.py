@@ -11,7 +11,9 @@ reads its splits with ``tf_data.splits``.
 
 import dataclasses
 import functools
-from typing import Dict, Iterator, Optional, Tuple
+import importlib.util
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from ir2net_jax.data.shared.tf_recipes import tf_recipe
 __all__ = [
     "DataError", "DatasetSpec", "DATASETS", "dataset_spec", "Settings",
     "read_settings", "checked_labels", "augmentation", "DTYPES", "file_format",
+    "class_names",
 ]
 
 
@@ -36,7 +39,8 @@ DATASETS: Dict[str, DatasetSpec] = {
         eval_recipe=tf_recipe("digits_eval"),
         value_range=normalized_range(constants.DIGITS_MEAN,
                                      constants.DIGITS_STD),
-        recipe="digits", flip=False),
+        recipe="digits", flip=False,
+        class_names=tuple(str(i) for i in range(10))),
     "cifar10": DatasetSpec(
         tfds_name="cifar10", num_classes=10, image_size=32,
         fixed_image_size=True, eval_split="test", shuffle_buffer=50_000,
@@ -45,7 +49,9 @@ DATASETS: Dict[str, DatasetSpec] = {
         eval_recipe=tf_recipe("cifar10_eval"),
         value_range=normalized_range(constants.IMAGENET_MEAN,
                                      constants.IMAGENET_STD),
-        recipe="cifar10"),
+        recipe="cifar10",
+        class_names=("airplane", "automobile", "bird", "cat", "deer", "dog",
+                     "frog", "horse", "ship", "truck")),
     "imagenet2012": DatasetSpec(
         tfds_name="imagenet2012", num_classes=1000, image_size=224,
         fixed_image_size=False, eval_split="validation",
@@ -208,3 +214,33 @@ def file_format(builder) -> str:
   TensorFlow)."""
   found = builder.info.file_format
   return str(getattr(found, "value", found))
+
+
+def class_names(config, num_classes: int) -> List[str]:
+  """Label ``i``'s name for each of ``num_classes`` labels: the data set's
+  (``DatasetSpec.class_names``; ImageNet's WordNet IDs, from
+  tensorflow_datasets' list where it is installed), else ``str(i)``.
+
+  Raises:
+    DataError: ``config.dataset`` is unknown, or a ``tfds:`` / ``folder:``
+      data set is not there (``dataset_spec``).
+  """
+  spec = dataset_spec(config.get("dataset"), config.get("data_dir"),
+                      config.get("augment") or "auto")
+  names = list(spec.class_names)
+  if not names and spec.tfds_name == "imagenet2012":
+    names = _tfds_imagenet_names()
+  return [names[i] if i < len(names) else str(i) for i in range(num_classes)]
+
+
+def _tfds_imagenet_names() -> List[str]:
+  """The 1000 WordNet IDs of tfds' imagenet2012 labels, read from the
+  tensorflow_datasets package without importing it; [] where it is not
+  installed."""
+  found = importlib.util.find_spec("tensorflow_datasets")
+  for root in (found and found.submodule_search_locations) or ():
+    path = os.path.join(root, "datasets", "imagenet2012", "labels.txt")
+    if os.path.isfile(path):
+      with open(path, encoding="utf-8") as f:
+        return f.read().split()
+  return []

@@ -77,6 +77,9 @@ class DatasetSpec:
     crop: the train recipe's crop: 'pad' (pad and random crop:
       ``config.crop_padding`` applies) or 'resized' (RandomResizedCrop:
       ``config.crop_scale`` applies).
+    class_names: label ``i``'s name, where the data set names its classes
+      (a folder's subfolders, a tfds builder's label names); see
+      ``sources.class_names``.
   """
   tfds_name: str
   num_classes: int
@@ -96,6 +99,7 @@ class DatasetSpec:
   problems: Tuple[Tuple[str, str], ...] = ()
   flip: bool = True
   crop: str = "pad"
+  class_names: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,112 @@
+"""Classifies your images with a trained model: ``ir2net-predict``.
+
+  ir2net-predict --checkpoint=runs/digits/best --images='photos/*.png,more/'
+  ir2net-predict --checkpoint=runs/digits --images=a.png --json --top_k=3
+  ir2net-predict --checkpoint=runs/digits --images=a.png --pictures=a_maps.png
+
+``--checkpoint`` is a training workdir (its newest checkpoint), its
+``best/``, or converted weights (``ir2net-convert``'s output, with
+``--config``). ``--images`` takes files, glob patterns and directories,
+separated by commas. Each image is prepared as the data set's eval recipe
+prepares its own and classified in evaluation mode; the command prints each
+image's ``--top_k`` classes with their probabilities, as a table or, with
+``--json``, as JSON (and writes that JSON to ``--output`` where given).
+Class names are the data set's (a folder's subfolders, a tfds builder's
+label names; numbers where it names none).
+
+``--pictures=PNG`` also draws each image with its predicted class and the
+model's restriction maps: attention, the erase mask and the erased input
+(``ir2net_jax.train.grid``).
+"""
+
+import json
+import os
+
+from absl import app, flags, logging
+
+from ir2net_jax.configs import ConfigError
+from ir2net_jax.data.shared.specs import DataError
+from ir2net_jax.storage import paths, preflight
+from ir2net_jax.tools import checkpoint_cli, command_line
+from ir2net_jax.train import evaluate, grid, pictures, predict
+
+__all__ = ["main", "run"]
+
+
+def _define_flags() -> None:
+  """The flags of this command alone (``checkpoint_cli.define`` has the
+  others)."""
+  flags.DEFINE_string("images", None, "Comma-separated image files, glob "
+                      "patterns or directories.")
+  flags.DEFINE_integer("top_k", 5, "Classes shown per image.", lower_bound=1)
+  flags.DEFINE_bool("json", False, "Print JSON instead of the table.")
+  flags.DEFINE_string("output", None, "Also write the JSON to this file.")
+  flags.DEFINE_string("pictures", None, "A PNG of each image with its class "
+                      "and restriction maps.")
+  flags.mark_flag_as_required("images")
+
+
+def _result(config, checkpoint: str, found: predict.Predictions):
+  return {"checkpoint": checkpoint, "model": config.model,
+          "dataset": config.dataset,
+          "predictions": [p.as_dict() for p in found.predictions]}
+
+
+def _draw(config, found: predict.Predictions, output: str) -> None:
+  maps = predict.restriction_maps(found, config.erase_lambda)
+  labels = [f"{_short(os.path.basename(p.path))}\n"
+            f"{_short(p.classes[0])} {p.probabilities[0]:.0%}"
+            for p in found.predictions]
+  grid.save_png(grid.restriction_grid(
+      found.images, maps, row_labels=labels,
+      **pictures.display_normalization(config)), output)
+
+
+def _short(text: str, most: int = 24) -> str:
+  return text if len(text) <= most else text[:most - 3] + "..."
+
+
+def main(argv) -> None:
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not f["verbosity"].present:  # orbax logs several lines per restore
+    logging.set_verbosity(logging.WARNING)
+  config = f.config   # the recorded one where --config is left out
+  try:
+    preflight.check(f.checkpoint, "--checkpoint")
+    if not paths.exists(f.checkpoint):
+      raise evaluate.CheckpointError(
+          f"--checkpoint={f.checkpoint}: no such directory; pass a training "
+          "workdir, its best/, or converted weights (ir2net-convert)")
+  except (preflight.StorageError, evaluate.CheckpointError) as e:
+    command_line.exit_on_error(e)
+  if config is None:
+    command_line.exit_on_error(ConfigError(
+        f"{f.checkpoint} has no recorded config.json (e.g. converted "
+        "weights); pass --config=RECIPE"))
+  for flag in ("output", "pictures"):   # before anything is computed
+    if f[flag].value:
+      preflight.check(paths.parent(f[flag].value), f"--{flag}", written=True)
+  try:
+    found = predict.predict(config, f.checkpoint, f.images, f.top_k)
+  except (DataError, evaluate.CheckpointError) as e:
+    command_line.exit_on_error(e)
+  result = _result(config, f.checkpoint, found)
+  if f.output:
+    paths.write_atomic(f.output, json.dumps(result, indent=1))
+  print(json.dumps(result, indent=1) if f.json
+        else predict.table(found.predictions))
+  if f.pictures:
+    _draw(config, found, f.pictures)
+    if not f.json:
+      print(f"wrote {f.pictures}")
+
+
+def run() -> None:
+  """The ``ir2net-predict`` console script."""
+  checkpoint_cli.run(main, _define_flags)
+
+
+if __name__ == "__main__":
+  run()
