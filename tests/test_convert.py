@@ -97,3 +97,24 @@ def test_command_refuses_existing_output(tmp_path):
                       f"--output={tmp_path / 'exists'}"], cwd=ROOT,
                      capture_output=True, text=True)
   assert r.returncode != 0 and "exists" in r.stderr
+
+
+def test_a_shallower_state_dict_gets_the_num_blocks_that_fits(tmp_path,
+                                                              capsys):
+  """A ResNet-20 of one block per stage, converted without --num_blocks:
+  one line naming the flag and the value, nothing written."""
+  from ir2net_jax import models  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.tools import convert  # pylint: disable=g-import-not-at-top
+  small = models.create_model("cifar_resnet20", num_blocks=(1, 2, 1))
+  state = torch_layout.flax_to_torch(models.init_variables(small, 32, 0),
+                                     small)
+  assert torch_layout.blocks_per_stage(state) == (1, 2, 1)
+  np.savez(tmp_path / "small.npz", **state)
+  args = ["--model=cifar_resnet20", f"--input={tmp_path / 'small.npz'}",
+          f"--output={tmp_path / 'out'}"]
+  with pytest.raises(SystemExit) as e:
+    convert.main(args)
+  assert "pass --num_blocks=1,2,1" in str(e.value), e.value
+  assert not (tmp_path / "out").exists()
+  convert.main(args + ["--num_blocks=1,2,1"])
+  assert "wrote" in capsys.readouterr().out

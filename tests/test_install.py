@@ -19,7 +19,8 @@ from ir2net_jax.models import costs, create_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ("ir2net-train", "ir2net-eval", "ir2net-convert", "ir2net-costs",
-           "ir2net-benchmark", "ir2net-preresize")
+           "ir2net-benchmark", "ir2net-preresize", "ir2net-check-data",
+           "ir2net-curves", "ir2net-predict")
 MODES = ("source", "editable", "git")
 
 _CHECK = r"""

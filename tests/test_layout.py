@@ -28,7 +28,7 @@ LAYERS = (
     ("nn",),
     ("models",),
     ("data", "io"),
-    ("train",),
+    ("train", "deploy"),
     ("tools",),
 )
 # The package's own __init__: the public API, above everything it imports.

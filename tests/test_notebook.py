@@ -101,7 +101,6 @@ def test_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
   workdir = tmp_path / "runs" / "digits"
   params = {
       "SMOKE": True, "INSTALL": False, "WORKDIR": str(workdir),
-      "DATA_DIR": str(tmp_path / "tfds"),
       "RELEASED_CHECKPOINT": str(tmp_path / "model_best.pth.tar"),  # absent
       "CONVERTED_DIR": str(tmp_path / "converted"),
       "IMAGENET_DATA_DIR": None,

@@ -92,12 +92,14 @@ def test_readme_is_short():
 
 
 def test_ci_runs_the_readme_test_command():
-  """.ci/run runs the test command of the README's Quick start verbatim."""
+  """.ci/run runs the test command of the README's Quick start verbatim
+  (the whole suite; the fast tier's line picks tests with -m)."""
   readme = _read(os.path.join(ROOT, "README.md"))
   start = readme.index("## Quick start")
   block = re.compile(r"```bash\n(.*?)```", re.S).search(readme, start)
   commands = block.group(1).splitlines()
-  tests = [c for c in commands if c.startswith("python -m pytest")]
+  tests = [c for c in commands if c.startswith("python -m pytest")
+           and " -m " not in c[len("python -m pytest"):]]
   assert len(tests) == 1, commands
   ci = _read(os.path.join(ROOT, ".ci", "run")).splitlines()
   assert tests[0] in ci, f"{tests[0]!r} is not a line of .ci/run"
@@ -147,3 +149,49 @@ def test_modules_example_runs_and_does_what_it_says():
   signs = np.asarray(jax.jit(namespace["binarize"].approx_sign)(
       jnp.asarray(x)))
   np.testing.assert_array_equal(signs, np.sign(x))
+
+
+def _all_docs_text():
+  return "\n".join(_read(p) for p in _pages())
+
+
+def test_the_commands_the_docs_name_exist_and_the_readme_lists_each():
+  import tomllib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    scripts = set(tomllib.load(f)["project"]["scripts"])
+  text = _all_docs_text()
+  named = set(re.findall(r"\bir2net-[a-z][a-z-]*[a-z]\b", text))
+  assert named <= scripts, named - scripts
+  readme = _read(os.path.join(ROOT, "README.md"))
+  assert {s for s in scripts if s not in readme} == set()
+  for module in set(re.findall(r"python -m (ir2net_jax\.[a-z_.]+)", text)):
+    path = os.path.join(ROOT, *module.split("."))
+    assert (os.path.isfile(path + ".py")
+            or os.path.isfile(os.path.join(path, "__main__.py"))), module
+
+
+def test_the_config_fields_and_models_the_docs_name_exist():
+  from ir2net_jax import configs  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.models import MODELS  # pylint: disable=g-import-not-at-top
+  text = _all_docs_text()
+  fields = set(configs.get_config("digits").keys()) | {"field"}  # "FIELD"
+  named = set(re.findall(r"--config\.([a-z_]+)", text))
+  assert named and named <= fields, named - fields
+  models = set(re.findall(r"create_model\(\"([a-z0-9_]+)\"", text)) | set(
+      re.findall(r"--model=([a-z0-9_]+)", text))
+  page = _read(os.path.join(ROOT, "docs", "modules.md"))
+  listed = set(re.findall(r"`((?:cifar|ir2net|float|teacher)_[a-z0-9_]+)`",
+                          page))
+  assert models and models <= set(MODELS), models - set(MODELS)
+  # modules.md lists every model (the resnet34 variants by their ends).
+  assert set(MODELS) - listed <= {f"ir2net_{v}_resnet34" for v in "bc"}, (
+      set(MODELS) - listed)
+  assert listed <= set(MODELS), listed - set(MODELS)
+
+
+def test_the_workdir_files_the_docs_name_are_the_runs():
+  """The pictures are ``restriction/step_000006.png``: six digits."""
+  text = _all_docs_text()
+  for name in re.findall(r"step_[^\s`)]*\.png", text):
+    assert re.fullmatch(r"step_(\d{6}|0+\d+|<[a-z]+>)\.png", name) and (
+        "<step>" not in name), name

@@ -172,6 +172,18 @@ def torch_to_flax(state_dict: Mapping[str, Any], model: nn.Module,
   return out
 
 
+def blocks_per_stage(state_dict: Mapping[str, Any]) -> Tuple[int, ...]:
+  """How many residual blocks each stage of a ResNet-style ``state_dict``
+  holds, from its ``layer<i>.<j>.`` keys: e.g. ``(1, 1, 1)`` for a
+  ``num_blocks=(1, 1, 1)`` ResNet-20; ``()`` where it has none."""
+  found: Dict[int, set] = {}
+  for key in _strip_prefix(state_dict):
+    match = re.match(r"layer(\d+)\.(\d+)\.", key)
+    if match:
+      found.setdefault(int(match.group(1)), set()).add(int(match.group(2)))
+  return tuple(len(found[i]) for i in sorted(found))
+
+
 def flax_to_torch(variables: Variables, model: nn.Module) -> Dict[str, np.ndarray]:
   """The inverse of ``torch_to_flax``: Flax variables -> a numpy state_dict."""
   out = {}

@@ -14,6 +14,7 @@ training checkpoint) or a ``.npz`` of arrays keyed by the PyTorch names
 """
 
 import argparse
+import sys
 
 import jax
 import numpy as np
@@ -52,11 +53,27 @@ def main(argv=None) -> None:
   preflight.check(paths.parent(args.output), "--output", written=True)
   if paths.exists(args.output):
     parser.error(f"--output {args.output} exists; choose a new directory")
-  variables = torch_layout.torch_to_flax(
-      torch_layout.load_state_dict(args.input), model, image_size)
+  state_dict = torch_layout.load_state_dict(args.input)
+  try:
+    variables = torch_layout.torch_to_flax(state_dict, model, image_size)
+  except torch_layout.ConversionError as e:
+    sys.exit(f"error: {e}{_depth_hint(state_dict, model, args.num_blocks)}")
   weights.save_variables(args.output, variables)
   n = sum(np.size(x) for x in jax.tree.leaves(variables["params"]))
   print(f"wrote {args.output}: {args.model} ({n:,} parameters)")
+
+
+def _depth_hint(state_dict, model, given) -> str:
+  """Where the state_dict's blocks per stage differ from the model's: the
+  ``--num_blocks`` that fits."""
+  found = torch_layout.blocks_per_stage(state_dict)
+  built = tuple(getattr(model, "num_blocks", ()) or ())
+  if not found or found == built:
+    return ""
+  flag = ",".join(map(str, found))
+  return (f". The state_dict has {found} blocks per stage, the model "
+          f"{built or 'another layout'}: pass --num_blocks={flag}"
+          + (f" (not {given})" if given else ""))
 
 
 def run() -> None:

@@ -1,0 +1,74 @@
+"""Packed binary convolutions (``ir2net_jax.deploy.bits``): the integer
+accumulators equal the float convolution of the same {-1, 0, +1} operands
+exactly, for any channel count (whole words or not), stride, kernel size
+and padding, with zeros inside the operands as well as at the border."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ir2net_jax.deploy import bits
+from ir2net_jax.nn import kernels
+
+
+def _ternary(rng, shape, zeros):
+  """Values in {-1, +1}, a share ``zeros`` of them 0."""
+  values = rng.choice([-1.0, 1.0], size=shape)
+  values[rng.random(shape) < zeros] = 0.0
+  return values.astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [1, 31, 32, 33, 64, 100])
+def test_pack_unpack_round_trip(n):
+  values = _ternary(np.random.default_rng(n), (3, 2, n), 0.2)
+  packed = bits.pack(jnp.asarray(values))
+  assert packed.negative.dtype == jnp.uint32
+  assert packed.negative.shape == (3, 2, -(-n // 32))
+  np.testing.assert_array_equal(bits.unpack(packed), values)
+  # Channels past the last whole word are zero bits in both planes.
+  tail = n % 32
+  if tail:
+    assert not np.any(np.asarray(packed.nonzero[..., -1]) >> tail)
+
+
+def test_bit_order_is_channel_order():
+  values = np.ones(40, np.float32)
+  values[[0, 5, 33]] = -1
+  values[7] = 0
+  packed = bits.pack(jnp.asarray(values))
+  assert list(np.asarray(packed.negative)) == [(1 << 0) | (1 << 5), 1 << 1]
+  assert list(np.asarray(packed.nonzero)) == [0xFFFFFFFF & ~(1 << 7), 0xFF]
+
+
+@pytest.mark.parametrize("cin,cout,size,stride,kernel_size,zeros", [
+    (3, 4, 7, 1, 3, 0.0),
+    (32, 5, 6, 1, 3, 0.1),
+    (33, 8, 8, 2, 3, 0.3),
+    (64, 16, 5, 1, 3, 0.0),
+    (100, 3, 9, 2, 3, 0.05),
+    (70, 6, 6, 1, 1, 0.1),
+    (16, 4, 4, 1, 5, 0.2),
+])
+def test_conv2d_accumulators_equal_the_float_convolution(
+    cin, cout, size, stride, kernel_size, zeros):
+  rng = np.random.default_rng(cin * 100 + cout)
+  x = _ternary(rng, (2, size, size + 1, cin), zeros)
+  w = _ternary(rng, (kernel_size, kernel_size, cin, cout), zeros / 2)
+  pad = kernel_size // 2
+  want = np.asarray(kernels.conv_nhwc(jnp.asarray(x), jnp.asarray(w),
+                                      stride, pad))
+  got = jax.jit(bits.conv2d, static_argnums=(2, 3, 4))(
+      bits.pack(jnp.asarray(x)), bits.pack_kernel(jnp.asarray(w)),
+      kernel_size, stride, pad)
+  assert got.dtype == jnp.int32 and got.shape == want.shape
+  np.testing.assert_array_equal(got, want.astype(np.int32))
+  # Not vacuous: the border (padding) and the zeros change sums.
+  assert len(np.unique(want)) > 5
+
+
+def test_conv2d_refuses_mismatched_channels():
+  x = bits.pack(jnp.ones((1, 4, 4, 33)))
+  w = bits.pack_kernel(jnp.ones((3, 3, 32, 2)))
+  with pytest.raises(ValueError, match="33 channels, the kernel 32"):
+    bits.conv2d(x, w, 3, 1, 1)
