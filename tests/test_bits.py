@@ -72,3 +72,56 @@ def test_conv2d_refuses_mismatched_channels():
   w = bits.pack_kernel(jnp.ones((3, 3, 32, 2)))
   with pytest.raises(ValueError, match="33 channels, the kernel 32"):
     bits.conv2d(x, w, 3, 1, 1)
+
+
+@pytest.mark.parametrize("name,kwargs,size,dtype", [
+    ("cifar_resnet20", {"num_blocks": (1, 1, 1)}, 32, "float32"),
+    ("cifar_vgg_small", {}, 32, "float32"),
+    ("ir2net_a", {"stage": 2, "num_blocks": (1, 1, 1, 1)}, 64, "float32"),
+    ("ir2net_d", {"stage": 2, "num_blocks": (1, 1, 1, 1)}, 64, "float32"),
+])
+def test_packed_model_gives_the_float_models_logits(name, kwargs, size,
+                                                    dtype):
+  """Every binary convolution on bits: the logits are the float model's,
+  bit for bit (the integer sums are exact, the rest is the same program).
+  In float32: in bfloat16 XLA fuses the float layers around a packed
+  convolution otherwise than around a float one, which moved logits by one
+  bfloat16 ulp (measured on IR2Net-D; the sums themselves stay exact)."""
+  from ir2net_jax import models  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.deploy import packed  # pylint: disable=g-import-not-at-top
+  model = models.create_model(name, dtype=getattr(jnp, dtype), **kwargs)
+  variables = models.init_variables(model, size, 0)
+  # Trained-looking weights: some exactly 0 (sign 0), the rest both signs.
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, v: jnp.where(jnp.abs(v) < 1e-3, 0.0, v).astype(v.dtype)
+      if "kernel" in jax.tree_util.keystr(p) else v, variables)
+  images = jax.random.normal(jax.random.key(1), (3, size, size, 3))
+  kernels = packed.pack_kernels(model, variables, size)
+  assert len(kernels) >= 4
+  want = model.apply(variables, images, train=False)[0]
+  got = jax.jit(lambda v, k, x: packed.apply_packed(model, v, k, x)[0])(
+      variables, kernels, images)
+  assert got.dtype == want.dtype
+  np.testing.assert_array_equal(np.asarray(got, np.float32),
+                                np.asarray(want, np.float32))
+  assert np.std(np.asarray(want, np.float32)) > 0
+
+
+def test_stage_one_is_refused():
+  from ir2net_jax import models  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.deploy import packed  # pylint: disable=g-import-not-at-top
+  model = models.create_model("ir2net_a", stage=1, num_blocks=(1, 1, 1, 1))
+  variables = models.init_variables(model, 64, 0)
+  with pytest.raises(packed.PackError, match="real weights"):
+    packed.pack_kernels(model, variables, 64)
+
+
+def test_benchmark_times_every_path(monkeypatch, capsys):
+  from ir2net_jax.tools.benchmark import bits as bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(bench, "LAYERS", ((32, 6), (64, 4)))
+  bench.main(["--batches=1,2", "--repeats=2"])
+  table = capsys.readouterr().out.splitlines()
+  assert table[0].startswith("| batch | layer | float32 ms")
+  assert len(table) == 2 + 4 and "| 2 | 64@4x4 |" in table[-1]
+  rows = bench.benchmark([1], 1)
+  assert all(r[k] > 0 for r in rows for k in ("float32", "int8", "bits"))

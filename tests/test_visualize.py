@@ -355,7 +355,9 @@ def test_predict_command_prints_a_table_json_and_pictures(smoke_run,
   assert printed["model"] == "cifar_resnet20"
   assert [len(e["top"]) for e in printed["predictions"]] == [2, 2]
   assert "Traceback" not in p.stderr and "oneDNN" not in p.stderr
-  assert not [l for l in p.stderr.splitlines() if l.startswith("W")], p.stderr
+  warned = [l for l in p.stderr.splitlines() if l.startswith("W")]
+  assert len(warned) == 1 and "skipped" in warned[0], p.stderr
+  assert "notes.png: not a JPEG, PNG" in warned[0]
   cell = 32 * SCALE
   maps = np.asarray(Image.open(tmp_path / "out" / "maps.png"))
   assert maps.shape[0] == (grid_lib.HEADER + grid_lib.GAP

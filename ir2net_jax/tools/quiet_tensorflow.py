@@ -10,7 +10,6 @@ descriptor 2 pointed at /dev/null; an import that fails still raises.
 
 import contextlib
 import importlib.abc
-import importlib.machinery
 import os
 import sys
 
@@ -50,15 +49,20 @@ class _QuietLoader(importlib.abc.Loader):
 
 
 class _Finder(importlib.abc.MetaPathFinder):
-  """Finds ``tensorflow`` as the other finders do, with a quiet loader."""
+  """Finds ``tensorflow`` as the finders after it do (whatever they find or
+  refuse), with a quiet loader."""
 
   def find_spec(self, name, path=None, target=None):
     if name != "tensorflow":   # asked again only until it is imported
       return None
-    spec = importlib.machinery.PathFinder.find_spec(name, path)
-    if spec is not None and spec.loader is not None:
-      spec.loader = _QuietLoader(spec.loader)
-    return spec
+    others = sys.meta_path[sys.meta_path.index(self) + 1:]
+    for finder in others:
+      spec = getattr(finder, "find_spec", lambda *a: None)(name, path, target)
+      if spec is not None:
+        if spec.loader is not None:
+          spec.loader = _QuietLoader(spec.loader)
+        return spec
+    return None
 
 
 def install() -> None:

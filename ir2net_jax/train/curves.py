@@ -58,7 +58,9 @@ def plot(workdir: str, output: Optional[str] = None) -> str:
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   scalars = run_metrics.read_scalars(
       workdir, [tag for _, lines, _ in PANELS for tag, _, _ in lines])
-  figure = Figure(figsize=(15, 8), layout="constrained")
+  figure = Figure(figsize=(15, 8))
+  figure.subplots_adjust(left=0.05, right=0.98, bottom=0.07, top=0.92,
+                         wspace=0.25, hspace=0.35)
   for axes, (title, lines, scale) in zip(
       figure.subplots(2, 3).flat, PANELS):
     _panel(axes, title, lines, scale, scalars)

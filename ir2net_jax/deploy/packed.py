@@ -1,0 +1,130 @@
+"""A model's binary convolutions run on packed bits (``bits.conv2d``).
+
+``pack_kernels(model, variables, image_size)`` packs the binarised kernel
+of every ``layers.BinaryConv`` with binary weights, keyed by the layer's
+module path; ``apply_packed(model, variables, kernels, images)`` runs the
+model in evaluation mode with each of those layers' convolutions replaced
+by the packed XOR-popcount one (a Flax method interceptor: the model's code
+is unchanged). The integer sums equal the float convolution's exactly, so
+the logits are the float model's bit for bit; the layers that stay in float
+(the first convolution, the shortcuts, CIRec, the classifier) run as they
+do in training.
+
+A model with a real-weight binary convolution (ImageNet stage 1) has nothing
+to pack there: ``pack_kernels`` refuses it.
+"""
+
+from typing import Any, Dict, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ir2net_jax.deploy import bits
+from ir2net_jax.nn import binarize, layers
+
+__all__ = ["PackError", "pack_kernels", "apply_packed"]
+
+Path = Tuple[str, ...]
+
+
+class PackError(ValueError):
+  """A model or its variables cannot be packed."""
+
+
+def _binary_convs(model: nn.Module, variables, image_size: int
+                  ) -> Dict[Path, Tuple[layers.BinaryConv, jax.Array]]:
+  """``{path: (layer, latent kernel)}`` of every BinaryConv the model calls
+  on a (1, S, S, 3) input, in call order."""
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if isinstance(module, layers.BinaryConv) and (
+        context.method_name == "__call__"):
+      found[module.path] = (module.clone(parent=None),
+                            module.get_variable("params", "kernel"))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(lambda v: model.apply(
+        v, jnp.zeros((1, image_size, image_size, 3)), train=False),
+                   variables)
+  return found
+
+
+def pack_kernels(model: nn.Module, variables, image_size: int
+                 ) -> Dict[Path, bits.Packed]:
+  """The packed ±1 kernel of every binary convolution of ``model``.
+
+  Args:
+    model: a model built of ``layers.BinaryConv`` (every IR2Net model).
+    variables: ``{'params', 'batch_stats'}``.
+    image_size: an input size the model takes (shapes only).
+
+  Returns:
+    ``{module path: bits.pack_kernel(sign(kernel))}``, the sign as the
+    layer's forward pass computes it (``zero_to_one``).
+
+  Raises:
+    PackError: the model has no binary convolution, or one whose weights are
+      real (stage 1: nothing to pack).
+  """
+  convs = _binary_convs(model, variables, image_size)
+  if not convs:
+    raise PackError(f"{type(model).__name__} has no binary convolution "
+                    "(layers.BinaryConv) to pack")
+  real = ["/".join(p) for p, (layer, _) in convs.items()
+          if not layer.binary_weights]
+  if real:
+    raise PackError(
+        f"{type(model).__name__}'s binary convolutions {real[:3]} have real "
+        "weights (ImageNet stage 1): only binary weights pack; pack the "
+        "stage-2 model")
+  out = {}
+  for path, (layer, _) in convs.items():
+    kernel = _kernel(variables["params"], path)
+    out[path] = bits.pack_kernel(binarize.sign(kernel, layer.zero_to_one))
+  return out
+
+
+def _result_dtype(layer: layers.BinaryConv, dtype, channels: int):
+  """The dtype ``layer`` returns its sums in (``BinaryConv.__call__``):
+  its operand dtype where that is 32 bits or wider, else float32."""
+  operand = jnp.dtype(layer.compute_dtype or dtype)
+  if operand == jnp.int8 and channels < layer.int8_min_channels:
+    operand = jnp.dtype(dtype)
+  return operand if operand.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def _kernel(params, path: Path) -> jax.Array:
+  for name in path:
+    params = params[name]
+  return params["kernel"]
+
+
+def apply_packed(model: nn.Module, variables, kernels: Dict[Path, bits.Packed],
+                 images: jax.Array) -> Any:
+  """``model.apply(variables, images, train=False)`` with every packed
+  binary convolution computed on bits. Jittable.
+
+  Raises:
+    PackError: the model calls a binary convolution ``kernels`` lacks.
+  """
+  def packed_conv(next_fun, args, kwargs, context):
+    module = context.module
+    if not (isinstance(module, layers.BinaryConv)
+            and context.method_name == "__call__"):
+      return next_fun(*args, **kwargs)
+    if module.path not in kernels:
+      raise PackError(f"no packed kernel for {'/'.join(module.path)}")
+    x = args[0]
+    dtype = module.dtype or jnp.result_type(x, jnp.float32)
+    signs = binarize.sign(x.astype(dtype), module.zero_to_one)
+    sums = bits.conv2d(bits.pack(signs), kernels[module.path],
+                       module.kernel_size, module.strides,
+                       module.kernel_size // 2)
+    return sums.astype(_result_dtype(module, dtype, x.shape[-1]))
+
+  with nn.intercept_methods(packed_conv):
+    return model.apply(variables, images, train=False)
