@@ -101,24 +101,30 @@ def _stop_after(proc, step, signum):
   return "".join(lines)
 
 
-def _preempt_kill_resume(server, workdir, args, local, steps, rng):
-  """SIGTERM after a random early step: the run saves that step and exits
-  143; the same command, SIGKILLed after a random later step (maybe in a
-  save); the same command, where TensorFlow cannot be imported, finishes
-  the run. Returns ``(stopped at, killed after, last resumed from)``."""
-  term_at = rng.randint(1, 4)
-  out = _stop_after(_launch(server, workdir, *args, local=local), term_at,
-                    signal.SIGTERM)
-  stopped = int(re.search(r"preempted at step (\d+) by SIGTERM", out).group(1))
-  assert stopped >= term_at, out[-3000:]
-  assert train_utils.final_state(workdir)[0] == stopped
-  assert not paths.exists(paths.join(workdir, "summary.json"))
+def _preempt_kill_resume(server, workdir, args, local, steps, rng,
+                         sigterm=True):
+  """With ``sigterm``, SIGTERM after a random early step: the run saves
+  that step and exits 143. Then the same command, SIGKILLed after a random
+  later step (maybe in a save); the same command, where TensorFlow cannot
+  be imported, finishes the run. Returns ``(stopped at, killed after, last
+  resumed from)`` (stopped at 0 without ``sigterm``)."""
+  stopped = term_at = 0
+  if sigterm:
+    term_at = rng.randint(1, 4)
+    out = _stop_after(_launch(server, workdir, *args, local=local), term_at,
+                      signal.SIGTERM)
+    stopped = int(re.search(r"preempted at step (\d+) by SIGTERM",
+                            out).group(1))
+    assert stopped >= term_at, out[-3000:]
+    assert train_utils.final_state(workdir)[0] == stopped
+    assert not paths.exists(paths.join(workdir, "summary.json"))
 
-  kill_at = rng.randint(stopped + 1, steps - 1)
+  kill_at = rng.randint(stopped + 2, steps - 1)
   resumed = _launch(server, workdir, *args, local=local)
   out = _stop_after(resumed, kill_at, signal.SIGKILL)
   assert resumed.returncode == -signal.SIGKILL, out[-3000:]
-  assert f"resumed from step {stopped}" in out
+  if sigterm:
+    assert f"resumed from step {stopped}" in out
 
   out = _finish(_launch(server, workdir, *args, local=local,
                         tensorflow=False))
@@ -132,8 +138,9 @@ def _preempt_kill_resume(server, workdir, args, local, steps, rng):
 def test_preempted_killed_and_resumed_on_a_disk_and_in_a_bucket(gcs,
                                                                  tmp_path):
   """The smoke run, started from an empty local directory, with its
-  workdir on the local disk and in a bucket: stopped by SIGTERM, killed by
-  SIGKILL, then finished by the same command (``_preempt_kill_resume``).
+  workdir on the local disk (killed by SIGKILL, then finished by the same
+  command) and in a bucket (stopped by SIGTERM first: the local SIGTERM is
+  ``test_signals``'s), via ``_preempt_kill_resume``.
   Both end bit-identical to an uninterrupted run (at the same time). The
   bucket run's config, summary, TensorBoard events, pictures and
   checkpoints are in the bucket, nothing in the local directory or its
@@ -149,7 +156,7 @@ def test_preempted_killed_and_resumed_on_a_disk_and_in_a_bucket(gcs,
   rng = random.Random()
   on_disk = tmp_path / "on_disk"
   _preempt_kill_resume(gcs, on_disk, args, _local(tmp_path, "disk"), steps,
-                       rng)
+                       rng, sigterm=False)
   url, local = _url("preempted"), _local(tmp_path)
   stopped, _, last_start = _preempt_kill_resume(gcs, url, args, local, steps,
                                                 rng)

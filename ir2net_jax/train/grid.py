@@ -130,6 +130,15 @@ def restriction_grid(images, maps: Dict[str, Any],
     for r in range(n):
       y = top + GAP + r * (ch + GAP)
       grid[y:y + ch, x:x + cw] = big[r]
+  return _annotate(grid, header, cw, ch, top, width, attention, mask, font,
+                   row_labels)
+
+
+def _annotate(grid: np.ndarray, header: bool, cw: int, ch: int, top: int,
+              width: int, attention: np.ndarray, mask: np.ndarray, font,
+              row_labels: Optional[Sequence[str]]) -> np.ndarray:
+  """``restriction_grid``'s text: the column titles, and each row's label,
+  kept fraction and smallest attention over the mean."""
   picture = Image.fromarray(grid)
   draw = ImageDraw.Draw(picture)
   if header:
