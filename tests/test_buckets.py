@@ -119,7 +119,7 @@ def _preempt_kill_resume(server, workdir, args, local, steps, rng,
     assert train_utils.final_state(workdir)[0] == stopped
     assert not paths.exists(paths.join(workdir, "summary.json"))
 
-  kill_at = rng.randint(stopped + 2, steps - 1)
+  kill_at = rng.randint(stopped + 3, steps - 1)
   resumed = _launch(server, workdir, *args, local=local)
   out = _stop_after(resumed, kill_at, signal.SIGKILL)
   assert resumed.returncode == -signal.SIGKILL, out[-3000:]
@@ -128,9 +128,15 @@ def _preempt_kill_resume(server, workdir, args, local, steps, rng,
 
   out = _finish(_launch(server, workdir, *args, local=local,
                         tensorflow=False))
-  last_start = int(re.search(r"resumed from step (\d+)", out).group(1))
-  print(f"{workdir}: SIGTERM after step {term_at} (stopped at {stopped}), "
-        f"SIGKILL after step {kill_at}, resumed from {last_start}")
+  # Killed before its first save finished, a run without SIGTERM's save
+  # starts again from step 0.
+  resumed = re.search(r"resumed from step (\d+)", out)
+  assert resumed or not sigterm, out[-3000:]
+  last_start = int(resumed.group(1)) if resumed else 0
+  stop = (f"SIGTERM after step {term_at} (stopped at {stopped}), "
+          if sigterm else "")
+  print(f"{workdir}: {stop}SIGKILL after step {kill_at}, resumed from "
+        f"{last_start}")
   return stopped, kill_at, last_start
 
 
