@@ -33,17 +33,16 @@ class PackError(ValueError):
 
 
 def _binary_convs(model: nn.Module, variables, image_size: int
-                  ) -> Dict[Path, Tuple[layers.BinaryConv, jax.Array]]:
-  """``{path: (layer, latent kernel)}`` of every BinaryConv the model calls
-  on a (1, S, S, 3) input, in call order."""
+                  ) -> Dict[Path, layers.BinaryConv]:
+  """``{path: layer}`` of every BinaryConv the model calls on a
+  (1, S, S, 3) input, in call order (traced for shapes only)."""
   found = {}
 
   def record(next_fun, args, kwargs, context):
     module = context.module
     if isinstance(module, layers.BinaryConv) and (
         context.method_name == "__call__"):
-      found[module.path] = (module.clone(parent=None),
-                            module.get_variable("params", "kernel"))
+      found[module.path] = module.clone(parent=None)
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record):
@@ -74,7 +73,7 @@ def pack_kernels(model: nn.Module, variables, image_size: int
   if not convs:
     raise PackError(f"{type(model).__name__} has no binary convolution "
                     "(layers.BinaryConv) to pack")
-  real = ["/".join(p) for p, (layer, _) in convs.items()
+  real = ["/".join(p) for p, layer in convs.items()
           if not layer.binary_weights]
   if real:
     raise PackError(
@@ -82,7 +81,7 @@ def pack_kernels(model: nn.Module, variables, image_size: int
         "weights (ImageNet stage 1): only binary weights pack; pack the "
         "stage-2 model")
   out = {}
-  for path, (layer, _) in convs.items():
+  for path, layer in convs.items():
     kernel = _kernel(variables["params"], path)
     out[path] = bits.pack_kernel(binarize.sign(kernel, layer.zero_to_one))
   return out

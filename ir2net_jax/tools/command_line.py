@@ -29,11 +29,9 @@ from absl import app, flags, logging
 
 from ir2net_jax import configs
 
-__all__ = ["config_typo", "run_app", "exit_on_error", "verbose",
-           "DEBUG_FLAG", "VERBOSE_FLAG"]
+__all__ = ["config_typo", "run_app", "exit_on_error", "DEBUG_FLAG"]
 
 DEBUG_FLAG = "--debug"
-VERBOSE_FLAG = "--verbose"
 # Read from the command line before absl parses it (a typo is reported
 # before any flag is read); defined so that --help lists them.
 flags.DEFINE_bool("debug", False, "Show the traceback of an error instead of "
@@ -44,11 +42,6 @@ flags.DEFINE_bool("verbose", False, "More on the console: the whole config "
 
 def _debug(argv: Sequence[str]) -> bool:
   return DEBUG_FLAG in argv
-
-
-def verbose() -> bool:
-  """Whether ``--verbose`` is on this command's line."""
-  return VERBOSE_FLAG in sys.argv
 
 
 def _fields(config, prefix: str = "") -> List[str]:
