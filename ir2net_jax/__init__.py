@@ -8,10 +8,12 @@ JAX nor TensorFlow)::
   summary = ir2net_jax.train_and_evaluate(config, "/tmp/digits")
   result = ir2net_jax.evaluate(None, "/tmp/digits")   # its recorded config
   model = ir2net_jax.create_model("ir2net_c", stage=2)
+  ir2net_jax.export_packed("/tmp/digits/best", "/tmp/digits.packed")
+  logits = ir2net_jax.load_packed("/tmp/digits.packed")(images)   # on bits
 
 The layers, bottom to top (arrows only go down; ``tests/test_layout.py``):
 ``backend``, ``configs`` and ``storage`` < ``nn`` < ``models`` < ``data``
-and ``io`` < ``train`` < ``tools`` (the command lines).
+and ``io`` < ``train`` < ``deploy`` < ``tools`` (the command lines).
 """
 
 import importlib
@@ -33,6 +35,8 @@ _API = {
     "train_and_evaluate": "ir2net_jax.train.loop",
     "evaluate": "ir2net_jax.train.evaluate",
     "get_config": "ir2net_jax.configs",
+    "export_packed": "ir2net_jax.deploy.export",
+    "load_packed": "ir2net_jax.deploy.load",
 }
 
 __all__ = ["__version__", *_API]

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API = ["__version__", "create_model", "BinaryConv", "CIRec", "sign",
        "approx_sign", "clipped_ste", "ste_sign", "swish_sign",
        "information_restriction", "two_pass_objective", "train_and_evaluate",
-       "evaluate", "get_config"]
+       "evaluate", "get_config", "export_packed", "load_packed"]
 
 
 def test_all_is_the_api():

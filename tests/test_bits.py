@@ -8,8 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ir2net_jax.deploy import bits
+from ir2net_jax.deploy import bits, native
 from ir2net_jax.nn import kernels
+
+
+def native_isas():
+  """The native kernel's instruction sets this CPU has, narrowest first
+  (none where the kernel cannot be built)."""
+  if not native.available():
+    return []
+  order = list(native.ISAS)[1:]
+  return order[:order.index(native.best_isa()) + 1]
 
 
 def _ternary(rng, shape, zeros):
@@ -49,6 +58,7 @@ def test_bit_order_is_channel_order():
     (100, 3, 9, 2, 3, 0.05),
     (70, 6, 6, 1, 1, 0.1),
     (16, 4, 4, 1, 5, 0.2),
+    (64, 70, 6, 1, 3, 0.0),      # a dense kernel, channels past one block
 ])
 def test_conv2d_accumulators_equal_the_float_convolution(
     cin, cout, size, stride, kernel_size, zeros):
@@ -58,11 +68,20 @@ def test_conv2d_accumulators_equal_the_float_convolution(
   pad = kernel_size // 2
   want = np.asarray(kernels.conv_nhwc(jnp.asarray(x), jnp.asarray(w),
                                       stride, pad))
-  got = jax.jit(bits.conv2d, static_argnums=(2, 3, 4))(
+  got = jax.jit(bits.conv2d, static_argnums=(2, 3))(
       bits.pack(jnp.asarray(x)), bits.pack_kernel(jnp.asarray(w)),
-      kernel_size, stride, pad)
+      stride, pad)
   assert got.dtype == jnp.int32 and got.shape == want.shape
   np.testing.assert_array_equal(got, want.astype(np.int32))
+  packed_x, packed_w = bits.pack(jnp.asarray(x)), bits.pack_kernel(
+      jnp.asarray(w))
+  assert packed_w.dense == (zeros == 0)
+  # The native kernel (test_deploy builds it) on each instruction set this
+  # CPU has: the same sums.
+  for isa in native_isas():
+    got = jax.jit(lambda a, b, isa=isa: native.conv2d(
+        a, b, stride, pad, isa))(packed_x, packed_w)
+    np.testing.assert_array_equal(got, want.astype(np.int32), err_msg=isa)
   # Not vacuous: the border (padding) and the zeros change sums.
   assert len(np.unique(want)) > 5
 
@@ -71,12 +90,12 @@ def test_conv2d_refuses_mismatched_channels():
   x = bits.pack(jnp.ones((1, 4, 4, 33)))
   w = bits.pack_kernel(jnp.ones((3, 3, 32, 2)))
   with pytest.raises(ValueError, match="33 channels, the kernel 32"):
-    bits.conv2d(x, w, 3, 1, 1)
+    bits.conv2d(x, w, 1, 1)
 
 
+# IR2Net-A..D stage 2 on bits: test_deploy's reference fixtures.
 @pytest.mark.parametrize("name,kwargs,size,dtype", [
     ("cifar_resnet20", {"num_blocks": (1, 1, 1)}, 32, "float32"),
-    ("ir2net_d", {"stage": 2, "num_blocks": (1, 1, 1, 1)}, 64, "float32"),
 ])
 def test_packed_model_gives_the_float_models_logits(name, kwargs, size,
                                                     dtype):
@@ -112,14 +131,3 @@ def test_stage_one_is_refused():
   variables = models.init_variables(model, 64, 0)
   with pytest.raises(packed.PackError, match="real weights"):
     packed.pack_kernels(model, variables, 64)
-
-
-def test_benchmark_times_every_path(monkeypatch, capsys):
-  from ir2net_jax.tools.benchmark import bits as bench  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(bench, "LAYERS", ((32, 6), (64, 4)))
-  bench.main(["--batches=1,2", "--repeats=2"])
-  table = capsys.readouterr().out.splitlines()
-  assert table[0].startswith("| batch | layer | float32 ms")
-  assert len(table) == 2 + 4 and "| 2 | 64@4x4 |" in table[-1]
-  rows = bench.benchmark([1], 1)
-  assert all(r[k] > 0 for r in rows for k in ("float32", "int8", "bits"))

@@ -20,7 +20,7 @@ from ir2net_jax.models import costs, create_model
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPTS = ("ir2net-train", "ir2net-eval", "ir2net-convert", "ir2net-costs",
            "ir2net-benchmark", "ir2net-preresize", "ir2net-check-data",
-           "ir2net-curves", "ir2net-predict")
+           "ir2net-curves", "ir2net-predict", "ir2net-export")
 MODES = ("source", "editable", "git")
 
 _CHECK = r"""
@@ -161,6 +161,8 @@ def test_wheel_holds_every_module_and_nothing_else(install, source):
   assert {"ir2net_jax/configs/digits.py", "ir2net_jax/models/cifar.py",
           "ir2net_jax/tools/benchmark/cli.py",
           "ir2net_jax/tools/train.py"} <= set(modules(site))
+  # The native kernel's source, compiled on first use.
+  assert (site / "ir2net_jax" / "deploy" / "native" / "binary_conv.cc").is_file()
   record = (site / "ir2net_jax-0.1.0.dist-info" / "RECORD").read_text()
   tops = {line.split("/")[0] for line in record.splitlines()}
   assert tops == {"ir2net_jax", "ir2net_jax-0.1.0.dist-info", ".."}, tops

@@ -28,7 +28,8 @@ LAYERS = (
     ("nn",),
     ("models",),
     ("data", "io"),
-    ("train", "deploy"),
+    ("train",),
+    ("deploy",),
     ("tools",),
 )
 # The package's own __init__: the public API, above everything it imports.

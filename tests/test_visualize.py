@@ -317,10 +317,14 @@ def test_predict_gives_the_models_top_classes(smoke_run, tmp_path, caplog):
   want = np.exp(logits - logits.max(-1, keepdims=True))
   want /= want.sum(-1, keepdims=True)
   for p, row in zip(found.predictions, want):
-    assert list(p.labels) == list(np.argsort(-row)[:3])
-    assert list(p.classes) == [str(l) for l in p.labels]   # digits' names
+    # The two programs (batched predict, this apply) may round a near-tie
+    # either way: the top-3 probabilities, in order, are what must agree.
+    np.testing.assert_allclose(p.probabilities, np.sort(row)[::-1][:3],
+                               rtol=1e-5)
     np.testing.assert_allclose(p.probabilities, row[list(p.labels)],
                                rtol=1e-5)
+    assert len(set(p.labels)) == 3
+    assert list(p.classes) == [str(l) for l in p.labels]   # digits' names
   assert "d0.png  " in predict.table(found.predictions)
 
 

@@ -13,7 +13,8 @@ from absl import logging
 from ir2net_jax.configs import ConfigError, default
 from ir2net_jax.storage import paths
 
-__all__ = ["FIELDS_ADDED", "LAUNCH_FIELDS", "read_recorded_config"]
+__all__ = ["FIELDS_ADDED", "LAUNCH_FIELDS", "config_from_record",
+           "read_recorded_config"]
 
 # Fields added since runs began recording config.json, with the value a run
 # from before the field behaved as (from `git log -p` of configs/default.py);
@@ -58,8 +59,18 @@ def read_recorded_config(path: str):
   except (OSError, ValueError) as e:
     raise ConfigError(f"cannot read the recorded config {path}: {e}; pass "
                       "--config=<the recipe it was trained with>") from None
+  return config_from_record(recorded, path)
+
+
+def config_from_record(recorded, source: str = "the record"):
+  """A config from a recorded config's parsed JSON (``read_recorded_config``
+  without the reading; a packed model file holds one too).
+
+  Raises:
+    ConfigError: ``recorded`` is not a recorded config.
+  """
   if not isinstance(recorded, dict) or "model" not in recorded:
-    raise ConfigError(f"{path} is not a config that a run recorded; pass "
+    raise ConfigError(f"{source} is not a config that a run recorded; pass "
                       "--config=<the recipe it was trained with>")
   tuples = lambda v: (tuple(tuples(x) for x in v) if isinstance(v, list)
                       else {k: tuples(x) for k, x in v.items()}
@@ -77,5 +88,5 @@ def read_recorded_config(path: str):
       config[field] = tuples(value)
   if unknown:
     logging.warning("%s records fields this version does not have: %s; "
-                    "left out", path, ", ".join(unknown))
+                    "left out", source, ", ".join(unknown))
   return config

@@ -29,11 +29,12 @@ from typing import Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from jax import lax
 
-__all__ = ["Packed", "WORD_BITS", "pack", "unpack", "pack_kernel",
-           "conv2d", "dot_words"]
+__all__ = ["Packed", "PackedKernel", "WORD_BITS", "pack", "unpack",
+           "pack_kernel", "conv2d", "dot_words", "check_operands"]
 
 WORD_BITS = 32
 
@@ -84,13 +85,46 @@ def unpack(packed: Packed, dtype=jnp.float32) -> jax.Array:
   return (nonzero.astype(dtype) * (1 - 2 * negative.astype(dtype)))
 
 
-def pack_kernel(kernel: jax.Array) -> Packed:
-  """An HWIO kernel (kh, kw, Cin, Cout) -> planes (Cout, kh * kw * words),
-  each output channel's taps in (kh, kw) order, ``size`` = Cin."""
+@struct.dataclass
+class PackedKernel:
+  """A convolution kernel's signs, packed along its input channels, one
+  column per output channel (a pytree; the sizes are static).
+
+  Attributes:
+    negative: uint32 (k * k * words, Cout): row ``(i * k + j) * words + w``
+      holds word ``w`` of tap (i, j) of every output channel.
+    nonzero: uint32, the same shape: set where the weight is not 0.
+    channels: Cin, the number of values packed along each tap.
+    kernel_size: k.
+    dense: True where no weight is exactly 0 (``nonzero`` is every
+      channel's bit): a kernel can then skip a popcount per word.
+  """
+  negative: jax.Array
+  nonzero: jax.Array
+  channels: int = struct.field(pytree_node=False)
+  kernel_size: int = struct.field(pytree_node=False)
+  dense: bool = struct.field(pytree_node=False, default=False)
+
+  @property
+  def out_channels(self) -> int:
+    return self.negative.shape[-1]
+
+
+def pack_kernel(kernel: jax.Array) -> PackedKernel:
+  """Packs the signs of an HWIO kernel (k, k, Cin, Cout); ``dense`` is
+  found where ``kernel`` is a concrete array (False under a trace)."""
   kh, kw, cin, cout = kernel.shape
-  packed = pack(jnp.transpose(kernel, (3, 0, 1, 2)))   # (O, kh, kw, words)
-  flat = lambda p: p.reshape(cout, kh * kw * p.shape[-1])
-  return Packed(flat(packed.negative), flat(packed.nonzero), cin)
+  if kh != kw:
+    raise ValueError(f"a square kernel is packed, not {kh}x{kw}")
+  packed = pack(jnp.transpose(kernel, (0, 1, 3, 2)))   # (k, k, O, words)
+  column = lambda p: jnp.transpose(p, (0, 1, 3, 2)).reshape(-1, cout)
+  try:
+    dense = bool(np.all(np.asarray(kernel) != 0))
+  except (jax.errors.ConcretizationTypeError,
+          jax.errors.TracerArrayConversionError):
+    dense = False
+  return PackedKernel(column(packed.negative), column(packed.nonzero), cin,
+                      kh, dense)
 
 
 def _patches(planes: jax.Array, kernel_size: int, stride: int,
@@ -109,27 +143,36 @@ def _patches(planes: jax.Array, kernel_size: int, stride: int,
   return cols.reshape(b * out_h * out_w, -1), (b, out_h, out_w)
 
 
-def dot_words(a: Packed, b: Packed) -> jax.Array:
-  """Every row of ``a`` (M, K words) with every row of ``b`` (N, K words):
-  int32 (M, N) sums of products, exact. Accumulates one word at a time."""
+def dot_words(a: Packed, b: PackedKernel) -> jax.Array:
+  """Every row of ``a`` (M, K words) with every column of ``b`` (K words,
+  N): int32 (M, N) sums of products, exact. Accumulates one word at a
+  time."""
   def add(k, acc):
-    both = a.nonzero[:, k, None] & b.nonzero[None, :, k]
-    differ = both & (a.negative[:, k, None] ^ b.negative[None, :, k])
+    both = a.nonzero[:, k, None] & b.nonzero[k][None, :]
+    differ = both & (a.negative[:, k, None] ^ b.negative[k][None, :])
     return acc + (lax.population_count(both).astype(jnp.int32)
                   - 2 * lax.population_count(differ).astype(jnp.int32))
-  m, n = a.negative.shape[0], b.negative.shape[0]
-  return lax.fori_loop(0, a.negative.shape[1], add,
-                       jnp.zeros((m, n), jnp.int32))
+  # Zeros made of the operands, so that the carry varies over the same
+  # mesh axes as they do (inside shard_map).
+  zeros = ((a.nonzero[:, :1] & 0).astype(jnp.int32)
+           + (b.nonzero[:1, :] & 0).astype(jnp.int32))     # (M, N)
+  return lax.fori_loop(0, a.negative.shape[1], add, zeros)
 
 
-def conv2d(x: Packed, kernel: Packed, kernel_size: int, stride: int,
-           pad: int) -> jax.Array:
+def check_operands(x: Packed, kernel: PackedKernel) -> None:
+  """Raises ValueError where ``x`` and ``kernel`` do not convolve."""
+  if x.size != kernel.channels:
+    raise ValueError(f"the activations have {x.size} channels, the kernel "
+                     f"{kernel.channels}")
+
+
+def conv2d(x: Packed, kernel: PackedKernel, stride: int, pad: int
+           ) -> jax.Array:
   """The binary convolution of packed activations and a packed kernel.
 
   Args:
     x: ``pack`` of (B, H, W, Cin) activations.
     kernel: ``pack_kernel`` of a (k, k, Cin, Cout) kernel.
-    kernel_size: k.
     stride: spatial stride.
     pad: zero padding on every side (PyTorch's ``padding=pad``).
 
@@ -137,10 +180,9 @@ def conv2d(x: Packed, kernel: Packed, kernel_size: int, stride: int,
     int32 (B, H', W', Cout): exactly the float convolution of the unpacked
     operands (``kernels.conv_nhwc``).
   """
-  if x.size != kernel.size:
-    raise ValueError(f"the activations have {x.size} channels, the kernel "
-                     f"{kernel.size}")
-  negative, shape = _patches(x.negative, kernel_size, stride, pad)
-  nonzero, _ = _patches(x.nonzero, kernel_size, stride, pad)
+  check_operands(x, kernel)
+  k = kernel.kernel_size
+  negative, shape = _patches(x.negative, k, stride, pad)
+  nonzero, _ = _patches(x.nonzero, k, stride, pad)
   out = dot_words(Packed(negative, nonzero, x.size), kernel)
-  return out.reshape(shape + (kernel.negative.shape[0],))
+  return out.reshape(shape + (kernel.out_channels,))

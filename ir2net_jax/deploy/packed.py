@@ -14,16 +14,24 @@ A model with a real-weight binary convolution (ImageNet stage 1) has nothing
 to pack there: ``pack_kernels`` refuses it.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from ir2net_jax.deploy import bits
+from ir2net_jax.deploy import bits, native
 from ir2net_jax.nn import binarize, layers
 
-__all__ = ["PackError", "pack_kernels", "apply_packed"]
+__all__ = ["CONVOLUTIONS", "PackError", "pack_kernels", "apply_packed",
+           "convolution"]
+
+# How a packed convolution is computed: "native" the C++ kernel (CPU only),
+# "jax" the pure-JAX path (every platform), "auto" the kernel on CPUs where
+# it is built and the pure-JAX path elsewhere (chosen when the program is
+# lowered, for the platform it is lowered for).
+CONVOLUTIONS = ("auto", "native", "jax")
 
 Path = Tuple[str, ...]
 
@@ -53,7 +61,7 @@ def _binary_convs(model: nn.Module, variables, image_size: int
 
 
 def pack_kernels(model: nn.Module, variables, image_size: int
-                 ) -> Dict[Path, bits.Packed]:
+                 ) -> Dict[Path, bits.PackedKernel]:
   """The packed ±1 kernel of every binary convolution of ``model``.
 
   Args:
@@ -102,14 +110,50 @@ def _kernel(params, path: Path) -> jax.Array:
   return params["kernel"]
 
 
-def apply_packed(model: nn.Module, variables, kernels: Dict[Path, bits.Packed],
-                 images: jax.Array) -> Any:
+def convolution(how: str = "auto") -> Callable[..., jax.Array]:
+  """``conv(x: bits.Packed, kernel: bits.PackedKernel, stride, pad)`` as
+  ``how`` (one of ``CONVOLUTIONS``) computes it.
+
+  Raises:
+    PackError: an unknown ``how``.
+    native.NativeUnavailable: ``how='native'`` where the kernel cannot be
+      built (its reason).
+  """
+  if how not in CONVOLUTIONS:
+    raise PackError(f"convolution={how!r}: one of {CONVOLUTIONS}")
+  if how == "jax" or (how == "auto" and not native.available()):
+    return bits.conv2d
+  if how == "native":
+    if not native.available():
+      raise native.NativeUnavailable(native.unavailable_reason())
+    return native.conv2d
+
+  def auto(x, kernel, stride, pad):
+    return lax.platform_dependent(
+        x, kernel, cpu=lambda a, b: native.conv2d(a, b, stride, pad),
+        default=lambda a, b: bits.conv2d(a, b, stride, pad))
+  return auto
+
+
+def apply_packed(model: nn.Module, variables,
+                 kernels: Dict[Path, bits.PackedKernel], images: jax.Array,
+                 how: str = "auto") -> Any:
   """``model.apply(variables, images, train=False)`` with every packed
   binary convolution computed on bits. Jittable.
+
+  Args:
+    model: the model ``kernels`` were packed from.
+    variables: its variables; the binary convolutions' kernels are not
+      read and may be left out.
+    kernels: ``pack_kernels``'s result.
+    images: (B, H, W, 3).
+    how: one of ``CONVOLUTIONS``.
 
   Raises:
     PackError: the model calls a binary convolution ``kernels`` lacks.
   """
+  conv = convolution(how)
+
   def packed_conv(next_fun, args, kwargs, context):
     module = context.module
     if not (isinstance(module, layers.BinaryConv)
@@ -120,9 +164,8 @@ def apply_packed(model: nn.Module, variables, kernels: Dict[Path, bits.Packed],
     x = args[0]
     dtype = module.dtype or jnp.result_type(x, jnp.float32)
     signs = binarize.sign(x.astype(dtype), module.zero_to_one)
-    sums = bits.conv2d(bits.pack(signs), kernels[module.path],
-                       module.kernel_size, module.strides,
-                       module.kernel_size // 2)
+    sums = conv(bits.pack(signs), kernels[module.path], module.strides,
+                module.kernel_size // 2)
     return sums.astype(_result_dtype(module, dtype, x.shape[-1]))
 
   with nn.intercept_methods(packed_conv):

@@ -3,14 +3,18 @@
 ``--checkpoint`` flags, and their start (``run``).
 """
 
+import atexit
+import json
 import os
 import sys
-from typing import Callable, List, Sequence
+import tempfile
+from typing import Callable, List, Optional, Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
 from ir2net_jax import configs
+from ir2net_jax.deploy import load, packed
 from ir2net_jax.tools import command_line
 from ir2net_jax.train import evaluate, startup
 
@@ -21,16 +25,17 @@ RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(
     configs.__file__)), "recorded.py")
 
 
-def define() -> None:
+def define(checkpoint_required: bool = True) -> None:
   """Defines ``--config`` (a recipe or a config file; default: the config
-  the checkpoint's workdir recorded) and the required ``--checkpoint``."""
+  the checkpoint's workdir recorded) and ``--checkpoint``."""
   config_flags.DEFINE_config_file(
       "config", None, "Recipe (digits:smoke, imagenet:a,stage=2) or config "
       "file; default: the config recorded in the checkpoint's workdir.",
       lock_config=True)
   flags.DEFINE_string("checkpoint", None, "A training workdir, workdir/best, "
                       "or converted weights.")
-  flags.mark_flag_as_required("checkpoint")
+  if checkpoint_required:
+    flags.mark_flag_as_required("checkpoint")
 
 
 def with_recorded_config(argv: Sequence[str]) -> List[str]:
@@ -40,17 +45,35 @@ def with_recorded_config(argv: Sequence[str]) -> List[str]:
   argv = list(argv)
   if any(a == "--config" or a.startswith("--config=") for a in argv):
     return argv
-  checkpoint = next((a.split("=", 1)[1] for a in argv
-                     if a.startswith("--checkpoint=")), None)
+  given = lambda flag: next((a.split("=", 1)[1] for a in argv
+                             if a.startswith(f"--{flag}=")), None)
+  checkpoint, packed_file = given("checkpoint"), given("packed")
   path = checkpoint and evaluate.recorded_config(checkpoint)
+  if not checkpoint and packed_file:
+    path = _packed_config(packed_file)
   if not path:
     return argv
   # Before any --config.field override, which needs the config parsed.
   return [argv[0], f"--config={RECORDED_RECIPE}:{path}", *argv[1:]]
 
 
+def _packed_config(packed_file: str) -> Optional[str]:
+  """A temporary copy of the config a packed model file records (None
+  where it cannot be read: the command then says why)."""
+  try:
+    config = load.read_config_record(packed_file)
+  except (OSError, packed.PackError):
+    return None
+  fd, path = tempfile.mkstemp(prefix="packed_config_", suffix=".json")
+  with os.fdopen(fd, "w") as f:
+    json.dump(config, f)
+  atexit.register(os.remove, path)
+  return path
+
+
 def run(main: Callable[[List[str]], None],
-        define_more: Callable[[], None]) -> None:
+        define_more: Callable[[], None],
+        checkpoint_required: bool = True) -> None:
   """Defines the flags (``define``, then the command's own
   ``define_more``) and runs ``main`` under absl, with a recipe's name taken
   for ``--config`` (``configs.expand_config_flag``) and the recorded config
@@ -60,7 +83,7 @@ def run(main: Callable[[List[str]], None],
   command's module defines no absl flags in someone else's program.
   """
   startup.quiet_library_logs()   # orbax logs as the checkpoint is found
-  define()
+  define(checkpoint_required)
   define_more()
   command_line.run_app(main, with_recorded_config(
       configs.expand_config_flag(sys.argv)))

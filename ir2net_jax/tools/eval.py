@@ -10,6 +10,12 @@
 * ``workdir/best`` (or ``workdir/checkpoints``): its newest one;
 * converted weights (``ir2net-convert``'s output).
 
+``--packed=FILE`` evaluates a packed model (``ir2net-export``'s output)
+instead, its binary convolutions on bits, with the config the file records
+(``--config.data_dir=`` and the other overrides apply) or ``--config``'s
+data; ``--convolution`` says how its packed convolutions run (``auto``: the
+native kernel on CPUs where it is built, else pure JAX).
+
 ``--config`` may be left out for a workdir or its ``best/`` when the workdir
 holds the ``config.json`` its run recorded; ``--config.field=value``
 overrides fields either way (e.g. ``--config.data_dir`` where the data moved).
@@ -31,6 +37,8 @@ import re
 import jax
 from absl import app, flags
 
+from ir2net_jax.deploy import evaluate as packed_evaluate
+from ir2net_jax.deploy import packed
 from ir2net_jax.storage import paths, preflight
 from ir2net_jax.tools import checkpoint_cli
 from ir2net_jax.train import evaluate, parallel
@@ -52,18 +60,33 @@ def _define_flags() -> None:
   """The flags of this command alone (``checkpoint_cli.define`` has the
   others)."""
   flags.DEFINE_string("output", None, "JSON file for the result (default: "
-                      "<checkpoint>/eval_<dataset>_<split>.json).")
+                      "<checkpoint>/eval_<dataset>_<split>.json, or "
+                      "<packed>.eval_<dataset>_<split>.json).")
+  flags.DEFINE_string("packed", None, "A packed model file (ir2net-export) "
+                      "to evaluate instead of --checkpoint.")
+  flags.DEFINE_enum("convolution", "auto", list(packed.CONVOLUTIONS),
+                    "--packed: how binary convolutions run.")
 
 
 def main(argv) -> None:
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if bool(FLAGS.checkpoint) == bool(FLAGS.packed):
+    raise app.UsageError("pass --checkpoint=RUN or --packed=FILE (one)")
   if FLAGS.output:   # before the evaluation: a bucket that cannot be used
     preflight.check(paths.parent(FLAGS.output), "--output", written=True)
-  result = evaluate.evaluate(FLAGS.config, FLAGS.checkpoint)
-  output = FLAGS.output or default_output(FLAGS.checkpoint, result["dataset"],
-                                         result["split"])
+  if FLAGS.packed:
+    result = packed_evaluate.evaluate_packed(FLAGS.config, FLAGS.packed,
+                                             FLAGS.convolution)
+    result["checkpoint"] = FLAGS.packed
+    output = FLAGS.output or (
+        f"{paths.resolve(FLAGS.packed)}.eval_{_safe(result['dataset'])}_"
+        f"{_safe(result['split'])}.json")
+  else:
+    result = evaluate.evaluate(FLAGS.config, FLAGS.checkpoint)
+    output = FLAGS.output or default_output(
+        FLAGS.checkpoint, result["dataset"], result["split"])
   if jax.process_index() == 0:
     paths.write_atomic(output, json.dumps(result, indent=1))
   print(f"{result['checkpoint']}: {result['dataset']} {result['split']}: "
@@ -74,7 +97,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """The ``ir2net-eval`` console script."""
-  checkpoint_cli.run(main, _define_flags)
+  checkpoint_cli.run(main, _define_flags, checkpoint_required=False)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from ir2net_jax.storage import paths, preflight
 from ir2net_jax.train import config_checks, parallel, startup, step
 
 __all__ = ["evaluate", "evaluate_split", "load_checkpoint", "load_model",
-           "recorded_config", "CheckpointError"]
+           "load_run", "recorded_config", "CheckpointError"]
 
 
 def recorded_config(checkpoint: str) -> Optional[str]:
@@ -98,11 +98,19 @@ def load_model(config, checkpoint: str) -> Tuple[Any, Dict[str, Any]]:
     DataError: an unknown data set, or a ``folder:`` / ``tfds:`` one that is
       not there (its classes are counted from it).
   """
+  model, loaded = load_run(config, checkpoint)
+  return model, loaded.variables
+
+
+def load_run(config, checkpoint: str
+             ) -> Tuple[Any, weights.LoadedVariables]:
+  """``load_model`` with what was read: ``(model, LoadedVariables)`` (the
+  variables, the step, the directory)."""
   num_classes = config.num_classes
   if num_classes <= 0:
     num_classes = sources.read_settings(config).spec.num_classes
   loaded = load_checkpoint(config, checkpoint, num_classes)
-  return step.build_model(config, num_classes), loaded.variables
+  return step.build_model(config, num_classes), loaded
 
 
 def load_checkpoint(config, checkpoint: str, num_classes: int

@@ -23,7 +23,7 @@ from ir2net_jax.configs.record import FIELDS_ADDED
 from ir2net_jax.data import engines
 from ir2net_jax.storage import paths
 
-__all__ = ["check_resume", "record_config", "RESUMABLE_FIELDS",
+__all__ = ["as_recorded", "check_resume", "record_config", "RESUMABLE_FIELDS",
            "NO_FLIP_DATASETS"]
 
 # The fields that change no result, so they may differ when a workdir's run
@@ -59,7 +59,7 @@ class _Unset:
 _UNSET = _Unset()
 
 
-def _as_recorded(config) -> Dict[str, Any]:
+def as_recorded(config) -> Dict[str, Any]:
   """The config as config.json holds it (tuples as lists, None as null)."""
   return json.loads(json.dumps(config.to_dict(), default=str))
 
@@ -110,7 +110,7 @@ def check_resume(workdir: str, config) -> None:
                  ", ".join(implied), {f: FIELDS_ADDED[f] for f in implied})
   changed, unrecorded = [], []
   for field, before, after in _differences(
-      _effective({**FIELDS_ADDED, **old}), _effective(_as_recorded(config))):
+      _effective({**FIELDS_ADDED, **old}), _effective(as_recorded(config))):
     if field.split(".")[0] in RESUMABLE_FIELDS:
       continue
     if field in implied:
@@ -149,7 +149,7 @@ def record_config(workdir: str, config) -> None:
   nothing writes nothing.
   """
   history = [p for p in _history(workdir) if paths.exists(p)]
-  new = _as_recorded(config)
+  new = as_recorded(config)
   if history:
     if json.loads(paths.read_text(history[-1])) == new:
       return

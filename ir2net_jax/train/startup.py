@@ -61,11 +61,13 @@ class _DropLibraryInfo(pylogging.Filter):
 
 
 def quiet_library_logs() -> None:
-  """Adds ``_DropLibraryInfo`` to absl's logger (once), which orbax and tfds
-  log through, whichever handler is attached yet."""
-  logger = logging.get_absl_logger()
-  if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
-    logger.addFilter(_DropLibraryInfo())
+  """Adds ``_DropLibraryInfo`` (once) to absl's logger, which orbax and
+  tfds log through, whichever handler is attached yet, and to JAX's backend
+  logger ("Unable to initialize backend 'tpu'" on every CPU start)."""
+  for logger in (logging.get_absl_logger(),
+                 pylogging.getLogger("jax._src.xla_bridge")):
+    if not any(isinstance(f, _DropLibraryInfo) for f in logger.filters):
+      logger.addFilter(_DropLibraryInfo())
 
 
 def connect(config) -> None:

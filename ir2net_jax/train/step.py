@@ -194,15 +194,20 @@ def build_teacher(config, num_classes: int,
          **dict(config.teacher_kwargs)})
 
 
-def make_eval_step(model: nn.Module) -> Callable:
+def make_eval_step(model: nn.Module,
+                   logits_fn: Optional[Callable] = None) -> Callable:
   """Per-device eval step ``(variables, batch) -> global sums``.
 
   Returns the number of real (unmasked) examples, of top-1 / top-5 hits and
   their cross-entropy, summed over devices, so padding never counts.
+  ``logits_fn(variables, images) -> logits`` replaces the model's eval
+  apply where given (a packed model's, ``deploy.evaluate``).
   """
+  if logits_fn is None:
+    logits_fn = lambda v, x: model.apply(v, x, train=False)[0]
 
   def step(variables, batch):
-    logits, _ = model.apply(variables, batch["image"], train=False)
+    logits = logits_fn(variables, batch["image"])
     labels, mask = batch["label"], batch["mask"]
     top1 = jnp.argmax(logits, -1) == labels
     k = min(5, logits.shape[-1])
@@ -216,8 +221,9 @@ def make_eval_step(model: nn.Module) -> Callable:
   return step
 
 
-def sharded_eval_step(model: nn.Module, mesh) -> Callable:
+def sharded_eval_step(model: nn.Module, mesh,
+                      logits_fn: Optional[Callable] = None) -> Callable:
   """``make_eval_step`` as ``jit(shard_map)`` over ``mesh``: replicated
   variables, the batch split along ``'data'``."""
-  return parallel.shard_step(make_eval_step(model), mesh,
+  return parallel.shard_step(make_eval_step(model, logits_fn), mesh,
                              in_specs=(P(), P(parallel.AXIS)), out_specs=P())

@@ -182,8 +182,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
   Raises:
     UsageError: bad flags or configs, before anything is compiled.
   """
-  values, overrides = parse_flags(
-      ["benchmark", *(sys.argv[1:] if argv is None else argv)])
+  args = list(sys.argv[1:] if argv is None else argv)
+  if "--bits" in args:   # packed inference: its own flags (bits.main)
+    from ir2net_jax.tools.benchmark import bits  # pylint: disable=g-import-not-at-top
+    bits.main([a for a in args if a != "--bits"])
+    return {}
+  values, overrides = parse_flags(["benchmark", *args])
   if values.from_json:
     result = report.load_json(values.from_json)
   else:

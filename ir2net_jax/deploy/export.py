@@ -1,0 +1,211 @@
+"""A trained model as a packed file: its binary convolutions' weights as
+bits, everything else as it was (``ir2net-export``; ``load.load_packed``
+reads it back).
+
+The file is one msgpack document (``flax.serialization``), readable from a
+local path or a bucket:
+
+* ``format``, ``version``: ``'ir2net_jax.packed'``, ``VERSION``;
+* ``config``: the run's config as ``config.json`` records it (the model,
+  its stage, the eval recipe's image size and data set);
+* ``num_classes``, ``class_names``, ``step``, ``source``;
+* ``float_dtype``: what the float layers are stored in (``FLOAT_DTYPES``);
+* ``variables``: ``params`` and ``batch_stats`` without the binary
+  convolutions' kernels, in ``float_dtype``;
+* ``kernels``: per binary convolution (its module path joined by ``/``),
+  ``negative`` (uint32 (k * k * words, Cout), bit set where the weight's
+  sign is -1), ``nonzero`` only where some weight is exactly 0 (else every
+  channel's bit is set and nothing is stored), ``channels``,
+  ``kernel_size``.
+
+The weights of a binary convolution are stored as their signs: 1 bit each
+(2 where some weight is exactly 0), which is all the forward pass reads.
+"""
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import serialization, traverse_util
+
+from ir2net_jax.configs import ConfigError
+from ir2net_jax.configs.record import read_recorded_config
+from ir2net_jax.data.shared import sources
+from ir2net_jax.data.shared.specs import DataError
+from ir2net_jax.deploy import bits, packed
+from ir2net_jax.storage import paths
+from ir2net_jax.train import evaluate, resume
+
+__all__ = ["FLOAT_DTYPES", "FORMAT", "VERSION", "Exported", "document",
+           "encode", "encode_checkpoint", "export_packed",
+           "float32_bytes"]
+
+FORMAT = "ir2net_jax.packed"
+VERSION = 1
+FLOAT_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Exported:
+  """What ``export_packed`` wrote.
+
+  Attributes:
+    output: the file.
+    bytes: its size.
+    float32_bytes: the model's variables as float32 (``float32_bytes``).
+    binary_convolutions: how many convolutions were packed.
+    step: the checkpoint's step (None for converted weights).
+  """
+  output: str
+  bytes: int
+  float32_bytes: int
+  binary_convolutions: int
+  step: Optional[int]
+
+  @property
+  def ratio(self) -> float:
+    return self.float32_bytes / self.bytes
+
+  def line(self) -> str:
+    """One line for the console."""
+    return (f"{self.output}: {self.bytes / 2**20:.2f} MiB, "
+            f"{self.binary_convolutions} binary convolutions as bits; the "
+            f"float32 model {self.float32_bytes / 2**20:.2f} MiB "
+            f"({self.ratio:.1f}x smaller)")
+
+
+def float32_bytes(variables) -> int:
+  """The size of ``variables`` with every array in float32."""
+  return sum(4 * int(np.prod(np.shape(v)))
+             for v in jax.tree.leaves(variables))
+
+
+def _without_kernels(variables, kernels) -> Dict[str, Any]:
+  """``variables`` less each packed convolution's ``kernel``, as numpy."""
+  flat = traverse_util.flatten_dict(jax.device_get(variables))
+  for path in kernels:
+    flat.pop(("params", *path, "kernel"))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _kernel_record(kernel: bits.PackedKernel) -> Dict[str, Any]:
+  record = {"negative": np.asarray(kernel.negative),
+            "channels": kernel.channels, "kernel_size": kernel.kernel_size}
+  if not kernel.dense:
+    record["nonzero"] = np.asarray(kernel.nonzero)
+  return record
+
+
+def encode(config, model, variables, *, num_classes: int,
+           float_dtype: str = "float32", class_names=None,
+           step: Optional[int] = None, source: str = "") -> bytes:
+  """The packed file's bytes for ``model`` with ``variables``
+  (``document``'s, serialised)."""
+  return serialization.msgpack_serialize(document(
+      config, model, variables, num_classes=num_classes,
+      float_dtype=float_dtype, class_names=class_names, step=step,
+      source=source))
+
+
+def document(config, model, variables, *, num_classes: int,
+             float_dtype: str = "float32", class_names=None,
+             step: Optional[int] = None, source: str = "") -> Dict[str, Any]:
+  """The packed file's content for ``model`` with ``variables``.
+
+  Args:
+    config: the run's config (recorded in the file).
+    model: the model ``config`` builds (``train.step.build_model``).
+    variables: ``{'params', 'batch_stats'}`` of stage-2 (binary-weight)
+      training.
+    num_classes: its classifier outputs.
+    float_dtype: one of ``FLOAT_DTYPES``, for the layers kept in float.
+    class_names: label names (default: numbers).
+    step, source: where the variables came from (recorded).
+
+  Raises:
+    packed.PackError: the model has no binary convolution with binary
+      weights (ImageNet stage 1), or ``float_dtype`` is unknown.
+  """
+  if float_dtype not in FLOAT_DTYPES:
+    raise packed.PackError(f"float_dtype={float_dtype!r}: one of "
+                           f"{FLOAT_DTYPES}")
+  kernels = packed.pack_kernels(model, variables, config.image_size)
+  kept = jax.tree.map(lambda v: np.asarray(v).astype(jnp.dtype(float_dtype))
+                      if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
+                      else np.asarray(v), _without_kernels(variables, kernels))
+  return {
+      "format": FORMAT, "version": VERSION,
+      "config": resume.as_recorded(config),
+      "num_classes": num_classes, "float_dtype": float_dtype,
+      "class_names": list(class_names or map(str, range(num_classes))),
+      "step": -1 if step is None else int(step), "source": source,
+      "variables": kept,
+      "kernels": {"/".join(p): _kernel_record(k) for p, k in kernels.items()},
+  }
+
+
+def _class_names(config, num_classes: int):
+  try:
+    return sources.class_names(config, num_classes)
+  except DataError as e:
+    logging.warning("class names left as numbers: %s", e)
+    return None
+
+
+def _read(checkpoint: str, config, float_dtype: str):
+  """``(document, loaded variables)`` of ``checkpoint``'s model."""
+  if config is None:
+    path = evaluate.recorded_config(checkpoint)
+    if path is None:
+      raise ConfigError(f"{checkpoint} has no recorded config.json; pass "
+                        "--config=<the recipe it was trained with>")
+    config = read_recorded_config(path)
+  if config.model.startswith("ir2net") and config.stage != 2:
+    raise packed.PackError(
+        f"{config.model} stage {config.stage} has real-valued weights in "
+        "its binary convolutions: export the stage-2 run")
+  model, loaded = evaluate.load_run(config, checkpoint)
+  num_classes = model.num_classes
+  content = document(config, model, loaded.variables,
+                     num_classes=num_classes, float_dtype=float_dtype,
+                     class_names=_class_names(config, num_classes),
+                     step=loaded.step, source=loaded.path)
+  return content, loaded
+
+
+def encode_checkpoint(checkpoint: str, config=None,
+                      float_dtype: str = "float32") -> bytes:
+  """The packed file's bytes for ``checkpoint`` (``export_packed`` without
+  the writing)."""
+  return serialization.msgpack_serialize(
+      _read(checkpoint, config, float_dtype)[0])
+
+
+def export_packed(checkpoint: str, output: str, config=None,
+                  float_dtype: str = "float32") -> Exported:
+  """Writes ``checkpoint``'s model as a packed file (``load_packed`` reads
+  it).
+
+  Args:
+    checkpoint: a workdir, ``workdir/best`` or converted weights.
+    output: the file to write (local or a bucket); replaced whole.
+    config: the run's config; None reads the one the workdir recorded.
+    float_dtype: one of ``FLOAT_DTYPES``: the layers that stay in float.
+
+  Returns:
+    What was written, with the sizes.
+
+  Raises:
+    ConfigError: no config given and none recorded.
+    CheckpointError: no checkpoint there, or one that does not fit.
+    packed.PackError: a model with nothing to pack (ImageNet stage 1).
+  """
+  content, loaded = _read(checkpoint, config, float_dtype)
+  data = serialization.msgpack_serialize(content)
+  paths.write_atomic(output, data)
+  return Exported(paths.resolve(output), len(data),
+                  float32_bytes(loaded.variables), len(content["kernels"]),
+                  loaded.step)

@@ -1,0 +1,172 @@
+"""A packed model file (``export.export_packed``) back as a function:
+images in, logits out.
+
+  model = ir2net_jax.load_packed("runs/digits/model.packed")
+  logits = model(images)          # (B, S, S, 3) float -> (B, classes)
+
+The binary convolutions run on their packed weights, on the native kernel
+where it is built and the program runs on a CPU, else on the pure-JAX path
+(``packed.CONVOLUTIONS``); the layers kept in float run as in training.
+"""
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+from ir2net_jax.configs.record import config_from_record
+from ir2net_jax.deploy import bits, export, packed
+from ir2net_jax.storage import paths
+from ir2net_jax.train import step
+
+__all__ = ["PackedModel", "decode", "load_packed", "read_config_record"]
+
+Path = Tuple[str, ...]
+
+
+@dataclasses.dataclass
+class PackedModel:
+  """A model whose binary convolutions run on bits.
+
+  Attributes:
+    config: the run's config (model, stage, image size, data set).
+    model: the Flax model ``config`` builds.
+    variables: ``{'params', 'batch_stats'}`` without the binary
+      convolutions' kernels, in float32.
+    kernels: ``{module path: bits.PackedKernel}``.
+    class_names: each label's name.
+    how: how the packed convolutions are computed (``packed.CONVOLUTIONS``).
+    step: the training step it was exported from (None: converted weights).
+    source: the checkpoint it was exported from.
+    float_dtype: what the file stored the float layers in.
+  """
+  config: Any
+  model: Any
+  variables: Dict[str, Any]
+  kernels: Dict[Path, bits.PackedKernel]
+  class_names: List[str]
+  how: str = "auto"
+  step: Optional[int] = None
+  source: str = ""
+  float_dtype: str = "float32"
+
+  def __post_init__(self):
+    self._jitted = jax.jit(self.apply)
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  @property
+  def image_size(self) -> int:
+    return self.config.image_size
+
+  @property
+  def state(self) -> Tuple[Dict[str, Any], Dict[Path, bits.PackedKernel]]:
+    """``(variables, kernels)``: what ``apply`` takes."""
+    return self.variables, self.kernels
+
+  def apply(self, state, images: jax.Array) -> jax.Array:
+    """``images`` (B, S, S, 3) -> float32 logits (B, classes), given
+    ``state``; pure and jittable."""
+    variables, kernels = state
+    logits = packed.apply_packed(self.model, variables, kernels, images,
+                                 self.how)[0]
+    return logits.astype(jnp.float32)
+
+  def __call__(self, images) -> jax.Array:
+    """``images`` (B, S, S, 3), prepared as the eval recipe prepares them
+    -> float32 logits (B, classes)."""
+    return self._jitted(self.state, jnp.asarray(images))
+
+
+def _nonzero_of_dense(channels: int, kernel_size: int,
+                      out_channels: int) -> jax.Array:
+  """The nonzero plane of a kernel without zeros: every channel's bit."""
+  word = bits.pack(jnp.ones((channels,))).nonzero           # (words,)
+  column = jnp.tile(word, kernel_size * kernel_size)        # (k * k * words,)
+  return jnp.broadcast_to(column[:, None], (column.shape[0], out_channels))
+
+
+def _kernel(record: Dict[str, Any]) -> bits.PackedKernel:
+  negative = jnp.asarray(record["negative"], jnp.uint32)
+  channels, size = int(record["channels"]), int(record["kernel_size"])
+  dense = "nonzero" not in record
+  nonzero = (_nonzero_of_dense(channels, size, negative.shape[-1]) if dense
+             else jnp.asarray(record["nonzero"], jnp.uint32))
+  return bits.PackedKernel(negative, nonzero, channels, size, dense)
+
+
+def _document(data: bytes, source: str) -> Dict[str, Any]:
+  """A packed file's content, its format and version checked."""
+  try:
+    document = serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several types on garbage
+    raise packed.PackError(f"{source} is not a packed model "
+                           f"({type(e).__name__}); write one with "
+                           "ir2net-export") from None
+  if not isinstance(document, dict) or document.get(
+      "format") != export.FORMAT:
+    raise packed.PackError(f"{source} is not a packed model; write one "
+                           "with ir2net-export")
+  if document.get("version") != export.VERSION:
+    raise packed.PackError(
+        f"{source} is a packed model of version {document.get('version')}; "
+        f"this package reads version {export.VERSION}: export it again")
+  return document
+
+
+def read_config_record(path: str) -> Dict[str, Any]:
+  """The config a packed model file records, as ``config.json`` holds it.
+
+  Raises:
+    FileNotFoundError, packed.PackError: no packed model at ``path``.
+  """
+  return _document(paths.read_bytes(path), path)["config"]
+
+
+def decode(data: bytes, how: str = "auto", source: str = "the file"
+           ) -> PackedModel:
+  """A ``PackedModel`` from a packed file's bytes.
+
+  Raises:
+    packed.PackError: ``data`` is not a packed model of a version this
+      package reads.
+  """
+  document = _document(data, source)
+  packed.convolution(how)   # an unknown `how` before anything is built
+  config = config_from_record(document["config"], source)
+  num_classes = int(document["num_classes"])
+  variables = jax.tree.map(
+      lambda v: jnp.asarray(v, jnp.float32)
+      if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
+      else jnp.asarray(v), document["variables"])
+  kernels = {tuple(name.split("/")): _kernel(record)
+             for name, record in document["kernels"].items()}
+  step_ = int(document["step"])
+  return PackedModel(config, step.build_model(config, num_classes),
+                     variables, kernels, list(document["class_names"]), how,
+                     None if step_ < 0 else step_, document["source"],
+                     document["float_dtype"])
+
+
+def load_packed(path: str, how: str = "auto") -> PackedModel:
+  """Reads a packed model file (local or in a bucket).
+
+  Args:
+    path: what ``ir2net-export`` wrote.
+    how: how binary convolutions are computed: ``'auto'`` (the native
+      kernel on CPUs where it is built, else pure JAX), ``'native'`` or
+      ``'jax'``.
+
+  Returns:
+    A ``PackedModel``: call it on images for logits.
+
+  Raises:
+    FileNotFoundError: no file there.
+    packed.PackError: not a packed model this package reads.
+  """
+  return decode(paths.read_bytes(path), how, path)

@@ -1,0 +1,178 @@
+"""The binary convolution as a native CPU kernel (C++ through ``jax.ffi``).
+
+``native/binary_conv.cc`` computes what ``bits.conv2d`` computes, exactly,
+with XOR and popcount over packed words, and picks its inner loop for this
+CPU at run time: AVX-512 VPOPCNTDQ, AVX2, or portable C++. It ships as
+source and is compiled the first time it is needed, with the C++ compiler
+this machine has (``$CXX``, else ``c++``, ``g++``, ``clang++``), against
+the XLA FFI headers of the installed jaxlib, into a cache
+(``$IR2NET_JAX_CACHE``, else ``$XDG_CACHE_HOME/ir2net_jax``, else
+``~/.cache/ir2net_jax``; about 4 s, once per jaxlib and source version).
+
+Where no compiler is found, or the build fails, ``available()`` is False,
+one log line says why, and the packed models run on the pure-JAX path.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from absl import logging
+
+from ir2net_jax.deploy import bits
+
+__all__ = ["ISAS", "NativeUnavailable", "available", "build", "best_isa",
+           "conv2d", "unavailable_reason"]
+
+TARGET = "ir2net_binary_conv"
+# The instruction sets the kernel has an inner loop for; "auto" is the
+# widest this CPU has.
+ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+_SOURCE = os.path.join(os.path.dirname(__file__), "native", "binary_conv.cc")
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w")
+_REGISTERED = []
+
+
+class NativeUnavailable(RuntimeError):
+  """The native kernel cannot be built or loaded here."""
+
+
+def _cache_dir() -> str:
+  if os.environ.get("IR2NET_JAX_CACHE"):
+    return os.environ["IR2NET_JAX_CACHE"]
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "ir2net_jax")
+
+
+def _compiler() -> Optional[str]:
+  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+    if name and shutil.which(name):
+      return shutil.which(name)
+  return None
+
+
+def build() -> str:
+  """Compiles the kernel (once; later calls find it in the cache).
+
+  Returns:
+    The path of the shared library.
+
+  Raises:
+    NativeUnavailable: no C++ compiler, or the compiler failed (its message
+      is kept).
+  """
+  compiler = _compiler()
+  if compiler is None:
+    raise NativeUnavailable("no C++ compiler (set $CXX, or install g++ or "
+                            "clang++)")
+  include = jax.ffi.include_dir()
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  with open(os.path.join(include, "xla", "ffi", "api", "ffi.h"), "rb") as f:
+    header = f.read()
+  key = hashlib.sha256(source + header + compiler.encode()
+                       + " ".join(_FLAGS).encode()).hexdigest()[:16]
+  library = os.path.join(_cache_dir(), f"binary_conv-{key}.so")
+  if os.path.exists(library):
+    return library
+  os.makedirs(_cache_dir(), exist_ok=True)
+  fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=_cache_dir())
+  os.close(fd)
+  try:
+    done = subprocess.run(
+        [compiler, *_FLAGS, f"-I{include}", _SOURCE, "-o", partial],
+        capture_output=True, text=True, timeout=300, check=False)
+    if done.returncode:
+      raise NativeUnavailable(f"{os.path.basename(compiler)} failed: "
+                              + done.stderr.strip()[-2000:])
+    os.replace(partial, library)   # atomic: a concurrent build is harmless
+  except subprocess.TimeoutExpired as e:
+    raise NativeUnavailable(f"{compiler} ran past 300 s") from e
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+  return library
+
+
+@functools.cache
+def _load():
+  """``(library, None)`` once built and registered, else ``(None, why)``."""
+  try:
+    library = ctypes.CDLL(build())
+  except (NativeUnavailable, OSError) as e:
+    logging.warning("packed convolutions run on the pure-JAX path: the "
+                    "native kernel is unavailable (%s)", e)
+    return None, str(e)
+  if not _REGISTERED:   # once per process, whatever clears the cache
+    jax.ffi.register_ffi_target(
+        TARGET, jax.ffi.pycapsule(library.BinaryConv), platform="cpu")
+    _REGISTERED.append(library)
+  library.ir2net_best_isa.restype = ctypes.c_int32
+  return library, None
+
+
+def available() -> bool:
+  """True where the kernel is built and registered (building it if
+  needed)."""
+  return _load()[0] is not None
+
+
+def unavailable_reason() -> Optional[str]:
+  """Why ``available()`` is False (None where it is True)."""
+  return _load()[1]
+
+
+def best_isa() -> str:
+  """The instruction set ``isa='auto'`` picks on this CPU."""
+  library = _load()[0]
+  if library is None:
+    raise NativeUnavailable(unavailable_reason())
+  code = library.ir2net_best_isa()
+  return next(name for name, c in ISAS.items() if c == code)
+
+
+def conv2d(x: bits.Packed, kernel: bits.PackedKernel, stride: int,
+           pad: int, isa: str = "auto") -> jax.Array:
+  """``bits.conv2d`` on the native kernel (CPU only). Jittable.
+
+  Args:
+    x: ``bits.pack`` of (B, H, W, Cin) activations.
+    kernel: ``bits.pack_kernel`` of a (k, k, Cin, Cout) kernel.
+    stride: spatial stride.
+    pad: zero padding on every side.
+    isa: an instruction set of ``ISAS``; one this CPU lacks is an error
+      when the call runs.
+
+  Returns:
+    int32 (B, H', W', Cout), equal to ``bits.conv2d``'s.
+
+  Raises:
+    NativeUnavailable: the kernel cannot be built here.
+  """
+  if not available():
+    raise NativeUnavailable(unavailable_reason())
+  bits.check_operands(x, kernel)
+  b, h, w, _ = x.negative.shape
+  k = kernel.kernel_size
+  out_h = (h + 2 * pad - k) // stride + 1
+  out_w = (w + 2 * pad - k) // stride + 1
+  call = jax.ffi.ffi_call(
+      TARGET, jax.ShapeDtypeStruct((b, out_h, out_w, kernel.out_channels),
+                                   jnp.int32))
+  sums = call(x.negative, x.nonzero, kernel.negative, kernel.nonzero,
+              kernel=np.int64(k), stride=np.int64(stride), pad=np.int64(pad),
+              dense=bool(kernel.dense), isa=np.int32(ISAS[isa]))
+  # Inside shard_map the sums vary over the mesh axes the activations do;
+  # ffi_call's result is typed as varying over none.
+  varying = tuple(jax.typeof(x.negative).manual_axis_type.varying)
+  return lax.pcast(sums, varying, to="varying") if varying else sums

@@ -1,0 +1,276 @@
+// The binary convolution on packed bits, for XLA's CPU backend (jax.ffi).
+//
+// Operands are signs in {-1, 0, +1}, packed 32 channels to a uint32 word in
+// two planes (ir2net_jax/deploy/bits.py): `negative` (bit set where -1) and
+// `nonzero` (bit set where not 0). For one tap word of activations (an, az)
+// and of a kernel column (bn, bz):
+//
+//   both = az & bz
+//   sum += popcount(both) - 2 * popcount(both & (an ^ bn))
+//
+// A "dense" kernel (no weight is exactly 0) has bz set on every channel, and
+// az is already 0 past the last channel, so both = az: the first popcount is
+// the same for every output channel and leaves the inner loop.
+//
+// Padding is never materialised: a tap outside the image contributes 0, as
+// PyTorch's zero padding does, so the sums equal the float convolution's
+// exactly.
+//
+// The inner loop (over output channels) is compiled three times, for
+// AVX-512 VPOPCNTDQ, for AVX2 and for the portable target, and the widest
+// one this CPU has is picked at run time (or the one the `isa` attribute
+// asks for). Output rows are shared among XLA's intra-op threads.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Isa : int32_t { kAuto = 0, kPortable = 1, kAvx2 = 2, kAvx512 = 3 };
+
+struct Conv {
+  const uint32_t* x_negative;  // (B, H, W, words)
+  const uint32_t* x_nonzero;
+  const uint32_t* k_negative;  // (kernel * kernel * words, N)
+  const uint32_t* k_nonzero;
+  int32_t* out;                // (B, OH, OW, N)
+  int64_t batch, height, width, words, channels, out_height, out_width;
+  int64_t kernel, stride, pad;
+  bool dense;
+};
+
+// Output channels are taken in blocks that stay in registers.
+constexpr int64_t kBlock = 64;
+
+#define IR2NET_ROWS_BODY(DENSE_WORD)                                          \
+  for (int64_t row = begin; row < end; ++row) {                              \
+    const int64_t b = row / c.out_height, oy = row % c.out_height;           \
+    for (int64_t n0 = 0; n0 < c.channels; n0 += kBlock) {                    \
+      const int64_t nb = std::min(kBlock, c.channels - n0);                  \
+      for (int64_t ox = 0; ox < c.out_width; ++ox) {                         \
+        int32_t acc[kBlock] = {0};                                           \
+        int32_t total = 0;                                                   \
+        for (int64_t i = 0; i < c.kernel; ++i) {                             \
+          const int64_t iy = oy * c.stride - c.pad + i;                      \
+          if (iy < 0 || iy >= c.height) continue;                            \
+          for (int64_t j = 0; j < c.kernel; ++j) {                           \
+            const int64_t ix = ox * c.stride - c.pad + j;                    \
+            if (ix < 0 || ix >= c.width) continue;                           \
+            const int64_t at = ((b * c.height + iy) * c.width + ix) * c.words; \
+            const int64_t tap = (i * c.kernel + j) * c.words;                \
+            for (int64_t w = 0; w < c.words; ++w) {                          \
+              const uint32_t an = c.x_negative[at + w];                      \
+              const uint32_t az = c.x_nonzero[at + w];                       \
+              if (az == 0) continue;                                         \
+              const uint32_t* bn = c.k_negative + (tap + w) * c.channels + n0; \
+              if (c.dense) {                                                 \
+                total += __builtin_popcount(az);                             \
+                DENSE_WORD                                                   \
+              } else {                                                       \
+                const uint32_t* bz =                                         \
+                    c.k_nonzero + (tap + w) * c.channels + n0;               \
+                for (int64_t n = 0; n < nb; ++n) {                           \
+                  const uint32_t both = az & bz[n];                          \
+                  acc[n] += __builtin_popcount(both) -                       \
+                            2 * __builtin_popcount(both & (an ^ bn[n]));     \
+                }                                                            \
+              }                                                              \
+            }                                                                \
+          }                                                                  \
+        }                                                                    \
+        int32_t* out =                                                       \
+            c.out + ((b * c.out_height + oy) * c.out_width + ox) * c.channels \
+            + n0;                                                            \
+        if (c.dense) {                                                       \
+          for (int64_t n = 0; n < nb; ++n) out[n] = total - 2 * acc[n];      \
+        } else {                                                             \
+          for (int64_t n = 0; n < nb; ++n) out[n] = acc[n];                  \
+        }                                                                    \
+      }                                                                      \
+    }                                                                        \
+  }
+
+// acc[n] += popcount(az & (an ^ bn[n])) for n < nb: the dense kernel's
+// inner loop, which compilers vectorise where the target has a vector
+// popcount.
+#define IR2NET_DENSE_WORD                                                     \
+  for (int64_t n = 0; n < nb; ++n) acc[n] += __builtin_popcount(az & (an ^ bn[n]));
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f,avx512vpopcntdq"))) void RowsAvx512(
+    const Conv& c, int64_t begin, int64_t end) {
+  IR2NET_ROWS_BODY(IR2NET_DENSE_WORD)
+}
+
+// AVX2 has no vector popcount: count 8 words at once by nibbles (a 16-entry
+// table through vpshufb), then add the bytes of each word.
+#define IR2NET_DENSE_WORD_AVX2                                                \
+  {                                                                           \
+    const __m256i vz = _mm256_set1_epi32(static_cast<int>(az));               \
+    const __m256i vn = _mm256_set1_epi32(static_cast<int>(an));               \
+    int64_t n = 0;                                                            \
+    for (; n + 8 <= nb; n += 8) {                                             \
+      const __m256i v = _mm256_and_si256(                                     \
+          vz, _mm256_xor_si256(vn, _mm256_loadu_si256(                        \
+                                   reinterpret_cast<const __m256i*>(bn + n)))); \
+      const __m256i lo = _mm256_and_si256(v, low4);                           \
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi32(v, 4), low4);     \
+      const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(table, lo),   \
+                                            _mm256_shuffle_epi8(table, hi));  \
+      const __m256i words =                                                   \
+          _mm256_madd_epi16(_mm256_maddubs_epi16(bytes, ones8), ones16);      \
+      __m256i* to = reinterpret_cast<__m256i*>(acc + n);                      \
+      _mm256_storeu_si256(to, _mm256_add_epi32(_mm256_loadu_si256(to), words)); \
+    }                                                                         \
+    for (; n < nb; ++n) acc[n] += __builtin_popcount(az & (an ^ bn[n]));      \
+  }
+
+__attribute__((target("avx2,popcnt"))) void RowsAvx2(const Conv& c,
+                                                      int64_t begin,
+                                                      int64_t end) {
+  const __m256i table = _mm256_setr_epi8(
+      0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+      0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low4 = _mm256_set1_epi8(0x0f);
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  IR2NET_ROWS_BODY(IR2NET_DENSE_WORD_AVX2)
+}
+#endif
+
+void RowsPortable(const Conv& c, int64_t begin, int64_t end) {
+  IR2NET_ROWS_BODY(IR2NET_DENSE_WORD)
+}
+
+using Rows = void (*)(const Conv&, int64_t, int64_t);
+
+int32_t BestIsa() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512vpopcntdq"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
+    return kAvx2;
+#endif
+  return kPortable;
+}
+
+Rows RowsFor(int32_t isa) {
+#if defined(__x86_64__)
+  if (isa == kAvx512) return RowsAvx512;
+  if (isa == kAvx2) return RowsAvx2;
+#endif
+  return RowsPortable;
+}
+
+// Splits [0, rows) into chunks that the calling thread and up to
+// `helpers` pool threads take in turn. State is shared-owned so that a
+// helper the pool starts late finds no work and touches nothing freed.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::mutex mutex;
+  std::condition_variable done;
+  int64_t active = 0;
+};
+
+void RunChunks(const std::shared_ptr<Work>& work, const Conv& c, Rows rows,
+               int64_t total, int64_t chunk) {
+  for (;;) {
+    const int64_t begin = work->next.fetch_add(chunk);
+    if (begin >= total) return;
+    rows(c, begin, std::min(total, begin + chunk));
+  }
+}
+
+ffi::Error BinaryConvImpl(ffi::ThreadPool pool,
+                          ffi::Buffer<ffi::U32> x_negative,
+                          ffi::Buffer<ffi::U32> x_nonzero,
+                          ffi::Buffer<ffi::U32> k_negative,
+                          ffi::Buffer<ffi::U32> k_nonzero,
+                          ffi::ResultBuffer<ffi::S32> out, int64_t kernel,
+                          int64_t stride, int64_t pad, bool dense,
+                          int32_t isa) {
+  const auto x = x_negative.dimensions();
+  const auto k = k_negative.dimensions();
+  const auto o = out->dimensions();
+  if (x.size() != 4 || k.size() != 2 || o.size() != 4)
+    return ffi::Error::InvalidArgument(
+        "binary_conv: want activations (B, H, W, words), a kernel "
+        "(k * k * words, N) and sums (B, OH, OW, N)");
+  Conv c{x_negative.typed_data(), x_nonzero.typed_data(),
+         k_negative.typed_data(), k_nonzero.typed_data(),
+         out->typed_data(),       x[0], x[1], x[2], x[3], k[1], o[1], o[2],
+         kernel,                  stride, pad, dense};
+  if (k[0] != kernel * kernel * c.words || o[3] != c.channels ||
+      o[0] != c.batch)
+    return ffi::Error::InvalidArgument("binary_conv: shapes do not agree");
+  if (isa == kAuto) isa = BestIsa();
+  if (isa > BestIsa())
+    return ffi::Error::InvalidArgument(
+        "binary_conv: this CPU lacks the instruction set asked for (isa=" +
+        std::to_string(isa) + ")");
+  const Rows rows = RowsFor(isa);
+  const int64_t total = c.batch * c.out_height;
+  const int64_t work_size =
+      total * c.out_width * c.channels * kernel * kernel * c.words;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Below ~1M word operations a thread's start costs more than it saves.
+  const int64_t helpers =
+      std::min<int64_t>({threads - 1, total - 1, work_size >> 20});
+  if (helpers <= 0) {
+    rows(c, 0, total);
+    return ffi::Error::Success();
+  }
+  const int64_t chunk = std::max<int64_t>(1, total / (4 * (helpers + 1)));
+  auto work = std::make_shared<Work>();
+  for (int64_t h = 0; h < helpers; ++h) {
+    pool.Schedule([work, c, rows, total, chunk] {
+      {
+        std::lock_guard<std::mutex> lock(work->mutex);
+        ++work->active;
+      }
+      RunChunks(work, c, rows, total, chunk);
+      std::lock_guard<std::mutex> lock(work->mutex);
+      if (--work->active == 0) work->done.notify_all();
+    });
+  }
+  RunChunks(work, c, rows, total, chunk);
+  std::unique_lock<std::mutex> lock(work->mutex);
+  work->done.wait(lock, [&] { return work->active == 0; });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaryConv, BinaryConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>()
+                                  .Attr<int64_t>("kernel")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad")
+                                  .Attr<bool>("dense")
+                                  .Attr<int32_t>("isa"));
+
+// The instruction set `isa=0` picks on this CPU (1 portable, 2 AVX2,
+// 3 AVX-512 VPOPCNTDQ).
+extern "C" int32_t ir2net_best_isa() { return BestIsa(); }
