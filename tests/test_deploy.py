@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 import reference_fixtures as rf
 import train_utils
@@ -237,6 +238,36 @@ def test_export_then_eval_packed_gives_the_runs_top1(digits_run, tmp_path):
     for key in ("top1", "top5", "count"):
       assert results[name][key] == results["float"][key], (name, key)
   assert results["float"]["count"] == 360
+  # ir2net-predict --packed: the checkpoint's probabilities, and pictures.
+  images = tmp_path / "images"
+  images.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (8, 8), np.uint8)).save(
+        images / f"d{i}.png")
+  answers = {}
+  for name, source in [("float", f"--checkpoint={digits_run}/best"),
+                       ("packed", f"--packed={output}")]:
+    done = _tool("predict", source, f"--images={images}", "--json",
+                 "--top_k=3", f"--pictures={tmp_path / name}.png")
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers[name] = json.loads(done.stdout)["predictions"]
+    assert (tmp_path / f"{name}.png").stat().st_size > 1000
+  for a, b in zip(answers["float"], answers["packed"]):
+    np.testing.assert_allclose([t["probability"] for t in a["top"]],
+                               [t["probability"] for t in b["top"]],
+                               rtol=1e-5)
+  # --format=stablehlo: the packed model's logits, from jax alone.
+  artifact = tmp_path / "digits.stablehlo"
+  done = _tool("export", f"--checkpoint={digits_run}/best",
+               f"--output={artifact}", "--format=stablehlo",
+               "--platforms=cpu")
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "jax.export for cpu" in done.stdout
+  exported = jax.export.deserialize(bytearray(artifact.read_bytes()))
+  x = np.asarray(jax.random.normal(jax.random.key(3), (2, 32, 32, 3)))
+  np.testing.assert_allclose(exported.call(x), load.load_packed(
+      str(output))(x), rtol=1e-5, atol=1e-5)
   neither = _tool("eval")
   assert neither.returncode != 0 and "--packed=FILE" in neither.stderr
   stage1 = _tool("export", f"--checkpoint={digits_run}/best",

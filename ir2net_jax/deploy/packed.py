@@ -14,7 +14,8 @@ A model with a real-weight binary convolution (ImageNet stage 1) has nothing
 to pack there: ``pack_kernels`` refuses it.
 """
 
-from typing import Any, Callable, Dict, Tuple
+import contextlib
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 import flax.linen as nn
 import jax
@@ -25,7 +26,7 @@ from ir2net_jax.deploy import bits, native
 from ir2net_jax.nn import binarize, layers
 
 __all__ = ["CONVOLUTIONS", "PackError", "pack_kernels", "apply_packed",
-           "convolution"]
+           "convolution", "on_bits"]
 
 # How a packed convolution is computed: "native" the C++ kernel (CPU only),
 # "jax" the pure-JAX path (every platform), "auto" the kernel on CPUs where
@@ -135,22 +136,15 @@ def convolution(how: str = "auto") -> Callable[..., jax.Array]:
   return auto
 
 
-def apply_packed(model: nn.Module, variables,
-                 kernels: Dict[Path, bits.PackedKernel], images: jax.Array,
-                 how: str = "auto") -> Any:
-  """``model.apply(variables, images, train=False)`` with every packed
-  binary convolution computed on bits. Jittable.
-
-  Args:
-    model: the model ``kernels`` were packed from.
-    variables: its variables; the binary convolutions' kernels are not
-      read and may be left out.
-    kernels: ``pack_kernels``'s result.
-    images: (B, H, W, 3).
-    how: one of ``CONVOLUTIONS``.
+@contextlib.contextmanager
+def on_bits(kernels: Dict[Path, bits.PackedKernel], how: str = "auto"
+            ) -> Iterator[None]:
+  """Within it, every call of a ``layers.BinaryConv`` that ``kernels`` has
+  (by module path) computes on bits, whatever method of the model runs
+  (``apply_packed``'s eval, ``restriction.restriction_maps``).
 
   Raises:
-    PackError: the model calls a binary convolution ``kernels`` lacks.
+    PackError: a model calls a binary convolution ``kernels`` lacks.
   """
   conv = convolution(how)
 
@@ -169,4 +163,25 @@ def apply_packed(model: nn.Module, variables,
     return sums.astype(_result_dtype(module, dtype, x.shape[-1]))
 
   with nn.intercept_methods(packed_conv):
+    yield
+
+
+def apply_packed(model: nn.Module, variables,
+                 kernels: Dict[Path, bits.PackedKernel], images: jax.Array,
+                 how: str = "auto") -> Any:
+  """``model.apply(variables, images, train=False)`` with every packed
+  binary convolution computed on bits. Jittable.
+
+  Args:
+    model: the model ``kernels`` were packed from.
+    variables: its variables; the binary convolutions' kernels are not
+      read and may be left out.
+    kernels: ``pack_kernels``'s result.
+    images: (B, H, W, 3).
+    how: one of ``CONVOLUTIONS``.
+
+  Raises:
+    PackError: the model calls a binary convolution ``kernels`` lacks.
+  """
+  with on_bits(kernels, how):
     return model.apply(variables, images, train=False)

@@ -14,6 +14,10 @@ image's ``--top_k`` classes with their probabilities, as a table or, with
 Class names are the data set's (a folder's subfolders, a tfds builder's
 label names; numbers where it names none).
 
+``--packed=FILE`` classifies with a packed model (``ir2net-export``'s
+output) instead, its binary convolutions on bits, its class names and eval
+recipe the file's.
+
 ``--pictures=PNG`` also draws each image with its predicted class and the
 model's restriction maps: attention, the erase mask and the erased input
 (``ir2net_jax.train.grid``).
@@ -25,7 +29,9 @@ import os
 from absl import app, flags, logging
 
 from ir2net_jax.configs import ConfigError
+from ir2net_jax.data import images as images_lib
 from ir2net_jax.data.shared.specs import DataError
+from ir2net_jax.deploy import load, packed
 from ir2net_jax.storage import paths, preflight
 from ir2net_jax.tools import checkpoint_cli, command_line
 from ir2net_jax.train import evaluate, grid, pictures, predict
@@ -43,6 +49,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("output", None, "Also write the JSON to this file.")
   flags.DEFINE_string("pictures", None, "A PNG of each image with its class "
                       "and restriction maps.")
+  flags.DEFINE_string("packed", None, "A packed model file (ir2net-export) "
+                      "to classify with instead of --checkpoint.")
   flags.mark_flag_as_required("images")
 
 
@@ -66,6 +74,36 @@ def _short(text: str, most: int = 24) -> str:
   return text if len(text) <= most else text[:most - 3] + "..."
 
 
+def _check_source(source: str, config, is_packed: bool) -> None:
+  """Exits with one line where ``source`` is not there or no config is
+  known."""
+  try:
+    preflight.check(source, "--packed" if is_packed else "--checkpoint")
+    if not paths.exists(source):
+      raise evaluate.CheckpointError(
+          f"--packed={source}: no such file; write one with ir2net-export"
+          if is_packed else
+          f"--checkpoint={source}: no such directory; pass a training "
+          "workdir, its best/, or converted weights (ir2net-convert)")
+  except (preflight.StorageError, evaluate.CheckpointError) as e:
+    command_line.exit_on_error(e)
+  if config is None:
+    command_line.exit_on_error(ConfigError(
+        f"{source} is not a packed model" if is_packed else
+        f"{source} has no recorded config.json (e.g. converted weights); "
+        "pass --config=RECIPE"))
+
+
+def _predict_packed(config, path: str, patterns: str, top_k: int
+                    ) -> predict.Predictions:
+  """``predict.predict`` with the packed model file ``path``."""
+  model = load.load_packed(path)
+  files, images = images_lib.load_image_files(config, patterns)
+  return predict.classify(
+      config, files, images, model, top_k, model.model, model.variables,
+      model.class_names, lambda: packed.on_bits(model.kernels, model.how))
+
+
 def main(argv) -> None:
   f = flags.FLAGS
   if len(argv) > 1:
@@ -73,26 +111,20 @@ def main(argv) -> None:
   if not f["verbosity"].present:  # orbax logs several lines per restore
     logging.set_verbosity(logging.WARNING)
   config = f.config   # the recorded one where --config is left out
-  try:
-    preflight.check(f.checkpoint, "--checkpoint")
-    if not paths.exists(f.checkpoint):
-      raise evaluate.CheckpointError(
-          f"--checkpoint={f.checkpoint}: no such directory; pass a training "
-          "workdir, its best/, or converted weights (ir2net-convert)")
-  except (preflight.StorageError, evaluate.CheckpointError) as e:
-    command_line.exit_on_error(e)
-  if config is None:
-    command_line.exit_on_error(ConfigError(
-        f"{f.checkpoint} has no recorded config.json (e.g. converted "
-        "weights); pass --config=RECIPE"))
+  if bool(f.checkpoint) == bool(f.packed):
+    raise app.UsageError("pass --checkpoint=RUN or --packed=FILE (one)")
+  source = f.checkpoint or f.packed
+  _check_source(source, config, bool(f.packed))
   for flag in ("output", "pictures"):   # before anything is computed
     if f[flag].value:
       preflight.check(paths.parent(f[flag].value), f"--{flag}", written=True)
   try:
-    found = predict.predict(config, f.checkpoint, f.images, f.top_k)
-  except (DataError, evaluate.CheckpointError) as e:
+    found = (_predict_packed(config, f.packed, f.images, f.top_k)
+             if f.packed else
+             predict.predict(config, f.checkpoint, f.images, f.top_k))
+  except (DataError, evaluate.CheckpointError, packed.PackError) as e:
     command_line.exit_on_error(e)
-  result = _result(config, f.checkpoint, found)
+  result = _result(config, source, found)
   if f.output:
     paths.write_atomic(f.output, json.dumps(result, indent=1))
   print(json.dumps(result, indent=1) if f.json
@@ -105,7 +137,7 @@ def main(argv) -> None:
 
 def run() -> None:
   """The ``ir2net-predict`` console script."""
-  checkpoint_cli.run(main, _define_flags)
+  checkpoint_cli.run(main, _define_flags, checkpoint_required=False)
 
 
 if __name__ == "__main__":

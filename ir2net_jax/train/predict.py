@@ -8,8 +8,10 @@ with their softmax probabilities, named as the data set names its classes
 (``data.shared.sources.class_names``).
 """
 
+import contextlib
 import dataclasses
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import (Any, Callable, ContextManager, Dict, List, Optional,
+                    Sequence, Tuple)
 
 import jax
 import numpy as np
@@ -19,8 +21,8 @@ from ir2net_jax.data.shared import sources
 from ir2net_jax.nn import restriction
 from ir2net_jax.train import evaluate, startup
 
-__all__ = ["Prediction", "Predictions", "predict", "restriction_maps",
-           "table", "BATCH"]
+__all__ = ["Prediction", "Predictions", "classify", "predict",
+           "restriction_maps", "table", "BATCH"]
 
 BATCH = 32   # images per forward pass; the last pass is padded to it
 
@@ -57,11 +59,14 @@ class Predictions:
     images: (N, S, S, 3) the normalised images the model saw.
     model: the model (no BatchNorm ``axis_name``).
     variables: ``{'params', 'batch_stats'}``.
+    context: a context in which ``model.apply`` computes as the
+      predictions did (a packed model's: ``deploy.packed.on_bits``).
   """
   predictions: List[Prediction]
   images: np.ndarray
   model: Any
   variables: Dict[str, Any]
+  context: Callable[[], ContextManager] = contextlib.nullcontext
 
 
 def predict(config, checkpoint: str, patterns: str,
@@ -83,13 +88,33 @@ def predict(config, checkpoint: str, patterns: str,
   startup.connect(config)   # before orbax starts JAX's backends
   files, images = images_lib.load_image_files(config, patterns)  # first
   model, variables = evaluate.load_model(config, checkpoint)
-  apply = jax.jit(lambda v, x: jax.nn.softmax(
-      model.apply(v, x, train=False)[0].astype(np.float32)))
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  return classify(config, files, images, lambda x: apply(variables, x),
+                  top_k, model, variables)
+
+
+def classify(config, files: Sequence[str], images: np.ndarray,
+             logits_fn: Callable[[np.ndarray], Any], top_k: int, model,
+             variables, class_names: Optional[Sequence[str]] = None,
+             context: Callable[[], ContextManager] = contextlib.nullcontext
+             ) -> Predictions:
+  """``predict`` given the images and a function of them to logits.
+
+  Args:
+    config: the data set (class names) where ``class_names`` is None.
+    files, images: ``data.images.load_image_files``'s.
+    logits_fn: (BATCH, S, S, 3) -> (BATCH, classes) logits.
+    top_k: how many classes per image (at most the model's classes).
+    model, variables, context: for the pictures (``Predictions``).
+    class_names: each label's name (default: the data set's).
+  """
   probabilities = np.concatenate([
-      np.asarray(apply(variables, _padded(images[i:i + BATCH])))[
-          :len(images[i:i + BATCH])]
+      np.asarray(jax.nn.softmax(np.asarray(logits_fn(
+          _padded(images[i:i + BATCH])), np.float32)))[
+              :len(images[i:i + BATCH])]
       for i in range(0, len(images), BATCH)])
-  names = sources.class_names(config, probabilities.shape[-1])
+  names = (list(class_names) if class_names is not None
+           else sources.class_names(config, probabilities.shape[-1]))
   k = max(1, min(top_k, probabilities.shape[-1]))
   top = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
   return Predictions(
@@ -97,7 +122,7 @@ def predict(config, checkpoint: str, patterns: str,
                   tuple(names[l] for l in labels),
                   tuple(float(p[l]) for l in labels))
        for path, labels, p in zip(files, top, probabilities)],
-      images, model, variables)
+      images, model, variables, context)
 
 
 def _padded(batch: np.ndarray) -> np.ndarray:
@@ -110,8 +135,9 @@ def restriction_maps(result: Predictions, erase_lambda: float
                      ) -> Dict[str, np.ndarray]:
   """``nn.restriction.restriction_maps`` of the predicted images (BatchNorm
   in evaluation mode)."""
-  maps = jax.jit(lambda v, x: restriction.restriction_maps(
-      result.model, v, x, erase_lambda))(result.variables, result.images)
+  with result.context():
+    maps = jax.jit(lambda v, x: restriction.restriction_maps(
+        result.model, v, x, erase_lambda))(result.variables, result.images)
   return jax.device_get(maps)
 
 
