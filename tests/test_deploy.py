@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +20,7 @@ import reference_fixtures as rf
 import train_utils
 from ir2net_jax import configs, models
 from ir2net_jax.deploy import bits, export, load, native, packed
+from ir2net_jax.nn import layers
 from ir2net_jax.train import step
 
 # The kernel is C++ built on first use; CI machines have g++. Without a
@@ -143,6 +145,35 @@ def test_zero_weights_keep_their_plane_and_stay_exact():
   assert not all(k.dense for k in loaded.kernels.values())
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   assert rf.rel(loaded(x), model.apply(variables, x, train=False)[0]) < 1e-5
+
+
+class _OwnModel(nn.Module):
+  """A model of a user's own: a float stem, two BinaryConvs, a classifier."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(16, (3, 3))(x)
+    x = layers.BinaryConv(40)(x)
+    x = nn.BatchNorm(use_running_average=not train)(x)
+    x = layers.BinaryConv(8, strides=2)(x)
+    return nn.Dense(4)(x.mean((1, 2))), x
+
+
+def test_a_model_of_your_own_exports_and_loads_with_its_module(tmp_path):
+  model = _OwnModel()
+  x = jax.random.normal(jax.random.key(4), (3, 12, 12, 3))
+  variables = model.init(jax.random.key(5), x)
+  path = tmp_path / "own.packed"
+  path.write_bytes(export.encode(None, model, variables, num_classes=4,
+                                 image_size=12))
+  with pytest.raises(packed.PackError, match="pass model="):
+    load.load_packed(str(path))
+  loaded = load.load_packed(str(path), model=_OwnModel())
+  assert loaded.config is None and loaded.image_size == 12
+  assert len(loaded.kernels) == 2
+  want = model.apply(variables, x, train=False)[0]
+  assert rf.rel(loaded(x), want) < 1e-5
+  assert np.std(np.asarray(want)) > 0
 
 
 def test_what_cannot_be_packed_or_read_is_refused(tmp_path):

@@ -64,10 +64,10 @@ def _words(bits: jax.Array) -> jax.Array:
   padded = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1)
                    + [(0, words * WORD_BITS - n)])
   grouped = padded.reshape(bits.shape[:-1] + (words, WORD_BITS))
-  weights = jnp.left_shift(jnp.uint32(1),
+  shifted = jnp.left_shift(grouped.astype(jnp.uint32),
                            jnp.arange(WORD_BITS, dtype=jnp.uint32))
-  return jnp.sum(grouped.astype(jnp.uint32) * weights, axis=-1,
-                 dtype=jnp.uint32)
+  return lax.reduce(shifted, jnp.uint32(0), lax.bitwise_or,
+                    (shifted.ndim - 1,))
 
 
 def pack(values: jax.Array) -> Packed:

@@ -7,7 +7,9 @@ local path or a bucket:
 
 * ``format``, ``version``: ``'ir2net_jax.packed'``, ``VERSION``;
 * ``config``: the run's config as ``config.json`` records it (the model,
-  its stage, the eval recipe's image size and data set);
+  its stage, the eval recipe's image size and data set); null for a model
+  of your own, which ``load_packed`` is then given;
+* ``image_size``: the input size the model was packed for;
 * ``num_classes``, ``class_names``, ``step``, ``source``;
 * ``float_dtype``: what the float layers are stored in (``FLOAT_DTYPES``);
 * ``variables``: ``params`` and ``batch_stats`` without the binary
@@ -100,45 +102,56 @@ def _kernel_record(kernel: bits.PackedKernel) -> Dict[str, Any]:
 
 
 def encode(config, model, variables, *, num_classes: int,
-           float_dtype: str = "float32", class_names=None,
-           step: Optional[int] = None, source: str = "") -> bytes:
+           image_size: Optional[int] = None, float_dtype: str = "float32",
+           class_names=None, step: Optional[int] = None,
+           source: str = "") -> bytes:
   """The packed file's bytes for ``model`` with ``variables``
   (``document``'s, serialised)."""
   return serialization.msgpack_serialize(document(
       config, model, variables, num_classes=num_classes,
-      float_dtype=float_dtype, class_names=class_names, step=step,
-      source=source))
+      image_size=image_size, float_dtype=float_dtype,
+      class_names=class_names, step=step, source=source))
 
 
 def document(config, model, variables, *, num_classes: int,
-             float_dtype: str = "float32", class_names=None,
-             step: Optional[int] = None, source: str = "") -> Dict[str, Any]:
+             image_size: Optional[int] = None, float_dtype: str = "float32",
+             class_names=None, step: Optional[int] = None,
+             source: str = "") -> Dict[str, Any]:
   """The packed file's content for ``model`` with ``variables``.
 
   Args:
-    config: the run's config (recorded in the file).
-    model: the model ``config`` builds (``train.step.build_model``).
+    config: the run's config (recorded in the file), or None for a model
+      of your own (``load.load_packed`` then needs the model).
+    model: the model ``config`` builds (``train.step.build_model``), or any
+      Flax model whose binary convolutions are ``layers.BinaryConv``.
     variables: ``{'params', 'batch_stats'}`` of stage-2 (binary-weight)
       training.
     num_classes: its classifier outputs.
+    image_size: the input size it takes (default: ``config.image_size``).
     float_dtype: one of ``FLOAT_DTYPES``, for the layers kept in float.
     class_names: label names (default: numbers).
     step, source: where the variables came from (recorded).
 
   Raises:
     packed.PackError: the model has no binary convolution with binary
-      weights (ImageNet stage 1), or ``float_dtype`` is unknown.
+      weights (ImageNet stage 1), ``float_dtype`` is unknown, or neither a
+      config nor an image size is given.
   """
   if float_dtype not in FLOAT_DTYPES:
     raise packed.PackError(f"float_dtype={float_dtype!r}: one of "
                            f"{FLOAT_DTYPES}")
-  kernels = packed.pack_kernels(model, variables, config.image_size)
+  if image_size is None:
+    if config is None:
+      raise packed.PackError("pass image_size= for a model without a config")
+    image_size = config.image_size
+  kernels = packed.pack_kernels(model, variables, image_size)
   kept = jax.tree.map(lambda v: np.asarray(v).astype(jnp.dtype(float_dtype))
                       if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
                       else np.asarray(v), _without_kernels(variables, kernels))
   return {
       "format": FORMAT, "version": VERSION,
-      "config": resume.as_recorded(config),
+      "config": None if config is None else resume.as_recorded(config),
+      "image_size": int(image_size),
       "num_classes": num_classes, "float_dtype": float_dtype,
       "class_names": list(class_names or map(str, range(num_classes))),
       "step": -1 if step is None else int(step), "source": source,

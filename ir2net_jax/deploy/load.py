@@ -32,8 +32,10 @@ class PackedModel:
   """A model whose binary convolutions run on bits.
 
   Attributes:
-    config: the run's config (model, stage, image size, data set).
-    model: the Flax model ``config`` builds.
+    config: the run's config (model, stage, image size, data set); None
+      for a model of your own.
+    model: the Flax model ``config`` builds (or the one given to
+      ``load_packed``).
     variables: ``{'params', 'batch_stats'}`` without the binary
       convolutions' kernels, in float32.
     kernels: ``{module path: bits.PackedKernel}``.
@@ -48,6 +50,7 @@ class PackedModel:
   variables: Dict[str, Any]
   kernels: Dict[Path, bits.PackedKernel]
   class_names: List[str]
+  image_size: int
   how: str = "auto"
   step: Optional[int] = None
   source: str = ""
@@ -59,10 +62,6 @@ class PackedModel:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
-
-  @property
-  def image_size(self) -> int:
-    return self.config.image_size
 
   @property
   def state(self) -> Tuple[Dict[str, Any], Dict[Path, bits.PackedKernel]]:
@@ -128,18 +127,25 @@ def read_config_record(path: str) -> Dict[str, Any]:
   return _document(paths.read_bytes(path), path)["config"]
 
 
-def decode(data: bytes, how: str = "auto", source: str = "the file"
-           ) -> PackedModel:
-  """A ``PackedModel`` from a packed file's bytes.
+def decode(data: bytes, how: str = "auto", source: str = "the file",
+           model=None) -> PackedModel:
+  """A ``PackedModel`` from a packed file's bytes (``load_packed``).
 
   Raises:
     packed.PackError: ``data`` is not a packed model of a version this
-      package reads.
+      package reads, or one of your own model without ``model``.
   """
   document = _document(data, source)
   packed.convolution(how)   # an unknown `how` before anything is built
-  config = config_from_record(document["config"], source)
+  config = (None if document["config"] is None
+            else config_from_record(document["config"], source))
   num_classes = int(document["num_classes"])
+  if model is None:
+    if config is None:
+      raise packed.PackError(
+          f"{source} holds a model of your own (no recorded config): pass "
+          "model=, the Flax module it was exported from")
+    model = step.build_model(config, num_classes)
   variables = jax.tree.map(
       lambda v: jnp.asarray(v, jnp.float32)
       if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
@@ -147,20 +153,23 @@ def decode(data: bytes, how: str = "auto", source: str = "the file"
   kernels = {tuple(name.split("/")): _kernel(record)
              for name, record in document["kernels"].items()}
   step_ = int(document["step"])
-  return PackedModel(config, step.build_model(config, num_classes),
-                     variables, kernels, list(document["class_names"]), how,
+  return PackedModel(config, model, variables, kernels,
+                     list(document["class_names"]),
+                     int(document["image_size"]), how,
                      None if step_ < 0 else step_, document["source"],
                      document["float_dtype"])
 
 
-def load_packed(path: str, how: str = "auto") -> PackedModel:
+def load_packed(path: str, how: str = "auto", model=None) -> PackedModel:
   """Reads a packed model file (local or in a bucket).
 
   Args:
-    path: what ``ir2net-export`` wrote.
+    path: what ``ir2net-export`` (or ``export.encode``) wrote.
     how: how binary convolutions are computed: ``'auto'`` (the native
       kernel on CPUs where it is built, else pure JAX), ``'native'`` or
       ``'jax'``.
+    model: the Flax module, for a model of your own (a file written by
+      ``export.encode`` without a config); None builds the run's model.
 
   Returns:
     A ``PackedModel``: call it on images for logits.
@@ -169,4 +178,4 @@ def load_packed(path: str, how: str = "auto") -> PackedModel:
     FileNotFoundError: no file there.
     packed.PackError: not a packed model this package reads.
   """
-  return decode(paths.read_bytes(path), how, path)
+  return decode(paths.read_bytes(path), how, path, model)

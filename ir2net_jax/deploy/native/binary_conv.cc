@@ -56,59 +56,69 @@ struct Conv {
 // Output channels are taken in blocks that stay in registers.
 constexpr int64_t kBlock = 64;
 
-#define IR2NET_ROWS_BODY(DENSE_WORD)                                          \
-  for (int64_t row = begin; row < end; ++row) {                              \
-    const int64_t b = row / c.out_height, oy = row % c.out_height;           \
-    for (int64_t n0 = 0; n0 < c.channels; n0 += kBlock) {                    \
-      const int64_t nb = std::min(kBlock, c.channels - n0);                  \
-      for (int64_t ox = 0; ox < c.out_width; ++ox) {                         \
-        int32_t acc[kBlock] = {0};                                           \
-        int32_t total = 0;                                                   \
-        for (int64_t i = 0; i < c.kernel; ++i) {                             \
-          const int64_t iy = oy * c.stride - c.pad + i;                      \
-          if (iy < 0 || iy >= c.height) continue;                            \
-          for (int64_t j = 0; j < c.kernel; ++j) {                           \
-            const int64_t ix = ox * c.stride - c.pad + j;                    \
-            if (ix < 0 || ix >= c.width) continue;                           \
-            const int64_t at = ((b * c.height + iy) * c.width + ix) * c.words; \
-            const int64_t tap = (i * c.kernel + j) * c.words;                \
-            for (int64_t w = 0; w < c.words; ++w) {                          \
-              const uint32_t an = c.x_negative[at + w];                      \
-              const uint32_t az = c.x_nonzero[at + w];                       \
-              if (az == 0) continue;                                         \
-              const uint32_t* bn = c.k_negative + (tap + w) * c.channels + n0; \
-              if (c.dense) {                                                 \
-                total += __builtin_popcount(az);                             \
-                DENSE_WORD                                                   \
-              } else {                                                       \
-                const uint32_t* bz =                                         \
-                    c.k_nonzero + (tap + w) * c.channels + n0;               \
-                for (int64_t n = 0; n < nb; ++n) {                           \
-                  const uint32_t both = az & bz[n];                          \
-                  acc[n] += __builtin_popcount(both) -                       \
-                            2 * __builtin_popcount(both & (an ^ bn[n]));     \
-                }                                                            \
-              }                                                              \
-            }                                                                \
-          }                                                                  \
-        }                                                                    \
-        int32_t* out =                                                       \
-            c.out + ((b * c.out_height + oy) * c.out_width + ox) * c.channels \
-            + n0;                                                            \
-        if (c.dense) {                                                       \
-          for (int64_t n = 0; n < nb; ++n) out[n] = total - 2 * acc[n];      \
-        } else {                                                             \
-          for (int64_t n = 0; n < nb; ++n) out[n] = acc[n];                  \
-        }                                                                    \
-      }                                                                      \
-    }                                                                        \
+// One output pixel's sums for the `nbv` output channels from n0 (a constant
+// for whole blocks, so that their accumulators can live in registers).
+#define IR2NET_PIXEL(NBV, DENSE_WORD)                                         \
+  {                                                                           \
+    const int64_t nbv = NBV;                                                  \
+    int32_t acc[kBlock] = {0};                                                \
+    int32_t total = 0;                                                        \
+    for (int64_t i = 0; i < c.kernel; ++i) {                                  \
+      const int64_t iy = oy * c.stride - c.pad + i;                           \
+      if (iy < 0 || iy >= c.height) continue;                                 \
+      for (int64_t j = 0; j < c.kernel; ++j) {                                \
+        const int64_t ix = ox * c.stride - c.pad + j;                         \
+        if (ix < 0 || ix >= c.width) continue;                                \
+        const int64_t at = ((b * c.height + iy) * c.width + ix) * c.words;    \
+        const int64_t tap = (i * c.kernel + j) * c.words;                     \
+        for (int64_t w = 0; w < c.words; ++w) {                               \
+          const uint32_t an = c.x_negative[at + w];                           \
+          const uint32_t az = c.x_nonzero[at + w];                            \
+          if (az == 0) continue;                                              \
+          const uint32_t* bn = c.k_negative + (tap + w) * c.channels + n0;    \
+          if (c.dense) {                                                      \
+            total += __builtin_popcount(az);                                  \
+            DENSE_WORD                                                        \
+          } else {                                                            \
+            const uint32_t* bz = c.k_nonzero + (tap + w) * c.channels + n0;   \
+            for (int64_t n = 0; n < nbv; ++n) {                               \
+              const uint32_t both = az & bz[n];                               \
+              acc[n] += __builtin_popcount(both) -                            \
+                        2 * __builtin_popcount(both & (an ^ bn[n]));          \
+            }                                                                 \
+          }                                                                   \
+        }                                                                     \
+      }                                                                       \
+    }                                                                         \
+    int32_t* out =                                                            \
+        c.out + ((b * c.out_height + oy) * c.out_width + ox) * c.channels + n0; \
+    if (c.dense) {                                                            \
+      for (int64_t n = 0; n < nbv; ++n) out[n] = total - 2 * acc[n];          \
+    } else {                                                                  \
+      for (int64_t n = 0; n < nbv; ++n) out[n] = acc[n];                      \
+    }                                                                         \
   }
 
-// acc[n] += popcount(az & (an ^ bn[n])) for n < nb: the dense kernel's
+#define IR2NET_ROWS_BODY(DENSE_WORD)                                          \
+  for (int64_t row = begin; row < end; ++row) {                               \
+    const int64_t b = row / c.out_height, oy = row % c.out_height;            \
+    for (int64_t n0 = 0; n0 < c.channels; n0 += kBlock) {                     \
+      const int64_t nb = std::min(kBlock, c.channels - n0);                   \
+      for (int64_t ox = 0; ox < c.out_width; ++ox) {                          \
+        if (nb == kBlock) {                                                   \
+          IR2NET_PIXEL(kBlock, DENSE_WORD)                                    \
+        } else {                                                              \
+          IR2NET_PIXEL(nb, DENSE_WORD)                                        \
+        }                                                                     \
+      }                                                                       \
+    }                                                                         \
+  }
+
+// acc[n] += popcount(az & (an ^ bn[n])) for n < nbv: the dense kernel's
 // inner loop, which compilers vectorise where the target has a vector
 // popcount.
 #define IR2NET_DENSE_WORD                                                     \
-  for (int64_t n = 0; n < nb; ++n) acc[n] += __builtin_popcount(az & (an ^ bn[n]));
+  for (int64_t n = 0; n < nbv; ++n) acc[n] += __builtin_popcount(az & (an ^ bn[n]));
 
 #if defined(__x86_64__)
 __attribute__((target("avx512f,avx512vpopcntdq"))) void RowsAvx512(
@@ -123,7 +133,7 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void RowsAvx512(
     const __m256i vz = _mm256_set1_epi32(static_cast<int>(az));               \
     const __m256i vn = _mm256_set1_epi32(static_cast<int>(an));               \
     int64_t n = 0;                                                            \
-    for (; n + 8 <= nb; n += 8) {                                             \
+    for (; n + 8 <= nbv; n += 8) {                                            \
       const __m256i v = _mm256_and_si256(                                     \
           vz, _mm256_xor_si256(vn, _mm256_loadu_si256(                        \
                                    reinterpret_cast<const __m256i*>(bn + n)))); \
@@ -136,7 +146,7 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void RowsAvx512(
       __m256i* to = reinterpret_cast<__m256i*>(acc + n);                      \
       _mm256_storeu_si256(to, _mm256_add_epi32(_mm256_loadu_si256(to), words)); \
     }                                                                         \
-    for (; n < nb; ++n) acc[n] += __builtin_popcount(az & (an ^ bn[n]));      \
+    for (; n < nbv; ++n) acc[n] += __builtin_popcount(az & (an ^ bn[n]));     \
   }
 
 __attribute__((target("avx2,popcnt"))) void RowsAvx2(const Conv& c,
