@@ -41,6 +41,23 @@ def test_pack_unpack_round_trip(n):
     assert not np.any(np.asarray(packed.nonzero[..., -1]) >> tail)
 
 
+@pytest.mark.parametrize("n", [1, 9, 16, 31, 33, 70])
+@pytest.mark.parametrize("zero_to_one", [False, True])
+def test_native_packing_is_sign_then_pack_on_every_isa(n, zero_to_one):
+  """``native.pack_signs`` = ``bits.pack(binarize.sign(.))``, zeros and a
+  NaN included, on each instruction set this CPU has."""
+  from ir2net_jax.nn import binarize  # pylint: disable=g-import-not-at-top
+  values = _ternary(np.random.default_rng(n), (3, 4, n), 0.3)
+  values[0, 0, 0] = np.nan
+  want = bits.pack(binarize.sign(jnp.asarray(values), zero_to_one))
+  for isa in native_isas():
+    got = jax.jit(lambda v, isa=isa: native.pack_signs(v, zero_to_one, isa))(
+        jnp.asarray(values))
+    np.testing.assert_array_equal(got.negative, want.negative, err_msg=isa)
+    np.testing.assert_array_equal(got.nonzero, want.nonzero, err_msg=isa)
+    assert got.size == n
+
+
 def test_bit_order_is_channel_order():
   values = np.ones(40, np.float32)
   values[[0, 5, 33]] = -1

@@ -31,9 +31,10 @@ from absl import logging
 from ir2net_jax.deploy import bits
 
 __all__ = ["ISAS", "NativeUnavailable", "available", "build", "best_isa",
-           "conv2d", "unavailable_reason"]
+           "conv2d", "pack_signs", "unavailable_reason"]
 
 TARGET = "ir2net_binary_conv"
+PACK_TARGET = "ir2net_pack_signs"
 # The instruction sets the kernel has an inner loop for; "auto" is the
 # widest this CPU has.
 ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
@@ -116,6 +117,8 @@ def _load():
   if not _REGISTERED:   # once per process, whatever clears the cache
     jax.ffi.register_ffi_target(
         TARGET, jax.ffi.pycapsule(library.BinaryConv), platform="cpu")
+    jax.ffi.register_ffi_target(
+        PACK_TARGET, jax.ffi.pycapsule(library.PackSigns), platform="cpu")
     _REGISTERED.append(library)
   library.ir2net_best_isa.restype = ctypes.c_int32
   return library, None
@@ -139,6 +142,38 @@ def best_isa() -> str:
     raise NativeUnavailable(unavailable_reason())
   code = library.ir2net_best_isa()
   return next(name for name, c in ISAS.items() if c == code)
+
+
+def _varying_like(out: jax.Array, operand: jax.Array) -> jax.Array:
+  """``out`` typed as varying over the mesh axes ``operand`` varies over
+  (inside shard_map; ffi_call's results are typed as varying over none)."""
+  varying = tuple(jax.typeof(operand).manual_axis_type.varying)
+  return lax.pcast(out, varying, to="varying") if varying else out
+
+
+def pack_signs(values: jax.Array, zero_to_one: bool = False,
+               isa: str = "auto") -> bits.Packed:
+  """``bits.pack(binarize.sign(values, zero_to_one))`` on the native
+  kernel (CPU only; float32 compares with vector masks). Jittable.
+
+  Args:
+    values: float (..., C); other float dtypes are compared as float32,
+      which keeps every sign.
+    zero_to_one: a 0 is +1 (``binarize.sign``'s flag), else 0.
+    isa: an instruction set of ``ISAS``.
+
+  Raises:
+    NativeUnavailable: the kernel cannot be built here.
+  """
+  if not available():
+    raise NativeUnavailable(unavailable_reason())
+  values = values.astype(jnp.float32)
+  words = -(-values.shape[-1] // bits.WORD_BITS)
+  plane = jax.ShapeDtypeStruct(values.shape[:-1] + (words,), jnp.uint32)
+  negative, nonzero = jax.ffi.ffi_call(PACK_TARGET, (plane, plane))(
+      values, zero_to_one=bool(zero_to_one), isa=np.int32(ISAS[isa]))
+  return bits.Packed(_varying_like(negative, values),
+                     _varying_like(nonzero, values), values.shape[-1])
 
 
 def conv2d(x: bits.Packed, kernel: bits.PackedKernel, stride: int,
@@ -172,7 +207,4 @@ def conv2d(x: bits.Packed, kernel: bits.PackedKernel, stride: int,
   sums = call(x.negative, x.nonzero, kernel.negative, kernel.nonzero,
               kernel=np.int64(k), stride=np.int64(stride), pad=np.int64(pad),
               dense=bool(kernel.dense), isa=np.int32(ISAS[isa]))
-  # Inside shard_map the sums vary over the mesh axes the activations do;
-  # ffi_call's result is typed as varying over none.
-  varying = tuple(jax.typeof(x.negative).manual_axis_type.varying)
-  return lax.pcast(sums, varying, to="varying") if varying else sums
+  return _varying_like(sums, x.negative)

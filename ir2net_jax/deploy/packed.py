@@ -111,9 +111,21 @@ def _kernel(params, path: Path) -> jax.Array:
   return params["kernel"]
 
 
+def _jax_convolution(values, kernel, stride, pad, zero_to_one):
+  return bits.conv2d(bits.pack(binarize.sign(values, zero_to_one)), kernel,
+                     stride, pad)
+
+
+def _native_convolution(values, kernel, stride, pad, zero_to_one):
+  return native.conv2d(native.pack_signs(values, zero_to_one), kernel,
+                       stride, pad)
+
+
 def convolution(how: str = "auto") -> Callable[..., jax.Array]:
-  """``conv(x: bits.Packed, kernel: bits.PackedKernel, stride, pad)`` as
-  ``how`` (one of ``CONVOLUTIONS``) computes it.
+  """``conv(values, kernel, stride, pad, zero_to_one) -> int32 sums``: the
+  binary convolution of ``binarize.sign(values)`` (B, H, W, Cin) with a
+  ``bits.PackedKernel``, as ``how`` (one of ``CONVOLUTIONS``) computes it,
+  the activations' packing included.
 
   Raises:
     PackError: an unknown ``how``.
@@ -123,16 +135,18 @@ def convolution(how: str = "auto") -> Callable[..., jax.Array]:
   if how not in CONVOLUTIONS:
     raise PackError(f"convolution={how!r}: one of {CONVOLUTIONS}")
   if how == "jax" or (how == "auto" and not native.available()):
-    return bits.conv2d
+    return _jax_convolution
   if how == "native":
     if not native.available():
       raise native.NativeUnavailable(native.unavailable_reason())
-    return native.conv2d
+    return _native_convolution
 
-  def auto(x, kernel, stride, pad):
+  def auto(values, kernel, stride, pad, zero_to_one):
     return lax.platform_dependent(
-        x, kernel, cpu=lambda a, b: native.conv2d(a, b, stride, pad),
-        default=lambda a, b: bits.conv2d(a, b, stride, pad))
+        values, kernel,
+        cpu=lambda v, k: _native_convolution(v, k, stride, pad, zero_to_one),
+        default=lambda v, k: _jax_convolution(v, k, stride, pad,
+                                              zero_to_one))
   return auto
 
 
@@ -157,9 +171,8 @@ def on_bits(kernels: Dict[Path, bits.PackedKernel], how: str = "auto"
       raise PackError(f"no packed kernel for {'/'.join(module.path)}")
     x = args[0]
     dtype = module.dtype or jnp.result_type(x, jnp.float32)
-    signs = binarize.sign(x.astype(dtype), module.zero_to_one)
-    sums = conv(bits.pack(signs), kernels[module.path], module.strides,
-                module.kernel_size // 2)
+    sums = conv(x.astype(dtype), kernels[module.path], module.strides,
+                module.kernel_size // 2, module.zero_to_one)
     return sums.astype(_result_dtype(module, dtype, x.shape[-1]))
 
   with nn.intercept_methods(packed_conv):

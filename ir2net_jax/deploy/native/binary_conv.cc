@@ -188,6 +188,96 @@ Rows RowsFor(int32_t isa) {
   return RowsPortable;
 }
 
+// Packing: float32 rows of `channels` values -> the two planes, word `w`
+// bit `i` for value 32 * w + i (bits.pack's layout). `negative` where the
+// value is < 0, `nonzero` where it is not 0 (a NaN is nonzero and not
+// negative, as binarize.sign passes it through); with `zero_to_one` a value
+// is -1 unless it is >= 0 (a NaN is -1, as in binarize.sign) and every
+// channel's nonzero bit is set.
+struct Pack {
+  const float* x;       // (rows, channels)
+  uint32_t* negative;   // (rows, words)
+  uint32_t* nonzero;
+  int64_t rows, channels, words;
+  bool zero_to_one;
+};
+
+// The values from START to `n` of a word, one at a time.
+#define IR2NET_PACK_TAIL(START)                                               \
+  for (int64_t t = START; t < n; ++t) {                                       \
+    const float v = x[t];                                                     \
+    neg |= static_cast<uint32_t>(p.zero_to_one ? !(v >= 0.0f) : v < 0.0f)    \
+           << t;                                                              \
+    nz |= static_cast<uint32_t>(!(v == 0.0f) || p.zero_to_one) << t;          \
+  }
+
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void PackAvx512(const Pack& p) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t w = 0; w < p.words; ++w) {
+      const float* x = p.x + r * p.channels + 32 * w;
+      const int64_t n = std::min<int64_t>(32, p.channels - 32 * w);
+      uint32_t neg = 0, nz = 0;
+      int64_t i = 0;
+      for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        neg |= static_cast<uint32_t>(
+                   p.zero_to_one ? _mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ)
+                                 : _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ))
+               << i;
+        nz |= static_cast<uint32_t>(
+                  p.zero_to_one ? 0xffff
+                                : _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ))
+              << i;
+      }
+      IR2NET_PACK_TAIL(i)
+      p.negative[r * p.words + w] = neg;
+      p.nonzero[r * p.words + w] = nz;
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void PackAvx2(const Pack& p) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t w = 0; w < p.words; ++w) {
+      const float* x = p.x + r * p.channels + 32 * w;
+      const int64_t n = std::min<int64_t>(32, p.channels - 32 * w);
+      uint32_t neg = 0, nz = 0;
+      int64_t i = 0;
+      for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        neg |= static_cast<uint32_t>(_mm256_movemask_ps(
+                   p.zero_to_one ? _mm256_cmp_ps(v, zero, _CMP_NGE_UQ)
+                                 : _mm256_cmp_ps(v, zero, _CMP_LT_OQ))) << i;
+        nz |= static_cast<uint32_t>(
+                  p.zero_to_one ? 0xff
+                                : _mm256_movemask_ps(
+                                      _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)))
+              << i;
+      }
+      IR2NET_PACK_TAIL(i)
+      p.negative[r * p.words + w] = neg;
+      p.nonzero[r * p.words + w] = nz;
+    }
+  }
+}
+#endif
+
+void PackPortable(const Pack& p) {
+  for (int64_t r = 0; r < p.rows; ++r) {
+    for (int64_t w = 0; w < p.words; ++w) {
+      const float* x = p.x + r * p.channels + 32 * w;
+      const int64_t n = std::min<int64_t>(32, p.channels - 32 * w);
+      uint32_t neg = 0, nz = 0;
+      IR2NET_PACK_TAIL(0)
+      p.negative[r * p.words + w] = neg;
+      p.nonzero[r * p.words + w] = nz;
+    }
+  }
+}
+
 // Splits [0, rows) into chunks that the calling thread and up to
 // `helpers` pool threads take in turn. State is shared-owned so that a
 // helper the pool starts late finds no work and touches nothing freed.
@@ -265,6 +355,40 @@ ffi::Error BinaryConvImpl(ffi::ThreadPool pool,
   return ffi::Error::Success();
 }
 
+ffi::Error PackSignsImpl(ffi::Buffer<ffi::F32> x,
+                        ffi::ResultBuffer<ffi::U32> negative,
+                        ffi::ResultBuffer<ffi::U32> nonzero,
+                        bool zero_to_one, int32_t isa) {
+  const auto dims = x.dimensions();
+  const auto out = negative->dimensions();
+  if (dims.size() < 1 || out.size() != dims.size())
+    return ffi::Error::InvalidArgument("pack_signs: want (..., C) values");
+  const int64_t channels = dims[dims.size() - 1];
+  const int64_t rows = channels ? x.element_count() / channels : 0;
+  const int64_t words = out[out.size() - 1];
+  if (words != (channels + 31) / 32)
+    return ffi::Error::InvalidArgument("pack_signs: want ceil(C / 32) words");
+  Pack p{x.typed_data(), negative->typed_data(), nonzero->typed_data(), rows,
+         channels, words, zero_to_one};
+  if (isa == kAuto) isa = BestIsa();
+  if (isa > BestIsa())
+    return ffi::Error::InvalidArgument(
+        "pack_signs: this CPU lacks the instruction set asked for (isa=" +
+        std::to_string(isa) + ")");
+#if defined(__x86_64__)
+  if (isa == kAvx512) {
+    PackAvx512(p);
+    return ffi::Error::Success();
+  }
+  if (isa == kAvx2) {
+    PackAvx2(p);
+    return ffi::Error::Success();
+  }
+#endif
+  PackPortable(p);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaryConv, BinaryConvImpl,
@@ -279,6 +403,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaryConv, BinaryConvImpl,
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("pad")
                                   .Attr<bool>("dense")
+                                  .Attr<int32_t>("isa"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PackSigns, PackSignsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Ret<ffi::Buffer<ffi::U32>>()
+                                  .Attr<bool>("zero_to_one")
                                   .Attr<int32_t>("isa"));
 
 // The instruction set `isa=0` picks on this CPU (1 portable, 2 AVX2,

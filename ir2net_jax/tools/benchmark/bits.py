@@ -107,7 +107,8 @@ def _layer(batch: int, channels: int, size: int, repeats: int,
   }
   for i, isa in enumerate(_native_paths(isas)):
     paths["native" if i == 0 else f"native {isa}"] = (jax.jit(
-        lambda a, b, isa=isa: native.conv2d(bits.pack(a), b, 1, 1, isa)),
+        lambda a, b, isa=isa: native.conv2d(native.pack_signs(a, isa=isa), b,
+                                            1, 1, isa)),
         (x, packed_w))
   return {name: _median_ms(fn, args, repeats)
           for name, (fn, args) in paths.items()}
