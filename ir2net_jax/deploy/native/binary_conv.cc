@@ -211,72 +211,62 @@ struct Pack {
     nz |= static_cast<uint32_t>(!(v == 0.0f) || p.zero_to_one) << t;          \
   }
 
+// Each row's words: VECTOR_STEP packs whole vectors of a word from i = 0 on
+// (leaving i past them), IR2NET_PACK_TAIL the rest.
+#define IR2NET_PACK_BODY(VECTOR_STEP)                                         \
+  for (int64_t r = 0; r < p.rows; ++r) {                                      \
+    for (int64_t w = 0; w < p.words; ++w) {                                   \
+      const float* x = p.x + r * p.channels + 32 * w;                         \
+      const int64_t n = std::min<int64_t>(32, p.channels - 32 * w);           \
+      uint32_t neg = 0, nz = 0;                                               \
+      int64_t i = 0;                                                          \
+      VECTOR_STEP                                                             \
+      IR2NET_PACK_TAIL(i)                                                     \
+      p.negative[r * p.words + w] = neg;                                      \
+      p.nonzero[r * p.words + w] = nz;                                        \
+    }                                                                         \
+  }
+
 #if defined(__x86_64__)
+#define IR2NET_PACK_AVX512                                                    \
+  for (; i + 16 <= n; i += 16) {                                              \
+    const __m512 v = _mm512_loadu_ps(x + i);                                  \
+    neg |= static_cast<uint32_t>(                                             \
+               p.zero_to_one ? _mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ)       \
+                             : _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ))       \
+           << i;                                                              \
+    nz |= static_cast<uint32_t>(                                              \
+              p.zero_to_one ? 0xffff                                          \
+                            : _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ))       \
+          << i;                                                               \
+  }
+
+#define IR2NET_PACK_AVX2                                                      \
+  for (; i + 8 <= n; i += 8) {                                                \
+    const __m256 v = _mm256_loadu_ps(x + i);                                  \
+    neg |= static_cast<uint32_t>(_mm256_movemask_ps(                          \
+               p.zero_to_one ? _mm256_cmp_ps(v, zero, _CMP_NGE_UQ)            \
+                             : _mm256_cmp_ps(v, zero, _CMP_LT_OQ)))           \
+           << i;                                                              \
+    nz |= static_cast<uint32_t>(                                              \
+              p.zero_to_one ? 0xff                                            \
+                            : _mm256_movemask_ps(                             \
+                                  _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)))       \
+          << i;                                                               \
+  }
+
 __attribute__((target("avx512f"))) void PackAvx512(const Pack& p) {
   const __m512 zero = _mm512_setzero_ps();
-  for (int64_t r = 0; r < p.rows; ++r) {
-    for (int64_t w = 0; w < p.words; ++w) {
-      const float* x = p.x + r * p.channels + 32 * w;
-      const int64_t n = std::min<int64_t>(32, p.channels - 32 * w);
-      uint32_t neg = 0, nz = 0;
-      int64_t i = 0;
-      for (; i + 16 <= n; i += 16) {
-        const __m512 v = _mm512_loadu_ps(x + i);
-        neg |= static_cast<uint32_t>(
-                   p.zero_to_one ? _mm512_cmp_ps_mask(v, zero, _CMP_NGE_UQ)
-                                 : _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ))
-               << i;
-        nz |= static_cast<uint32_t>(
-                  p.zero_to_one ? 0xffff
-                                : _mm512_cmp_ps_mask(v, zero, _CMP_NEQ_UQ))
-              << i;
-      }
-      IR2NET_PACK_TAIL(i)
-      p.negative[r * p.words + w] = neg;
-      p.nonzero[r * p.words + w] = nz;
-    }
-  }
+  IR2NET_PACK_BODY(IR2NET_PACK_AVX512)
 }
 
 __attribute__((target("avx2"))) void PackAvx2(const Pack& p) {
   const __m256 zero = _mm256_setzero_ps();
-  for (int64_t r = 0; r < p.rows; ++r) {
-    for (int64_t w = 0; w < p.words; ++w) {
-      const float* x = p.x + r * p.channels + 32 * w;
-      const int64_t n = std::min<int64_t>(32, p.channels - 32 * w);
-      uint32_t neg = 0, nz = 0;
-      int64_t i = 0;
-      for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        neg |= static_cast<uint32_t>(_mm256_movemask_ps(
-                   p.zero_to_one ? _mm256_cmp_ps(v, zero, _CMP_NGE_UQ)
-                                 : _mm256_cmp_ps(v, zero, _CMP_LT_OQ))) << i;
-        nz |= static_cast<uint32_t>(
-                  p.zero_to_one ? 0xff
-                                : _mm256_movemask_ps(
-                                      _mm256_cmp_ps(v, zero, _CMP_NEQ_UQ)))
-              << i;
-      }
-      IR2NET_PACK_TAIL(i)
-      p.negative[r * p.words + w] = neg;
-      p.nonzero[r * p.words + w] = nz;
-    }
-  }
+  IR2NET_PACK_BODY(IR2NET_PACK_AVX2)
 }
 #endif
 
-void PackPortable(const Pack& p) {
-  for (int64_t r = 0; r < p.rows; ++r) {
-    for (int64_t w = 0; w < p.words; ++w) {
-      const float* x = p.x + r * p.channels + 32 * w;
-      const int64_t n = std::min<int64_t>(32, p.channels - 32 * w);
-      uint32_t neg = 0, nz = 0;
-      IR2NET_PACK_TAIL(0)
-      p.negative[r * p.words + w] = neg;
-      p.nonzero[r * p.words + w] = nz;
-    }
-  }
-}
+void PackPortable(const Pack& p) { IR2NET_PACK_BODY() }
 
 // Splits [0, rows) into chunks that the calling thread and up to
 // `helpers` pool threads take in turn. State is shared-owned so that a
