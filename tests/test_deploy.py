@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 import reference_fixtures as rf
 import train_utils
 from ir2net_jax import configs, models
-from ir2net_jax.deploy import bits, export, load, native, packed
+from ir2net_jax.deploy import bits, export, fold, load, native, packed
 from ir2net_jax.nn import layers
 from ir2net_jax.train import step
 
@@ -86,13 +87,21 @@ def test_packed_fixture_models_give_the_references_top1(name):
   x = jnp.asarray(fx.nhwc("input"))
   size = x.shape[1]
   kernels_ = packed.pack_kernels(model, variables, size)
+  folds = fold.fold_batch_norms(model, variables, size)
+  # A BatchNorm that takes a convolution's output as it is, is folded; VGG
+  # pools between some of its convolutions and BatchNorms.
+  assert folds and set(folds) <= set(kernels_)
+  if not name.startswith("cifar_vgg"):
+    assert set(folds) == set(kernels_)
   float_logits = np.asarray(jax.jit(
       lambda v, x: model.apply(v, x, train=False)[0])(variables, x))
   reference = fx.data["eval_logits"]
-  ways = ["jax", "native"] if native.available() else ["jax"]
-  for how in ways:
-    got = np.asarray(jax.jit(lambda v, k, x, how=how: packed.apply_packed(
-        model, v, k, x, how)[0])(variables, kernels_, x))
+  # The pure-JAX path with every BatchNorm as it is, the native kernel (or
+  # pure JAX without one) with them folded in.
+  ways = [("jax", None), ("native" if native.available() else "jax", folds)]
+  for how, folded in ways:
+    got = np.asarray(jax.jit(lambda v, k, f, x, how=how: packed.apply_packed(
+        model, v, k, x, how, f)[0])(variables, kernels_, folded, x))
     assert rf.rel(got, float_logits) < 1e-5, how
     np.testing.assert_array_equal(got.argmax(-1), reference.argmax(-1))
 
@@ -119,6 +128,13 @@ def test_packed_file_round_trip_and_sizes(tmp_path):
   floats = export.float32_bytes(variables) - 4 * binary
   assert len(data) < floats + binary / 8 + 16384
   assert all(k.dense for k in loaded.kernels.values())
+  # Each BatchNorm after a binary convolution is folded into it and its
+  # own variables are left out.
+  assert set(loaded.folds) == set(loaded.kernels)
+  kept = {path[1:len(f.batch_norm) + 1]
+          for path in traverse_util.flatten_dict(loaded.variables)
+          for f in loaded.folds.values()}
+  assert not {f.batch_norm for f in loaded.folds.values()} & kept
   x = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
   want = model.apply(variables, x, train=False)[0]
   assert rf.rel(loaded(x), want) < 1e-5

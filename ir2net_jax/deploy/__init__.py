@@ -8,7 +8,8 @@
   compiled on first use, its instruction set (AVX-512 VPOPCNTDQ, AVX2,
   portable) chosen at run time.
 * ``packed``: a model's binary convolutions run on packed kernels (a Flax
-  method interceptor), logits equal to the float model's.
+  method interceptor), logits equal to the float model's; ``fold``: the
+  BatchNorm after each of them computed by the convolution itself.
 * ``export`` / ``load``: the packed model file, written from a run and read
   back as a function of images.
 * ``evaluate``: a packed model's top-1 on its data set (the trainer's eval).

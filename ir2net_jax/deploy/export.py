@@ -18,7 +18,9 @@ local path or a bucket:
   ``negative`` (uint32 (k * k * words, Cout), bit set where the weight's
   sign is -1), ``nonzero`` only where some weight is exactly 0 (else every
   channel's bit is set and nothing is stored), ``channels``,
-  ``kernel_size``.
+  ``kernel_size``, and ``fold`` where the BatchNorm after it is folded in
+  (``mean``, ``scale``, ``bias`` float32, the BatchNorm's module path;
+  its own variables are then left out of ``variables``).
 
 The weights of a binary convolution are stored as their signs: 1 bit each
 (2 where some weight is exactly 0), which is all the forward pass reads.
@@ -38,6 +40,7 @@ from ir2net_jax.configs.record import read_recorded_config
 from ir2net_jax.data.shared import sources
 from ir2net_jax.data.shared.specs import DataError
 from ir2net_jax.deploy import bits, packed
+from ir2net_jax.deploy import fold as folding
 from ir2net_jax.storage import paths
 from ir2net_jax.train import evaluate, resume
 
@@ -85,38 +88,51 @@ def float32_bytes(variables) -> int:
              for v in jax.tree.leaves(variables))
 
 
-def _without_kernels(variables, kernels) -> Dict[str, Any]:
-  """``variables`` less each packed convolution's ``kernel``, as numpy."""
+def _without_packed(variables, kernels, folds) -> Dict[str, Any]:
+  """``variables`` less each packed convolution's ``kernel`` and each
+  folded BatchNorm's variables, as numpy."""
   flat = traverse_util.flatten_dict(jax.device_get(variables))
   for path in kernels:
     flat.pop(("params", *path, "kernel"))
+  for f in folds.values():
+    for collection, names in (("params", ("scale", "bias")),
+                              ("batch_stats", ("mean", "var"))):
+      for name in names:
+        flat.pop((collection, *f.batch_norm, name))
   return traverse_util.unflatten_dict(flat)
 
 
-def _kernel_record(kernel: bits.PackedKernel) -> Dict[str, Any]:
+def _kernel_record(kernel: bits.PackedKernel,
+                   folded: Optional[folding.FoldedBatchNorm]
+                   ) -> Dict[str, Any]:
   record = {"negative": np.asarray(kernel.negative),
             "channels": kernel.channels, "kernel_size": kernel.kernel_size}
   if not kernel.dense:
     record["nonzero"] = np.asarray(kernel.nonzero)
+  if folded is not None:
+    record["fold"] = {"mean": np.asarray(folded.mean),
+                      "scale": np.asarray(folded.scale),
+                      "bias": np.asarray(folded.bias),
+                      "batch_norm": "/".join(folded.batch_norm)}
   return record
 
 
 def encode(config, model, variables, *, num_classes: int,
            image_size: Optional[int] = None, float_dtype: str = "float32",
            class_names=None, step: Optional[int] = None,
-           source: str = "") -> bytes:
+           source: str = "", fold: bool = True) -> bytes:
   """The packed file's bytes for ``model`` with ``variables``
   (``document``'s, serialised)."""
   return serialization.msgpack_serialize(document(
       config, model, variables, num_classes=num_classes,
       image_size=image_size, float_dtype=float_dtype,
-      class_names=class_names, step=step, source=source))
+      class_names=class_names, step=step, source=source, fold=fold))
 
 
 def document(config, model, variables, *, num_classes: int,
              image_size: Optional[int] = None, float_dtype: str = "float32",
              class_names=None, step: Optional[int] = None,
-             source: str = "") -> Dict[str, Any]:
+             source: str = "", fold: bool = True) -> Dict[str, Any]:
   """The packed file's content for ``model`` with ``variables``.
 
   Args:
@@ -131,6 +147,8 @@ def document(config, model, variables, *, num_classes: int,
     float_dtype: one of ``FLOAT_DTYPES``, for the layers kept in float.
     class_names: label names (default: numbers).
     step, source: where the variables came from (recorded).
+    fold: fold the BatchNorm after each binary convolution into it
+      (``fold.fold_batch_norms``; kept in float32).
 
   Raises:
     packed.PackError: the model has no binary convolution with binary
@@ -145,9 +163,12 @@ def document(config, model, variables, *, num_classes: int,
       raise packed.PackError("pass image_size= for a model without a config")
     image_size = config.image_size
   kernels = packed.pack_kernels(model, variables, image_size)
+  folds = (folding.fold_batch_norms(model, variables, image_size) if fold
+           else {})
   kept = jax.tree.map(lambda v: np.asarray(v).astype(jnp.dtype(float_dtype))
                       if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
-                      else np.asarray(v), _without_kernels(variables, kernels))
+                      else np.asarray(v),
+                      _without_packed(variables, kernels, folds))
   return {
       "format": FORMAT, "version": VERSION,
       "config": None if config is None else resume.as_recorded(config),
@@ -156,7 +177,8 @@ def document(config, model, variables, *, num_classes: int,
       "class_names": list(class_names or map(str, range(num_classes))),
       "step": -1 if step is None else int(step), "source": source,
       "variables": kept,
-      "kernels": {"/".join(p): _kernel_record(k) for p, k in kernels.items()},
+      "kernels": {"/".join(p): _kernel_record(k, folds.get(p))
+                  for p, k in kernels.items()},
   }
 
 

@@ -19,6 +19,7 @@ from flax import serialization
 
 from ir2net_jax.configs.record import config_from_record
 from ir2net_jax.deploy import bits, export, packed
+from ir2net_jax.deploy import fold as folding
 from ir2net_jax.storage import paths
 from ir2net_jax.train import step
 
@@ -39,6 +40,8 @@ class PackedModel:
     variables: ``{'params', 'batch_stats'}`` without the binary
       convolutions' kernels, in float32.
     kernels: ``{module path: bits.PackedKernel}``.
+    folds: ``{module path: fold.FoldedBatchNorm}``, the BatchNorms folded
+      into those convolutions.
     class_names: each label's name.
     how: how the packed convolutions are computed (``packed.CONVOLUTIONS``).
     step: the training step it was exported from (None: converted weights).
@@ -49,6 +52,7 @@ class PackedModel:
   model: Any
   variables: Dict[str, Any]
   kernels: Dict[Path, bits.PackedKernel]
+  folds: Dict[Path, folding.FoldedBatchNorm]
   class_names: List[str]
   image_size: int
   how: str = "auto"
@@ -64,16 +68,16 @@ class PackedModel:
     return len(self.class_names)
 
   @property
-  def state(self) -> Tuple[Dict[str, Any], Dict[Path, bits.PackedKernel]]:
-    """``(variables, kernels)``: what ``apply`` takes."""
-    return self.variables, self.kernels
+  def state(self) -> Tuple[Any, ...]:
+    """``(variables, kernels, folds)``: what ``apply`` takes."""
+    return self.variables, self.kernels, self.folds
 
   def apply(self, state, images: jax.Array) -> jax.Array:
     """``images`` (B, S, S, 3) -> float32 logits (B, classes), given
     ``state``; pure and jittable."""
-    variables, kernels = state
+    variables, kernels, folds = state
     logits = packed.apply_packed(self.model, variables, kernels, images,
-                                 self.how)[0]
+                                 self.how, folds)[0]
     return logits.astype(jnp.float32)
 
   def __call__(self, images) -> jax.Array:
@@ -127,6 +131,13 @@ def read_config_record(path: str) -> Dict[str, Any]:
   return _document(paths.read_bytes(path), path)["config"]
 
 
+def _fold(record: Dict[str, Any]) -> folding.FoldedBatchNorm:
+  vector = lambda name: jnp.asarray(record[name], jnp.float32)
+  return folding.FoldedBatchNorm(vector("mean"), vector("scale"),
+                                 vector("bias"),
+                                 tuple(record["batch_norm"].split("/")))
+
+
 def decode(data: bytes, how: str = "auto", source: str = "the file",
            model=None) -> PackedModel:
   """A ``PackedModel`` from a packed file's bytes (``load_packed``).
@@ -152,8 +163,11 @@ def decode(data: bytes, how: str = "auto", source: str = "the file",
       else jnp.asarray(v), document["variables"])
   kernels = {tuple(name.split("/")): _kernel(record)
              for name, record in document["kernels"].items()}
+  folds = {tuple(name.split("/")): _fold(record["fold"])
+           for name, record in document["kernels"].items()
+           if "fold" in record}
   step_ = int(document["step"])
-  return PackedModel(config, model, variables, kernels,
+  return PackedModel(config, model, variables, kernels, folds,
                      list(document["class_names"]),
                      int(document["image_size"]), how,
                      None if step_ < 0 else step_, document["source"],

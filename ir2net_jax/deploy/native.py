@@ -34,12 +34,15 @@ __all__ = ["ISAS", "NativeUnavailable", "available", "build", "best_isa",
            "conv2d", "pack_signs", "unavailable_reason"]
 
 TARGET = "ir2net_binary_conv"
+FOLDED_TARGET = "ir2net_binary_conv_folded"
 PACK_TARGET = "ir2net_pack_signs"
 # The instruction sets the kernel has an inner loop for; "auto" is the
 # widest this CPU has.
 ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
 _SOURCE = os.path.join(os.path.dirname(__file__), "native", "binary_conv.cc")
-_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w")
+# -ffp-contract=off: the folded BatchNorm's multiply and add round as
+# XLA's do (no fused multiply-add).
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w", "-ffp-contract=off")
 _REGISTERED = []
 
 
@@ -118,6 +121,9 @@ def _load():
     jax.ffi.register_ffi_target(
         TARGET, jax.ffi.pycapsule(library.BinaryConv), platform="cpu")
     jax.ffi.register_ffi_target(
+        FOLDED_TARGET, jax.ffi.pycapsule(library.BinaryConvFolded),
+        platform="cpu")
+    jax.ffi.register_ffi_target(
         PACK_TARGET, jax.ffi.pycapsule(library.PackSigns), platform="cpu")
     _REGISTERED.append(library)
   library.ir2net_best_isa.restype = ctypes.c_int32
@@ -177,7 +183,7 @@ def pack_signs(values: jax.Array, zero_to_one: bool = False,
 
 
 def conv2d(x: bits.Packed, kernel: bits.PackedKernel, stride: int,
-           pad: int, isa: str = "auto") -> jax.Array:
+           pad: int, isa: str = "auto", fold=None) -> jax.Array:
   """``bits.conv2d`` on the native kernel (CPU only). Jittable.
 
   Args:
@@ -187,9 +193,14 @@ def conv2d(x: bits.Packed, kernel: bits.PackedKernel, stride: int,
     pad: zero padding on every side.
     isa: an instruction set of ``ISAS``; one this CPU lacks is an error
       when the call runs.
+    fold: None, or the BatchNorm after the convolution as
+      ``(mean, scale, bias)``, float32 (Cout,) each: the kernel then
+      returns ``(sums - mean) * scale + bias`` in float32
+      (``packed.FoldedBatchNorm``).
 
   Returns:
-    int32 (B, H', W', Cout), equal to ``bits.conv2d``'s.
+    int32 (B, H', W', Cout), equal to ``bits.conv2d``'s; float32 with a
+    ``fold``.
 
   Raises:
     NativeUnavailable: the kernel cannot be built here.
@@ -201,10 +212,15 @@ def conv2d(x: bits.Packed, kernel: bits.PackedKernel, stride: int,
   k = kernel.kernel_size
   out_h = (h + 2 * pad - k) // stride + 1
   out_w = (w + 2 * pad - k) // stride + 1
-  call = jax.ffi.ffi_call(
-      TARGET, jax.ShapeDtypeStruct((b, out_h, out_w, kernel.out_channels),
-                                   jnp.int32))
-  sums = call(x.negative, x.nonzero, kernel.negative, kernel.nonzero,
-              kernel=np.int64(k), stride=np.int64(stride), pad=np.int64(pad),
-              dense=bool(kernel.dense), isa=np.int32(ISAS[isa]))
-  return _varying_like(sums, x.negative)
+  shape = (b, out_h, out_w, kernel.out_channels)
+  operands = [x.negative, x.nonzero, kernel.negative, kernel.nonzero]
+  if fold is None:
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(shape, jnp.int32))
+  else:
+    call = jax.ffi.ffi_call(FOLDED_TARGET,
+                            jax.ShapeDtypeStruct(shape, jnp.float32))
+    operands += [jnp.asarray(v, jnp.float32) for v in fold]
+  out = call(*operands, kernel=np.int64(k), stride=np.int64(stride),
+             pad=np.int64(pad), dense=bool(kernel.dense),
+             isa=np.int32(ISAS[isa]))
+  return _varying_like(out, x.negative)

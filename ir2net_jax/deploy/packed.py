@@ -15,14 +15,15 @@ to pack there: ``pack_kernels`` refuses it.
 """
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ir2net_jax.deploy import bits, native
+from ir2net_jax.deploy import bits, native, tracing
+from ir2net_jax.deploy import fold as folding
 from ir2net_jax.nn import binarize, layers
 
 __all__ = ["CONVOLUTIONS", "PackError", "pack_kernels", "apply_packed",
@@ -54,10 +55,7 @@ def _binary_convs(model: nn.Module, variables, image_size: int
       found[module.path] = module.clone(parent=None)
     return next_fun(*args, **kwargs)
 
-  with nn.intercept_methods(record):
-    jax.eval_shape(lambda v: model.apply(
-        v, jnp.zeros((1, image_size, image_size, 3)), train=False),
-                   variables)
+  tracing.trace_eval(model, variables, image_size, record)
   return found
 
 
@@ -111,21 +109,25 @@ def _kernel(params, path: Path) -> jax.Array:
   return params["kernel"]
 
 
-def _jax_convolution(values, kernel, stride, pad, zero_to_one):
-  return bits.conv2d(bits.pack(binarize.sign(values, zero_to_one)), kernel,
+def _jax_convolution(values, kernel, stride, pad, zero_to_one, fold=None):
+  sums = bits.conv2d(bits.pack(binarize.sign(values, zero_to_one)), kernel,
                      stride, pad)
+  return sums if fold is None else folding.normalise(sums, fold)
 
 
-def _native_convolution(values, kernel, stride, pad, zero_to_one):
-  return native.conv2d(native.pack_signs(values, zero_to_one), kernel,
-                       stride, pad)
+def _native_convolution(values, kernel, stride, pad, zero_to_one,
+                        fold=None):
+  return native.conv2d(
+      native.pack_signs(values, zero_to_one), kernel, stride, pad,
+      fold=None if fold is None else (fold.mean, fold.scale, fold.bias))
 
 
 def convolution(how: str = "auto") -> Callable[..., jax.Array]:
-  """``conv(values, kernel, stride, pad, zero_to_one) -> int32 sums``: the
+  """``conv(values, kernel, stride, pad, zero_to_one, fold=None)``: the
   binary convolution of ``binarize.sign(values)`` (B, H, W, Cin) with a
   ``bits.PackedKernel``, as ``how`` (one of ``CONVOLUTIONS``) computes it,
-  the activations' packing included.
+  the activations' packing included: int32 sums, or with a
+  ``fold.FoldedBatchNorm`` the float32 values of the BatchNorm after it.
 
   Raises:
     PackError: an unknown ``how``.
@@ -141,39 +143,49 @@ def convolution(how: str = "auto") -> Callable[..., jax.Array]:
       raise native.NativeUnavailable(native.unavailable_reason())
     return _native_convolution
 
-  def auto(values, kernel, stride, pad, zero_to_one):
+  def auto(values, kernel, stride, pad, zero_to_one, fold=None):
     return lax.platform_dependent(
-        values, kernel,
-        cpu=lambda v, k: _native_convolution(v, k, stride, pad, zero_to_one),
-        default=lambda v, k: _jax_convolution(v, k, stride, pad,
-                                              zero_to_one))
+        values, kernel, fold,
+        cpu=lambda v, k, f: _native_convolution(v, k, stride, pad,
+                                                zero_to_one, f),
+        default=lambda v, k, f: _jax_convolution(v, k, stride, pad,
+                                                 zero_to_one, f))
   return auto
 
 
 @contextlib.contextmanager
-def on_bits(kernels: Dict[Path, bits.PackedKernel], how: str = "auto"
+def on_bits(kernels: Dict[Path, bits.PackedKernel], how: str = "auto",
+            folds: Optional[Dict[Path, folding.FoldedBatchNorm]] = None
             ) -> Iterator[None]:
   """Within it, every call of a ``layers.BinaryConv`` that ``kernels`` has
   (by module path) computes on bits, whatever method of the model runs
-  (``apply_packed``'s eval, ``restriction.restriction_maps``).
+  (``apply_packed``'s eval, ``restriction.restriction_maps``); with
+  ``folds`` (``fold.fold_batch_norms``), those convolutions also compute
+  the BatchNorm after them, which then passes its input on.
 
   Raises:
     PackError: a model calls a binary convolution ``kernels`` lacks.
   """
   conv = convolution(how)
+  folds = folds or {}
+  folded = {f.batch_norm for f in folds.values()}
 
   def packed_conv(next_fun, args, kwargs, context):
     module = context.module
-    if not (isinstance(module, layers.BinaryConv)
-            and context.method_name == "__call__"):
+    if context.method_name != "__call__":
+      return next_fun(*args, **kwargs)
+    if isinstance(module, layers.BatchNorm) and module.path in folded:
+      return args[0].astype(module.dtype or args[0].dtype)
+    if not isinstance(module, layers.BinaryConv):
       return next_fun(*args, **kwargs)
     if module.path not in kernels:
       raise PackError(f"no packed kernel for {'/'.join(module.path)}")
     x = args[0]
     dtype = module.dtype or jnp.result_type(x, jnp.float32)
-    sums = conv(x.astype(dtype), kernels[module.path], module.strides,
-                module.kernel_size // 2, module.zero_to_one)
-    return sums.astype(_result_dtype(module, dtype, x.shape[-1]))
+    out = conv(x.astype(dtype), kernels[module.path], module.strides,
+               module.kernel_size // 2, module.zero_to_one,
+               folds.get(module.path))
+    return out.astype(_result_dtype(module, dtype, x.shape[-1]))
 
   with nn.intercept_methods(packed_conv):
     yield
@@ -181,20 +193,24 @@ def on_bits(kernels: Dict[Path, bits.PackedKernel], how: str = "auto"
 
 def apply_packed(model: nn.Module, variables,
                  kernels: Dict[Path, bits.PackedKernel], images: jax.Array,
-                 how: str = "auto") -> Any:
+                 how: str = "auto",
+                 folds: Optional[Dict[Path, folding.FoldedBatchNorm]] = None
+                 ) -> Any:
   """``model.apply(variables, images, train=False)`` with every packed
   binary convolution computed on bits. Jittable.
 
   Args:
     model: the model ``kernels`` were packed from.
-    variables: its variables; the binary convolutions' kernels are not
-      read and may be left out.
+    variables: its variables; the binary convolutions' kernels (and the
+      folded BatchNorms' variables) are not read and may be left out.
     kernels: ``pack_kernels``'s result.
     images: (B, H, W, 3).
     how: one of ``CONVOLUTIONS``.
+    folds: ``fold.fold_batch_norms``'s result, or None to run every
+      BatchNorm as it is.
 
   Raises:
     PackError: the model calls a binary convolution ``kernels`` lacks.
   """
-  with on_bits(kernels, how):
+  with on_bits(kernels, how, folds):
     return model.apply(variables, images, train=False)

@@ -101,7 +101,8 @@ def _predict_packed(config, path: str, patterns: str, top_k: int
   files, images = images_lib.load_image_files(config, patterns)
   return predict.classify(
       config, files, images, model, top_k, model.model, model.variables,
-      model.class_names, lambda: packed.on_bits(model.kernels, model.how))
+      model.class_names,
+      lambda: packed.on_bits(model.kernels, model.how, model.folds))
 
 
 def main(argv) -> None:

@@ -12,6 +12,11 @@
 // az is already 0 past the last channel, so both = az: the first popcount is
 // the same for every output channel and leaves the inner loop.
 //
+// With a BatchNorm folded in (BinaryConvFolded), each sum leaves the kernel
+// normalised, (sum - mean) * scale + bias in float32, as the BatchNorm after
+// the convolution computes it in evaluation mode, without an int32 pass
+// through memory.
+//
 // Padding is never materialised: a tap outside the image contributes 0, as
 // PyTorch's zero padding does, so the sums equal the float convolution's
 // exactly.
@@ -28,6 +33,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 
 #if defined(__x86_64__)
@@ -47,7 +53,11 @@ struct Conv {
   const uint32_t* x_nonzero;
   const uint32_t* k_negative;  // (kernel * kernel * words, N)
   const uint32_t* k_nonzero;
-  int32_t* out;                // (B, OH, OW, N)
+  int32_t* out;                // (B, OH, OW, N): the sums, or null where
+  float* out_folded;           // (B, OH, OW, N) the folded BatchNorm's
+  const float* mean;           // (N,) of that BatchNorm: out_folded =
+  const float* scale;          //   (sum - mean) * scale + bias, as
+  const float* bias;           //   layers.BatchNorm computes it
   int64_t batch, height, width, words, channels, out_height, out_width;
   int64_t kernel, stride, pad;
   bool dense;
@@ -90,12 +100,20 @@ constexpr int64_t kBlock = 64;
         }                                                                     \
       }                                                                       \
     }                                                                         \
-    int32_t* out =                                                            \
-        c.out + ((b * c.out_height + oy) * c.out_width + ox) * c.channels + n0; \
+    const int64_t at_out =                                                    \
+        ((b * c.out_height + oy) * c.out_width + ox) * c.channels + n0;       \
     if (c.dense) {                                                            \
-      for (int64_t n = 0; n < nbv; ++n) out[n] = total - 2 * acc[n];          \
+      for (int64_t n = 0; n < nbv; ++n) acc[n] = total - 2 * acc[n];          \
+    }                                                                         \
+    if (c.out_folded == nullptr) {                                            \
+      for (int64_t n = 0; n < nbv; ++n) c.out[at_out + n] = acc[n];           \
     } else {                                                                  \
-      for (int64_t n = 0; n < nbv; ++n) out[n] = acc[n];                      \
+      const float* mean = c.mean + n0;                                        \
+      const float* scale = c.scale + n0;                                      \
+      const float* bias = c.bias + n0;                                        \
+      for (int64_t n = 0; n < nbv; ++n)                                       \
+        c.out_folded[at_out + n] =                                            \
+            (static_cast<float>(acc[n]) - mean[n]) * scale[n] + bias[n];      \
     }                                                                         \
   }
 
@@ -287,26 +305,11 @@ void RunChunks(const std::shared_ptr<Work>& work, const Conv& c, Rows rows,
   }
 }
 
-ffi::Error BinaryConvImpl(ffi::ThreadPool pool,
-                          ffi::Buffer<ffi::U32> x_negative,
-                          ffi::Buffer<ffi::U32> x_nonzero,
-                          ffi::Buffer<ffi::U32> k_negative,
-                          ffi::Buffer<ffi::U32> k_nonzero,
-                          ffi::ResultBuffer<ffi::S32> out, int64_t kernel,
-                          int64_t stride, int64_t pad, bool dense,
-                          int32_t isa) {
-  const auto x = x_negative.dimensions();
-  const auto k = k_negative.dimensions();
-  const auto o = out->dimensions();
-  if (x.size() != 4 || k.size() != 2 || o.size() != 4)
-    return ffi::Error::InvalidArgument(
-        "binary_conv: want activations (B, H, W, words), a kernel "
-        "(k * k * words, N) and sums (B, OH, OW, N)");
-  Conv c{x_negative.typed_data(), x_nonzero.typed_data(),
-         k_negative.typed_data(), k_nonzero.typed_data(),
-         out->typed_data(),       x[0], x[1], x[2], x[3], k[1], o[1], o[2],
-         kernel,                  stride, pad, dense};
-  if (k[0] != kernel * kernel * c.words || o[3] != c.channels ||
+// Checks the shapes and the instruction set, then computes every output
+// row, shared among the calling thread and XLA's pool.
+ffi::Error Dispatch(ffi::ThreadPool pool, const Conv& c, int32_t isa,
+                    ffi::Span<const int64_t> k, ffi::Span<const int64_t> o) {
+  if (k[0] != c.kernel * c.kernel * c.words || o[3] != c.channels ||
       o[0] != c.batch)
     return ffi::Error::InvalidArgument("binary_conv: shapes do not agree");
   if (isa == kAuto) isa = BestIsa();
@@ -317,7 +320,7 @@ ffi::Error BinaryConvImpl(ffi::ThreadPool pool,
   const Rows rows = RowsFor(isa);
   const int64_t total = c.batch * c.out_height;
   const int64_t work_size =
-      total * c.out_width * c.channels * kernel * kernel * c.words;
+      total * c.out_width * c.channels * c.kernel * c.kernel * c.words;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Below ~1M word operations a thread's start costs more than it saves.
   const int64_t helpers =
@@ -343,6 +346,63 @@ ffi::Error BinaryConvImpl(ffi::ThreadPool pool,
   std::unique_lock<std::mutex> lock(work->mutex);
   work->done.wait(lock, [&] { return work->active == 0; });
   return ffi::Error::Success();
+}
+
+// The operands' shapes into a Conv (outputs left null).
+std::optional<Conv> Operands(ffi::Buffer<ffi::U32>& x_negative,
+                             ffi::Buffer<ffi::U32>& x_nonzero,
+                             ffi::Buffer<ffi::U32>& k_negative,
+                             ffi::Buffer<ffi::U32>& k_nonzero,
+                             ffi::Span<const int64_t> o, int64_t kernel,
+                             int64_t stride, int64_t pad, bool dense) {
+  const auto x = x_negative.dimensions();
+  const auto k = k_negative.dimensions();
+  if (x.size() != 4 || k.size() != 2 || o.size() != 4) return std::nullopt;
+  return Conv{x_negative.typed_data(), x_nonzero.typed_data(),
+              k_negative.typed_data(), k_nonzero.typed_data(),
+              nullptr, nullptr, nullptr, nullptr, nullptr,
+              x[0], x[1], x[2], x[3], k[1], o[1], o[2],
+              kernel, stride, pad, dense};
+}
+
+constexpr char kShapes[] =
+    "binary_conv: want activations (B, H, W, words), a kernel "
+    "(k * k * words, N) and outputs (B, OH, OW, N)";
+
+ffi::Error BinaryConvImpl(ffi::ThreadPool pool,
+                          ffi::Buffer<ffi::U32> x_negative,
+                          ffi::Buffer<ffi::U32> x_nonzero,
+                          ffi::Buffer<ffi::U32> k_negative,
+                          ffi::Buffer<ffi::U32> k_nonzero,
+                          ffi::ResultBuffer<ffi::S32> out, int64_t kernel,
+                          int64_t stride, int64_t pad, bool dense,
+                          int32_t isa) {
+  auto c = Operands(x_negative, x_nonzero, k_negative, k_nonzero,
+                    out->dimensions(), kernel, stride, pad, dense);
+  if (!c) return ffi::Error::InvalidArgument(kShapes);
+  c->out = out->typed_data();
+  return Dispatch(pool, *c, isa, k_negative.dimensions(), out->dimensions());
+}
+
+ffi::Error BinaryConvFoldedImpl(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::U32> x_negative,
+    ffi::Buffer<ffi::U32> x_nonzero, ffi::Buffer<ffi::U32> k_negative,
+    ffi::Buffer<ffi::U32> k_nonzero, ffi::Buffer<ffi::F32> mean,
+    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> bias,
+    ffi::ResultBuffer<ffi::F32> out, int64_t kernel, int64_t stride,
+    int64_t pad, bool dense, int32_t isa) {
+  auto c = Operands(x_negative, x_nonzero, k_negative, k_nonzero,
+                    out->dimensions(), kernel, stride, pad, dense);
+  if (!c) return ffi::Error::InvalidArgument(kShapes);
+  for (const auto* v : {&mean, &scale, &bias})
+    if (v->element_count() != c->channels)
+      return ffi::Error::InvalidArgument(
+          "binary_conv: want one mean, scale and bias per output channel");
+  c->out_folded = out->typed_data();
+  c->mean = mean.typed_data();
+  c->scale = scale.typed_data();
+  c->bias = bias.typed_data();
+  return Dispatch(pool, *c, isa, k_negative.dimensions(), out->dimensions());
 }
 
 ffi::Error PackSignsImpl(ffi::Buffer<ffi::F32> x,
@@ -381,19 +441,34 @@ ffi::Error PackSignsImpl(ffi::Buffer<ffi::F32> x,
 
 }  // namespace
 
+// The thread pool and the four bit planes (activations', kernel's), and
+// the geometry attributes, of both convolution handlers.
+#define IR2NET_CONV_OPERANDS                                                  \
+  ffi::Ffi::Bind()                                                            \
+      .Ctx<ffi::ThreadPool>()                                                 \
+      .Arg<ffi::Buffer<ffi::U32>>()                                           \
+      .Arg<ffi::Buffer<ffi::U32>>()                                           \
+      .Arg<ffi::Buffer<ffi::U32>>()                                           \
+      .Arg<ffi::Buffer<ffi::U32>>()
+#define IR2NET_CONV_ATTRIBUTES                                                \
+  .Attr<int64_t>("kernel")                                                    \
+      .Attr<int64_t>("stride")                                                \
+      .Attr<int64_t>("pad")                                                   \
+      .Attr<bool>("dense")                                                    \
+      .Attr<int32_t>("isa")
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaryConv, BinaryConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
+                              IR2NET_CONV_OPERANDS
                                   .Ret<ffi::Buffer<ffi::S32>>()
-                                  .Attr<int64_t>("kernel")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad")
-                                  .Attr<bool>("dense")
-                                  .Attr<int32_t>("isa"));
+                                  IR2NET_CONV_ATTRIBUTES);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BinaryConvFolded, BinaryConvFoldedImpl,
+                              IR2NET_CONV_OPERANDS
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  IR2NET_CONV_ATTRIBUTES);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PackSigns, PackSignsImpl,
                               ffi::Ffi::Bind()
