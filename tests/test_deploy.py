@@ -247,6 +247,31 @@ def test_stablehlo_artifact_runs_where_the_package_cannot_be_imported(
                              rtol=1e-5, atol=1e-5)
 
 
+def test_auto_lowers_for_gpu_and_tpu_without_the_cpu_kernel():
+  """``how='auto'`` picks the pure-JAX path when lowered for a GPU or a TPU
+  (what an accelerator would run, checked with ``jax.export``), and the
+  native kernel when lowered for a CPU where it is built."""
+  config, model, variables = _digits_model()
+  loaded = load.decode(export.encode(config, model, variables,
+                                     num_classes=10))
+  images = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  # The kernel's custom calls have no jax.export compatibility guarantee,
+  # which export checks (it would refuse them, not lower them differently).
+  ours = [jax.export.DisabledSafetyCheck.custom_call(t) for t in (
+      native.TARGET, native.FOLDED_TARGET, native.PACK_TARGET)]
+  text = lambda platform: jax.export.export(
+      jax.jit(lambda x: loaded.apply(loaded.state, x)),
+      platforms=(platform,), disabled_checks=ours)(images).mlir_module()
+  for platform in ("cuda", "tpu"):
+    module = text(platform)
+    assert "custom_call @ir2net" not in module, platform
+    assert "stablehlo.popcnt" in module, platform
+  if native.available():
+    module = text("cpu")
+    assert f"custom_call @{native.FOLDED_TARGET}" in module
+    assert f"custom_call @{native.PACK_TARGET}" in module
+
+
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory, digits_dir):
   workdir = tmp_path_factory.mktemp("deploy") / "run"
