@@ -206,7 +206,7 @@ def test_launcher_smoke_run_writes_summary_and_tensorboard(tmp_path, digits_dir)
   lines = out.decode().replace(str(tmp_path), "TMP").replace(
       str(digits_dir), "DATA").replace(train_utils.ROOT, "ROOT").splitlines()
   assert [l[11:] for l in lines[:3]] == [
-      "ROOT/configs/digits.py:smoke: cifar_resnet20 stage 1 on digits, "
+      "ROOT/configs/digits.py:smoke: cifar_resnet20 on digits, "
       "batch 16", "data_dir: DATA", "workdir: TMP/w"], lines[:3]
   assert any(re.search(r"step \d+/6: loss [\d.]+, top-1 [\d.]+, .* steps/s, "
                        r".*ETA", line) for line in lines), lines

@@ -90,6 +90,8 @@ def build() -> str:
   if os.path.exists(library):
     return library
   os.makedirs(_cache_dir(), exist_ok=True)
+  logging.info("building the native XOR-popcount kernel (once for this "
+               "jaxlib, a few seconds) into %s", library)
   fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=_cache_dir())
   os.close(fd)
   try:

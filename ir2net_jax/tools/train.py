@@ -48,8 +48,12 @@ def _header(config, workdir: str) -> List[str]:
   line adds the steps, devices and input engine)."""
   recipe = next((a.split("=", 1)[1] for a in sys.argv
                  if a.startswith("--config=")), "?")
-  lines = [f"{recipe}: {config.model} stage {config.stage} on "
-           f"{config.dataset}, batch {config.batch_size}"]
+  # Only IR2Net's ImageNet models have stages (1: real weights in the
+  # binary convolutions); CIFAR models binarise both from the start.
+  stage = (f" stage {config.stage}" if config.model.startswith("ir2net")
+           else "")
+  lines = [f"{recipe}: {config.model}{stage} on {config.dataset}, "
+           f"batch {config.batch_size}"]
   if config.data_dir:
     lines.append(f"data_dir: {config.data_dir}")
   return lines + [f"workdir: {workdir}"]
