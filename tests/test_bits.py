@@ -12,15 +12,6 @@ from ir2net_jax.deploy import bits, native
 from ir2net_jax.nn import kernels
 
 
-def native_isas():
-  """The native kernel's instruction sets this CPU has, narrowest first
-  (none where the kernel cannot be built)."""
-  if not native.available():
-    return []
-  order = list(native.ISAS)[1:]
-  return order[:order.index(native.best_isa()) + 1]
-
-
 def _ternary(rng, shape, zeros):
   """Values in {-1, +1}, a share ``zeros`` of them 0."""
   values = rng.choice([-1.0, 1.0], size=shape)
@@ -50,7 +41,7 @@ def test_native_packing_is_sign_then_pack_on_every_isa(n, zero_to_one):
   values = _ternary(np.random.default_rng(n), (3, 4, n), 0.3)
   values[0, 0, 0] = np.nan
   want = bits.pack(binarize.sign(jnp.asarray(values), zero_to_one))
-  for isa in native_isas():
+  for isa in native.isas_here():
     got = jax.jit(lambda v, isa=isa: native.pack_signs(v, zero_to_one, isa))(
         jnp.asarray(values))
     np.testing.assert_array_equal(got.negative, want.negative, err_msg=isa)
@@ -95,7 +86,7 @@ def test_conv2d_accumulators_equal_the_float_convolution(
   assert packed_w.dense == (zeros == 0)
   # The native kernel (test_deploy builds it) on each instruction set this
   # CPU has: the same sums.
-  for isa in native_isas():
+  for isa in native.isas_here():
     got = jax.jit(lambda a, b, isa=isa: native.conv2d(
         a, b, stride, pad, isa))(packed_x, packed_w)
     np.testing.assert_array_equal(got, want.astype(np.int32), err_msg=isa)

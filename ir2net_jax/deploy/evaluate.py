@@ -24,8 +24,9 @@ def evaluate_packed(config, path: str, how: str = "auto") -> Dict[str, Any]:
     how: how binary convolutions are computed (``packed.CONVOLUTIONS``).
 
   Returns:
-    ``top1``, ``top5``, ``count``, ``split``, ``dataset``, ``packed``
-    (``path``) and ``step`` (of the checkpoint it was exported from).
+    ``top1``, ``top5``, ``count``, ``split``, ``dataset``, ``checkpoint``
+    (``path``: what was evaluated) and ``step`` (of the checkpoint it was
+    exported from), as ``train.evaluate.evaluate`` returns them.
 
   Raises:
     FileNotFoundError, packed.PackError: no packed model at ``path``.
@@ -42,6 +43,6 @@ def evaluate_packed(config, path: str, how: str = "auto") -> Dict[str, Any]:
   sums = float_evaluate.evaluate_split(
       eval_step, parallel.replicate(model.state, mesh), config, mesh)
   return {"top1": sums["eval_top1"], "top5": sums["eval_top5"],
-          "count": int(sums["eval_count"]), "packed": path,
+          "count": int(sums["eval_count"]), "checkpoint": path,
           "step": model.step, "split": run.info.eval_split,
           "dataset": config.dataset}

@@ -35,8 +35,6 @@ import numpy as np
 from absl import logging
 from flax import serialization, traverse_util
 
-from ir2net_jax.configs import ConfigError
-from ir2net_jax.configs.record import read_recorded_config
 from ir2net_jax.data.shared import sources
 from ir2net_jax.data.shared.specs import DataError
 from ir2net_jax.deploy import bits, packed
@@ -45,7 +43,7 @@ from ir2net_jax.storage import paths
 from ir2net_jax.train import evaluate, resume
 
 __all__ = ["FLOAT_DTYPES", "FORMAT", "VERSION", "Exported", "document",
-           "encode", "encode_checkpoint", "export_packed",
+           "cast_floats", "encode", "encode_checkpoint", "export_packed",
            "float32_bytes"]
 
 FORMAT = "ir2net_jax.packed"
@@ -80,6 +78,14 @@ class Exported:
             f"{self.binary_convolutions} binary convolutions as bits; the "
             f"float32 model {self.float32_bytes / 2**20:.2f} MiB "
             f"({self.ratio:.1f}x smaller)")
+
+
+def cast_floats(tree, dtype):
+  """``tree`` as numpy arrays, its floating ones in ``dtype``."""
+  return jax.tree.map(
+      lambda v: np.asarray(v).astype(dtype)
+      if jnp.issubdtype(np.asarray(v).dtype, jnp.floating) else np.asarray(v),
+      tree)
 
 
 def float32_bytes(variables) -> int:
@@ -165,10 +171,8 @@ def document(config, model, variables, *, num_classes: int,
   kernels = packed.pack_kernels(model, variables, image_size)
   folds = (folding.fold_batch_norms(model, variables, image_size) if fold
            else {})
-  kept = jax.tree.map(lambda v: np.asarray(v).astype(jnp.dtype(float_dtype))
-                      if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
-                      else np.asarray(v),
-                      _without_packed(variables, kernels, folds))
+  kept = cast_floats(_without_packed(variables, kernels, folds),
+                     jnp.dtype(float_dtype))
   return {
       "format": FORMAT, "version": VERSION,
       "config": None if config is None else resume.as_recorded(config),
@@ -192,12 +196,7 @@ def _class_names(config, num_classes: int):
 
 def _read(checkpoint: str, config, float_dtype: str):
   """``(document, loaded variables)`` of ``checkpoint``'s model."""
-  if config is None:
-    path = evaluate.recorded_config(checkpoint)
-    if path is None:
-      raise ConfigError(f"{checkpoint} has no recorded config.json; pass "
-                        "--config=<the recipe it was trained with>")
-    config = read_recorded_config(path)
+  config = evaluate.config_for(config, checkpoint)
   if config.model.startswith("ir2net") and config.stage != 2:
     raise packed.PackError(
         f"{config.model} stage {config.stage} has real-valued weights in "
@@ -234,7 +233,7 @@ def export_packed(checkpoint: str, output: str, config=None,
     What was written, with the sizes.
 
   Raises:
-    ConfigError: no config given and none recorded.
+    ConfigError: no config given and none recorded (evaluate.config_for).
     CheckpointError: no checkpoint there, or one that does not fit.
     packed.PackError: a model with nothing to pack (ImageNet stage 1).
   """

@@ -157,10 +157,8 @@ def decode(data: bytes, how: str = "auto", source: str = "the file",
           f"{source} holds a model of your own (no recorded config): pass "
           "model=, the Flax module it was exported from")
     model = step.build_model(config, num_classes)
-  variables = jax.tree.map(
-      lambda v: jnp.asarray(v, jnp.float32)
-      if jnp.issubdtype(np.asarray(v).dtype, jnp.floating)
-      else jnp.asarray(v), document["variables"])
+  variables = jax.tree.map(jnp.asarray, export.cast_floats(
+      document["variables"], np.float32))
   kernels = {tuple(name.split("/")): _kernel(record)
              for name, record in document["kernels"].items()}
   folds = {tuple(name.split("/")): _fold(record["fold"])

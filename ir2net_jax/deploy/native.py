@@ -20,7 +20,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from typing import Optional
+from typing import List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ from absl import logging
 from ir2net_jax.deploy import bits
 
 __all__ = ["ISAS", "NativeUnavailable", "available", "build", "best_isa",
-           "conv2d", "pack_signs", "unavailable_reason"]
+           "conv2d", "isas_here", "pack_signs", "unavailable_reason"]
 
 TARGET = "ir2net_binary_conv"
 FOLDED_TARGET = "ir2net_binary_conv_folded"
@@ -182,6 +182,15 @@ def pack_signs(values: jax.Array, zero_to_one: bool = False,
       values, zero_to_one=bool(zero_to_one), isa=np.int32(ISAS[isa]))
   return bits.Packed(_varying_like(negative, values),
                      _varying_like(nonzero, values), values.shape[-1])
+
+
+def isas_here() -> List[str]:
+  """The instruction sets of ``ISAS`` this CPU runs the kernel with,
+  narrowest first (none where the kernel cannot be built)."""
+  if not available():
+    return []
+  order = list(ISAS)[1:]                # portable, avx2, avx512
+  return order[:order.index(best_isa()) + 1]
 
 
 def conv2d(x: bits.Packed, kernel: bits.PackedKernel, stride: int,

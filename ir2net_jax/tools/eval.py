@@ -50,10 +50,13 @@ def _safe(name: str) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
 
 
+def _file_name(dataset: str, split: str) -> str:
+  return f"eval_{_safe(dataset)}_{_safe(split)}.json"
+
+
 def default_output(checkpoint: str, dataset: str, split: str) -> str:
   """``<checkpoint>/eval_<dataset>_<split>.json``."""
-  return paths.join(paths.resolve(checkpoint),
-                    f"eval_{_safe(dataset)}_{_safe(split)}.json")
+  return paths.join(paths.resolve(checkpoint), _file_name(dataset, split))
 
 
 def _define_flags() -> None:
@@ -79,10 +82,8 @@ def main(argv) -> None:
   if FLAGS.packed:
     result = packed_evaluate.evaluate_packed(FLAGS.config, FLAGS.packed,
                                              FLAGS.convolution)
-    result["checkpoint"] = FLAGS.packed
-    output = FLAGS.output or (
-        f"{paths.resolve(FLAGS.packed)}.eval_{_safe(result['dataset'])}_"
-        f"{_safe(result['split'])}.json")
+    output = FLAGS.output or (f"{paths.resolve(FLAGS.packed)}."
+                              + _file_name(result["dataset"], result["split"]))
   else:
     result = evaluate.evaluate(FLAGS.config, FLAGS.checkpoint)
     output = FLAGS.output or default_output(

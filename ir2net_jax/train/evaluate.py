@@ -23,7 +23,7 @@ from ir2net_jax.storage import paths, preflight
 from ir2net_jax.train import config_checks, parallel, startup, step
 
 __all__ = ["evaluate", "evaluate_split", "load_checkpoint", "load_model",
-           "load_run", "recorded_config", "CheckpointError"]
+           "load_run", "config_for", "recorded_config", "CheckpointError"]
 
 
 def recorded_config(checkpoint: str) -> Optional[str]:
@@ -36,6 +36,24 @@ def recorded_config(checkpoint: str) -> Optional[str]:
     return None
   path = paths.join(source.workdir, "config.json")
   return path if paths.exists(path) else None
+
+
+def config_for(config, checkpoint: str):
+  """``config``, or where it is None the config ``checkpoint``'s workdir
+  recorded.
+
+  Raises:
+    CheckpointError: no checkpoint there.
+    ConfigError: none given and none recorded.
+  """
+  if config is not None:
+    return config
+  path = recorded_config(checkpoint)
+  if path is None:
+    raise ConfigError(
+        f"{weights.find_checkpoint(checkpoint).path} has no recorded "
+        "config.json; pass --config=<the recipe it was trained with>")
+  return read_recorded_config(path)
 
 
 def evaluate(config, checkpoint: str) -> Dict[str, Any]:
@@ -62,14 +80,8 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
   # config holds no launch settings (configs.record.LAUNCH_FIELDS).
   startup.connect(config)
   preflight.check(checkpoint, "--checkpoint")
-  source = weights.find_checkpoint(checkpoint)
-  if config is None:
-    path = recorded_config(checkpoint)
-    if path is None:
-      raise ConfigError(
-          f"{source.path} has no recorded config.json; pass "
-          f"--config=<the recipe it was trained with>")
-    config = read_recorded_config(path)
+  weights.find_checkpoint(checkpoint)   # none there: said before the data
+  config = config_for(config, checkpoint)
   run = startup.prepare(config, training=False)
   model, mesh = startup.student(config, run.num_classes)
   loaded = load_checkpoint(config, checkpoint, run.num_classes)

@@ -186,7 +186,7 @@ void RowsPortable(const Conv& c, int64_t begin, int64_t end) {
 
 using Rows = void (*)(const Conv&, int64_t, int64_t);
 
-int32_t BestIsa() {
+int32_t DetectIsa() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") &&
@@ -196,6 +196,12 @@ int32_t BestIsa() {
     return kAvx2;
 #endif
   return kPortable;
+}
+
+// Detected once per process, not at every call.
+int32_t BestIsa() {
+  static const int32_t best = DetectIsa();
+  return best;
 }
 
 Rows RowsFor(int32_t isa) {

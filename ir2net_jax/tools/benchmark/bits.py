@@ -81,12 +81,9 @@ def _median_ms(fn: Callable, args, repeats: int) -> float:
 
 
 def _native_paths(isas: Sequence[str]) -> List[str]:
-  if not native.available():
-    return []
-  order = list(native.ISAS)[1:]           # portable, avx2, avx512
-  best = native.best_isa()
-  wanted = [i for i in isas if i in order[:order.index(best) + 1]]
-  return [best] + [i for i in wanted if i != best]
+  """The widest instruction set, then those of ``isas`` this CPU has."""
+  here = native.isas_here()
+  return here[-1:] + [i for i in isas if i in here[:-1]]
 
 
 def _layer(batch: int, channels: int, size: int, repeats: int,
