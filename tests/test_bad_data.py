@@ -2,7 +2,8 @@
 handled by the run's ``bad_examples`` policy in every engine.
 
 'skip' replaces a train example that fails to read by the next one of its
-epoch's order (a resumed stream still equals the uninterrupted one), masks
+epoch's order (grain) or of the listing (tf.data), so a resumed stream
+still equals the uninterrupted one; it masks
 an eval example out, logs and counts each file once, and stops past
 ``max_bad_fraction``. 'error' stops before training where the listing finds
 the file, else where it is read, naming it. Unusual modes decode to
@@ -12,6 +13,7 @@ tf.data's pixels.
 import io
 import os
 import time
+from unittest import mock
 
 import jax
 import numpy as np
@@ -23,9 +25,9 @@ import tensorflow as tf
 
 from ir2net_jax.configs import digits as digits_config
 from ir2net_jax.data.grain import grain_inputs, host_recipes
-from ir2net_jax.data.shared import bad_data, folders, image_files
+from ir2net_jax.data.shared import bad_data, folders, image_files, sources
 from ir2net_jax.data.shared.specs import DataError
-from ir2net_jax.data.tf_data import pipeline
+from ir2net_jax.data.tf_data import folder_reads, pipeline
 from ir2net_jax.train import parallel
 
 pytestmark = pytest.mark.skipif(not grain_inputs.grain_installed(),
@@ -197,12 +199,15 @@ def _open(config):
       jax.devices()[:1]), 6, num_classes=3)
 
 
-def _steps(inputs, start, count, workers=0):
-  batches = inputs.host_train_batches(start, workers=workers)
+def _first(batches, count):
   try:
     return [next(batches) for _ in range(count)]
   finally:
     batches.close()
+
+
+def _steps(inputs, start, count, workers=0):
+  return _first(inputs.host_train_batches(start, workers=workers), count)
 
 
 def test_skip_replaces_bad_files_and_a_resumed_stream_is_unchanged(
@@ -268,14 +273,93 @@ def test_tf_data_leaves_out_the_listed_files_and_refuses_them_on_error(
                                   bad_examples="error"))
 
 
-def test_tf_data_says_where_to_look_when_a_decode_fails(tmp_path):
+def _tf_steps(config, start, count, tally=None):
+  return _first(pipeline.train_iterator(
+      config, global_batch_size=6, seed=0, start_step=start,
+      bad_files=tally), count)
+
+
+def test_tf_data_replaces_bad_files_and_a_resumed_stream_is_unchanged(
+    messy_tree):
+  config = _config(f"folder:{messy_tree}", input_engine="tf.data")
+  tally = sources.bad_file_tally(sources.read_settings(config))
+  per_epoch = 30 // 6   # 30 files the listing passes: 24 good, 3 bad
+  whole = _tf_steps(config, 0, 2 * per_epoch, tally)
+  assert {os.path.basename(p) for p in tally.found} == {
+      f"bad_{k}.jpg" for k in BAD_AT_READ + BAD_IN_LISTING}
+  assert all(b["image"].shape == (6, 32, 32, 3) for b in whole)
+  assert set(whole[0]) == {"image", "label"}
+  resumed = _tf_steps(config, per_epoch + 1, per_epoch - 1)
+  for step, batch in enumerate(resumed, per_epoch + 1):
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(batch[key], whole[step][key])
+
+
+def test_tf_data_reads_bad_files_as_a_fully_guarded_pipeline_would(
+    messy_tree):
+  """Batches read fast, with a bad file's batch read again guarded, equal
+  those of a pipeline that guards every read."""
+  config = _config(f"folder:{messy_tree}", input_engine="tf.data")
+  fast = _tf_steps(config, 0, 5)
+  guard_all = folder_reads.read
+
+  def guarded(files, position, decode, tries, failed, guard=None):
+    del guard
+    return guard_all(files, position, decode, tries, failed, None)
+
+  with mock.patch.object(folder_reads, "read", guarded):
+    slow = _tf_steps(config, 0, 5)
+  for a, b in zip(fast, slow):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_tf_data_names_the_bad_file_mid_epoch_or_masks_it(tmp_path):
   root = write_tree(tmp_path / "t", {"train": 4, "test": 2}, [(40, 40)])
   jpeg = _jpeg(np.random.default_rng(0), 40, 40)
   # The header reads (the listing passes it); the pixels are cut short.
   (root / "test" / "bee" / "cut.jpg").write_bytes(jpeg[:len(jpeg) - 150])
-  config = _config(f"folder:{root}", input_engine="tf.data")
-  with pytest.raises(DataError, match="ir2net-check-data --data="):
-    list(pipeline.eval_iterator(config, global_batch_size=6))
+  _hostile(str(root / "train" / "cow"), "truncated")
+  error = _config(f"folder:{root}", input_engine="tf.data",
+                  bad_examples="error")
+  with pytest.raises(image_files.BadImage, match="cut.jpg: truncated"):
+    list(pipeline.eval_iterator(error, global_batch_size=6))
+  with pytest.raises(image_files.BadImage, match="bad_truncated.jpg: trunc"):
+    _tf_steps(error, 0, 3)
+  skip = _config(f"folder:{root}", input_engine="tf.data")
+  tally = sources.bad_file_tally(sources.read_settings(skip))
+  batches = list(pipeline.eval_iterator(skip, global_batch_size=6,
+                                        bad_files=tally))
+  assert sum(b["mask"].sum() for b in batches) == 6
+  assert [os.path.basename(p) for p in tally.found] == ["cut.jpg"]
+
+
+def test_tf_data_stops_past_the_share_of_bad_files_in_a_split(messy_tree):
+  config = _config(f"folder:{messy_tree}", input_engine="tf.data",
+                   max_bad_fraction=0.15)
+  with pytest.raises(DataError, match="'train': 5 of 30 files are bad"):
+    _tf_steps(config, 0, 10)
+  # The train split's bad files do not count against the eval split's.
+  tally = bad_data.Tally("t", bad_data.Policy("skip", 0.15)).preload(
+      {"t/train/a/1": "x", "t/train/a/2": "x", "t/train/a/3": "x"},
+      lambda path: path.split("/")[1])
+  tally.add("t/train/a/4", "bad", "train", 30)
+  tally.add("t/test/a/1", "bad", "test", 13)   # 1 of 13, not 5 of 13
+  with pytest.raises(DataError, match="'test': 2 of 13"):
+    tally.add("t/test/a/2", "bad", "test", 13)
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("JPEG", {}), ("PNG", {}), ("GIF", {}), ("BMP", {}), ("WEBP", {}),
+    ("WEBP", {"lossless": True}), ("WEBP-alpha", {})])
+def test_tf_data_reads_the_pixel_count_from_every_header(kind, options):
+  for width, height in ((37, 21), (300, 17)):
+    rgb = Image.fromarray(photo(np.random.default_rng(width), height, width))
+    image = rgb.convert("RGBA") if kind == "WEBP-alpha" else rgb
+    encoded = _encoded(image, kind.split("-")[0], **options)
+    assert int(folder_reads.declared_pixels(tf.constant(encoded))) == (
+        width * height)
+  assert int(folder_reads.declared_pixels(tf.constant(b"<html>"))) == 0
 
 
 # ---------------------------------------------------- the tree's listing --

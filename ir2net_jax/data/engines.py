@@ -169,11 +169,12 @@ class HostInputs:
     return self._placed(self._pipeline.train_iterator(
         self._config, global_batch_size=self._config.batch_size,
         seed=self._config.seed, start_step=start_step,
-        num_classes=self._num_classes))
+        num_classes=self._num_classes, bad_files=self.bad_files))
 
   def eval_batches(self) -> Iterator:
     return self._placed(self._pipeline.eval_iterator(
-        self._config, global_batch_size=self._eval_batch_size))
+        self._config, global_batch_size=self._eval_batch_size,
+        bad_files=self.bad_files))
 
   def first_eval_images(self, count: int) -> np.ndarray:
     batch = next(self._pipeline.eval_iterator(

@@ -6,6 +6,12 @@ InitializeLog" line) that no environment variable of TF 2.21 turns off.
 ``install()`` makes the first ``import tensorflow`` of the process, from
 wherever it comes (the tf.data engine, tensorflow_datasets), run with file
 descriptor 2 pointed at /dev/null; an import that fails still raises.
+
+It also sets ``TF_CPP_MIN_LOG_LEVEL=3`` unless it is set: TensorFlow's C++
+log repeats, for each bad image a tf.data ``folder:`` run meets, what
+``data.tf_data.folder_reads`` says once with the file's path; its errors
+reach Python as exceptions all the same. ``TF_CPP_MIN_LOG_LEVEL=0`` shows
+that log again.
 """
 
 import contextlib
@@ -70,4 +76,5 @@ def install() -> None:
   TensorFlow is imported already)."""
   if "tensorflow" not in sys.modules and not any(
       isinstance(f, _Finder) for f in sys.meta_path):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.meta_path.insert(0, _Finder())

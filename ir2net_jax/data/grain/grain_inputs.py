@@ -451,14 +451,6 @@ class _EvalExample:
             "bad": _bad_slots([])}
 
 
-def _why(name: str) -> str:
-  """What is wrong with a file a worker could not read (read again here,
-  once per file: the worker's batch carries only its index)."""
-  if name.startswith(os.sep):
-    return image_files.verify(name) or "failed to decode in the recipe"
-  return "failed to decode"
-
-
 def default_workers() -> int:
   """``input_workers=-1``: one process per core this process may use, none
   (threads only) on hosts of fewer than 4 cores."""
@@ -558,7 +550,7 @@ class GrainInputs:
                                          drop_remainder=True)
     batches = self._tallied(
         _iterate(dataset, self.workers if workers is None else workers,
-                 self._threads), self._train)
+                 self._threads), self._train, self.settings.train_split)
     if self._num_classes is None:
       return batches
     return sources.checked_labels(batches, self._num_classes, self.settings)
@@ -576,10 +568,10 @@ class GrainInputs:
                      self.settings.image_size, self._skip)).batch(
                          self._eval_batch)
     return self._tallied(_iterate(dataset, self.workers, self._threads),
-                         self._eval)
+                         self._eval, self.settings.eval_split)
 
-  def _tallied(self, batches: Iterator[Batch],
-               records: Records) -> Iterator[Batch]:
+  def _tallied(self, batches: Iterator[Batch], records: Records,
+               split: str) -> Iterator[Batch]:
     """``batches`` without their ``bad`` rows, whose files are logged and
     counted in :attr:`bad_files`. Closing it closes ``batches``."""
     try:
@@ -587,7 +579,8 @@ class GrainInputs:
         for index in np.unique(batch.pop("bad")):
           if index >= 0:
             name = records.name(int(index))
-            self.bad_files.add(name, _why(name), len(records))
+            self.bad_files.add(name, bad_data.reason(name), split,
+                               len(records))
         yield batch
     finally:
       close_source(batches)

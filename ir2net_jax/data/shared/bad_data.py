@@ -20,8 +20,9 @@ Either way, never a decoder's traceback mid-epoch without the file's name.
 """
 
 import dataclasses
+import os
 import threading
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 from absl import logging
 
@@ -29,7 +30,7 @@ from ir2net_jax.data.shared import image_files
 from ir2net_jax.data.shared.specs import DataError
 
 __all__ = ["POLICIES", "Policy", "read_policy", "check_listing", "Tally",
-           "is_bad_data"]
+           "is_bad_data", "reason"]
 
 POLICIES = ("skip", "error")
 DEFAULT_MAX_FRACTION = 0.01
@@ -72,6 +73,15 @@ def is_bad_data(error: BaseException) -> bool:
     return True
   return isinstance(error, Exception) and not isinstance(
       error, (MemoryError, DataError))
+
+
+def reason(name: str) -> str:
+  """What is wrong with a file an engine could not read (read again here,
+  once per file: the engine's batch names only the file). ``name`` is a
+  path, or an example's name in an ArrayRecord file."""
+  if name.startswith(os.sep):
+    return image_files.verify(name) or "failed to decode in the recipe"
+  return "failed to decode"
 
 
 def _listed(problems: Dict[str, str]) -> str:
@@ -128,8 +138,9 @@ def _check_fraction(where: str, bad: int, total: int, policy: Policy,
 
 
 class Tally:
-  """The distinct bad files a run met, each logged once; stops the run past
-  the policy's share of a split. Thread-safe.
+  """The distinct bad files a run met, each logged once; stops the run once
+  the bad files of one split (its listing's and those met reading it) pass
+  the policy's share of it. Thread-safe.
 
   Args:
     where: the data set, for messages.
@@ -139,19 +150,26 @@ class Tally:
   def __init__(self, where: str, policy: Policy):
     self.where, self.policy = where, policy
     self.found: Dict[str, str] = {}
+    self._in_split: Dict[str, int] = {}   # split -> its bad files
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return len(self.found)
 
-  def preload(self, problems: Dict[str, str]) -> "Tally":
-    """Counts the files a listing found (logged by :func:`check_listing`)."""
+  def preload(self, problems: Dict[str, str],
+              split_of: Callable[[str], str] = lambda name: "") -> "Tally":
+    """Counts the files a listing found (logged by :func:`check_listing`),
+    each in the split ``split_of(path)`` names."""
     with self._lock:
-      self.found.update(problems)
+      for name, reason in problems.items():
+        if name not in self.found:
+          self.found[name] = reason
+          split = split_of(name)
+          self._in_split[split] = self._in_split.get(split, 0) + 1
     return self
 
-  def add(self, name: str, reason: str, split_size: int) -> None:
-    """Records one bad file (logged the first time).
+  def add(self, name: str, reason: str, split: str, split_size: int) -> None:
+    """Records one bad file of ``split`` (logged the first time).
 
     Raises:
       DataError: past ``max_fraction`` of ``split_size``.
@@ -161,6 +179,8 @@ class Tally:
         return
       self.found[name] = reason
       count = len(self.found)
+      self._in_split[split] = in_split = self._in_split.get(split, 0) + 1
     logging.warning("skipped %s: %s (bad_examples=skip; %d bad file(s) so "
                     "far)", image_files.printable(name), reason, count)
-    _check_fraction(self.where, count, split_size, self.policy)
+    _check_fraction(f"{self.where} {split!r}", in_split, split_size,
+                    self.policy)

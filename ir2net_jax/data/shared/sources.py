@@ -165,8 +165,10 @@ def check_files(settings: Settings) -> None:
 def bad_file_tally(settings: Settings) -> bad_data.Tally:
   """A run's tally of bad files, holding what a ``folder:`` listing found
   (see ``bad_data``)."""
+  root = settings.spec.folder
   return bad_data.Tally(settings.dataset, settings.bad_examples).preload(
-      dict(settings.spec.problems))
+      dict(settings.spec.problems),
+      lambda path: os.path.relpath(path, root).split(os.sep)[0])
 
 
 def skipped_files(settings: Settings) -> Tuple[str, ...]:

@@ -29,7 +29,7 @@ cached and shuffled whole).
 """
 
 import functools
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Set, Tuple
 
 from absl import logging
 import jax
@@ -37,11 +37,11 @@ from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
-from ir2net_jax.data.shared import sources
+from ir2net_jax.data.shared import bad_data, folders, sources
 from ir2net_jax.data.shared.prefetch import close_source
 from ir2net_jax.data.shared.sources import DataError
 from ir2net_jax.data.shared.specs import DatasetInfo
-from ir2net_jax.data.tf_data import recipes, splits
+from ir2net_jax.data.tf_data import folder_reads, recipes, splits
 
 __all__ = ["DatasetInfo", "dataset_info", "train_iterator", "eval_iterator"]
 
@@ -137,7 +137,9 @@ def _shuffle_and_augment_keys(seed: int, process_index: int) -> Tuple[int, int]:
 def train_iterator(config, *, global_batch_size: int, seed: int,
                    start_step: int = 0, process_index: Optional[int] = None,
                    process_count: Optional[int] = None,
-                   num_classes: Optional[int] = None) -> Iterator[Batch]:
+                   num_classes: Optional[int] = None,
+                   bad_files: Optional[bad_data.Tally] = None
+                   ) -> Iterator[Batch]:
   """Infinite training batches of this host, from ``start_step`` on.
 
   Args:
@@ -150,6 +152,8 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
     process_count: number of hosts, default ``jax.process_count()``.
     num_classes: if given, every batch's labels are checked (numpy, on the
       host) to lie in [0, num_classes), the model's outputs.
+    bad_files: the run's tally of a ``folder:`` data set's bad files, which
+      counts those met while reading (default: a new one).
 
   Returns:
     An iterator of dicts of host-local numpy arrays, with
@@ -159,7 +163,8 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
 
   Raises:
     DataError: bad config, missing data, or fewer examples per host than a
-      batch; while iterating, a label outside [0, num_classes).
+      batch; while iterating, a label outside [0, num_classes), or a bad
+      file (see ``folder_reads.with_policy``).
   """
   if start_step < 0:
     raise DataError(f"start_step must be >= 0; got {start_step}.")
@@ -181,19 +186,22 @@ def train_iterator(config, *, global_batch_size: int, seed: int,
         f"{settings.train_split!r} has {min(source.host_counts)} examples"
         f"{' on a host' if source.host_counts[1:] else ''}, fewer than its "
         f"batch of {stream_batch}.")
-  ds = _train_dataset(source, settings, stream_batch, rows, local_batch,
-                      steps_per_epoch, seed, start_step)
+
+  def make(step, guard=None):
+    return _train_dataset(source, settings, stream_batch, rows, local_batch,
+                          steps_per_epoch, seed, step, guard)
+
+  batches = _read_errors(make, start_step, source, settings,
+                         settings.train_split, bad_files)
   if num_classes is None:
-    return _named_errors(ds.as_numpy_iterator(), settings)
-  return sources.checked_labels(_named_errors(ds.as_numpy_iterator(),
-                                              settings), num_classes,
-                                settings)
+    return batches
+  return sources.checked_labels(batches, num_classes, settings)
 
 
 def _train_dataset(source: splits.HostSplit, settings: sources.Settings,
                    stream_batch: int, rows: int, local_batch: int,
-                   steps_per_epoch: int, seed: int,
-                   start_step: int) -> tf.data.Dataset:
+                   steps_per_epoch: int, seed: int, start_step: int,
+                   guard: Optional[Set[int]] = None) -> tf.data.Dataset:
   """The batched training dataset; see the module docstring.
 
   Args:
@@ -206,6 +214,8 @@ def _train_dataset(source: splits.HostSplit, settings: sources.Settings,
     steps_per_epoch: batches per epoch.
     seed: the data seed.
     start_step: the first batch to yield.
+    guard: a ``folder:`` split's positions to read guarded (see
+      ``folder_reads.read``).
   """
   per_epoch = steps_per_epoch * stream_batch
   start_epoch, start_batch = divmod(start_step, steps_per_epoch)
@@ -230,11 +240,21 @@ def _train_dataset(source: splits.HostSplit, settings: sources.Settings,
 
   def preprocess(example_index, example):
     example_seed = tf.stack([tf.constant(augment_key, tf.int64), example_index])
-    image = recipes.apply(settings.spec.train_recipe, example["image"],
-                          example_seed, settings.image_size,
-                          settings.augmentation)
-    return {"image": tf.cast(image, settings.dtype),
-            "label": tf.cast(example["label"], tf.int32)}
+
+    def decode(image, label):
+      image = recipes.apply(settings.spec.train_recipe, image, example_seed,
+                            settings.image_size, settings.augmentation)
+      return {"image": tf.cast(image, settings.dtype),
+              "label": tf.cast(label, tf.int32)}
+
+    if source.files is None:
+      return decode(example["image"], example["label"])
+    size = settings.image_size
+    return folder_reads.read(
+        source.files, example["position"], decode,
+        folder_reads.MAX_REPLACEMENTS if settings.bad_examples.skip else 1,
+        {"image": tf.zeros([size, size, 3], settings.dtype),
+         "label": tf.constant(0, tf.int32)}, guard)
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
@@ -245,7 +265,9 @@ def _train_dataset(source: splits.HostSplit, settings: sources.Settings,
 
 def eval_iterator(config, *, global_batch_size: int,
                   process_index: Optional[int] = None,
-                  process_count: Optional[int] = None) -> Iterator[Batch]:
+                  process_count: Optional[int] = None,
+                  bad_files: Optional[bad_data.Tally] = None
+                  ) -> Iterator[Batch]:
   """One pass over the eval split, padded so every example counts once.
 
   Every host yields the same number of batches, ``ceil(max examples per host
@@ -257,6 +279,8 @@ def eval_iterator(config, *, global_batch_size: int,
     global_batch_size: batch size summed over all hosts.
     process_index: this host, default ``jax.process_index()``.
     process_count: number of hosts, default ``jax.process_count()``.
+    bad_files: as for :func:`train_iterator`; under 'skip' a bad file's
+      example is left out (``mask`` 0).
 
   Returns:
     A finite iterator of dicts of host-local numpy arrays,
@@ -274,43 +298,67 @@ def eval_iterator(config, *, global_batch_size: int,
   num_batches = -(-max(source.host_counts) // local_batch)
   size = settings.image_size
 
-  def preprocess(example):
-    image = recipes.apply(settings.spec.eval_recipe, example["image"], size)
+  def decode(image, label):
+    image = recipes.apply(settings.spec.eval_recipe, image, size)
     return {"image": tf.ensure_shape(tf.cast(image, settings.dtype),
                                      [size, size, 3]),
-            "label": tf.cast(example["label"], tf.int32),
+            "label": tf.cast(label, tf.int32),
             "mask": tf.constant(1.0, tf.float32)}
 
-  padding = tf.data.Dataset.from_tensors({
-      "image": tf.zeros([size, size, 3], settings.dtype),
-      "label": tf.constant(0, tf.int32),
-      "mask": tf.constant(0.0, tf.float32),
-  }).repeat(num_batches * local_batch - source.num_examples)
-  ds = source.dataset.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
-                          deterministic=True)
-  ds = ds.concatenate(padding).batch(local_batch, drop_remainder=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-  return _named_errors(ds.as_numpy_iterator(), settings)
+  pad = {"image": tf.zeros([size, size, 3], settings.dtype),
+         "label": tf.constant(0, tf.int32),
+         "mask": tf.constant(0.0, tf.float32)}
+  padding = num_batches * local_batch - source.num_examples
+
+  def make(first_batch, guard=None):
+    if source.files is None:
+      ds = source.dataset.map(lambda ex: decode(ex["image"], ex["label"]),
+                              num_parallel_calls=tf.data.AUTOTUNE,
+                              deterministic=True)
+      ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(padding))
+    else:  # A bad file is left out of the accuracy (mask 0) or stops the run.
+      positions = source.dataset.map(lambda ex: ex["position"]).concatenate(
+          tf.data.Dataset.from_tensors(tf.constant(-1, tf.int64)).repeat(
+              padding)).skip(first_batch * local_batch)
+      filler = {**pad, "bad": tf.constant(b""), "failed": tf.constant(False),
+                "bad_position": tf.constant(-1, tf.int64)}
+      ds = positions.map(
+          lambda p: tf.cond(p < 0, lambda: filler, lambda: folder_reads.read(
+              source.files, p, decode, 1, pad, guard)),
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+  return _read_errors(make, 0, source, settings, settings.eval_split,
+                      bad_files)
+
+
+def _read_errors(make: Callable, start: int, source: splits.HostSplit,
+                 settings: sources.Settings, split: str,
+                 bad_files: Optional[bad_data.Tally]) -> Iterator[Batch]:
+  """The batches of ``make(k, guard)`` (the batched dataset from batch
+  ``k`` on) from ``start`` on; a bad file is named, and handled as the
+  policy says, by ``folder_reads`` for a ``folder:`` data set, else named
+  by the data set's name."""
+  if source.files is None:
+    return _named_errors(make(start).as_numpy_iterator(), settings)
+  if bad_files is None:
+    bad_files = sources.bad_file_tally(settings)
+  listed = len(folders.scan(settings.spec.folder).splits[split][0])
+  return folder_reads.with_policy(make, start, bad_files, split, listed)
 
 
 def _named_errors(batches: Iterator[Batch],
                   settings: sources.Settings) -> Iterator[Batch]:
-  """Passes ``batches`` on; a decoder's error becomes a DataError that
-  says where to look (TensorFlow's message names no file). Closing it
-  closes ``batches``."""
+  """Passes ``batches`` of prepared (tfds) data on; a decoder's error
+  becomes a DataError that names the data set (TensorFlow's message names
+  no record). Closing it closes ``batches``."""
   try:
     yield from batches
   except tf.errors.InvalidArgumentError as e:
-    where = settings.dataset
-    check = (f"`ir2net-check-data --data={settings.spec.folder}` lists the "
-             "bad files; remove them, or train with --config.input_engine="
-             "grain, which names and skips them" if settings.spec.folder
-             else "check the prepared data in data_dir="
-             f"{settings.data_dir!r}")
-    # TensorFlow's first line ends with the decoder's words, after the
-    # names of the ops it went through.
-    words = e.message.splitlines()[0].rsplit(": ", 1)[-1].strip()
-    raise DataError(f"{where}: an image failed to decode in the tf.data "
-                    f"engine ({words}); {check}.") from None
+    raise DataError(
+        f"{settings.dataset}: an image failed to decode in the tf.data "
+        f"engine ({folder_reads.error_words(e)}); check the prepared data "
+        f"in data_dir={settings.data_dir!r}.") from None
   finally:
     close_source(batches)

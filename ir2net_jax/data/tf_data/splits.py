@@ -76,10 +76,15 @@ class HostSplit:
       for ImageNet, or the encoded image for ``tfds:`` and ``folder:``.
     host_counts: number of examples of every host, indexed by process index.
     process_index: this host's index.
+    files: a ``folder:`` split's listing, ``(paths string (N,), labels
+      int64 (N,))``; its ``dataset`` is then ``{'position': int64 (),
+      'label': int64 ()}``, places in the listing, read by
+      ``folder_reads.read``. None for other data sets.
   """
   dataset: "tf.data.Dataset"
   host_counts: Tuple[int, ...]
   process_index: int
+  files: Optional[Tuple["tf.Tensor", "tf.Tensor"]] = None
 
   @property
   def num_examples(self) -> int:
@@ -98,12 +103,13 @@ def _as_dataset(builder, split, spec: DatasetSpec) -> "tf.data.Dataset":
                             "label": ex[spec.label_key]})
 
 
-def _folder_dataset(root: str, split: str, skipped=()) -> "tf.data.Dataset":
+def _folder_dataset(root: str, split: str, skipped=()):
   """A ``folder:`` split as tf.data reads it: the files ``folders.scan``
-  lists (ImageFolder's examples, labels and order), less ``skipped``, read
-  as ``{'image': encoded bytes, 'label': int64 ()}``. File names are bytes
-  (any name the file system holds, UTF-8 or not), and nothing is opened
-  before it is read: the bad files left out are never touched.
+  lists (ImageFolder's examples, labels and order), less ``skipped``, as
+  ``(dataset of {'position': int64 (), 'label': int64 ()}, (paths, labels))``.
+  File names are bytes (any name the file system holds, UTF-8 or not), and
+  nothing is opened before it is read: the bad files left out are never
+  touched.
 
   Raises:
     DataError: the folder has no such split.
@@ -119,11 +125,11 @@ def _folder_dataset(root: str, split: str, skipped=()) -> "tf.data.Dataset":
   paths, labels = tree.splits[split]
   skipped = set(skipped)
   keep = [i for i, path in enumerate(paths) if path not in skipped]
+  files = (tf.constant([os.fsencode(paths[i]) for i in keep], tf.string),
+           tf.constant(labels[keep], tf.int64))
   ds = tf.data.Dataset.from_tensor_slices({
-      "path": tf.constant([os.fsencode(paths[i]) for i in keep], tf.string),
-      "label": tf.constant(labels[keep], tf.int64)})
-  return ds.map(lambda ex: {"image": tf.io.read_file(ex["path"]),
-                            "label": ex["label"]})
+      "position": tf.range(len(keep), dtype=tf.int64), "label": files[1]})
+  return ds, files
 
 
 def _known_host_counts(builder, split: str,
@@ -174,8 +180,9 @@ def read_split(builder: "tfds.core.DatasetBuilder", split: str,
   Raises:
     DataError: ``split`` is not a split of the data set.
   """
+  files = None
   if spec.folder is not None:
-    ds = _folder_dataset(spec.folder, split, skipped)
+    ds, files = _folder_dataset(spec.folder, split, skipped)
     counts = None
   else:
     counts = _known_host_counts(builder, split, process_count)
@@ -193,4 +200,4 @@ def read_split(builder: "tfds.core.DatasetBuilder", split: str,
   counts = tuple(len(range(i, total, process_count))
                  for i in range(process_count))
   return HostSplit(ds.shard(process_count, process_index), counts,
-                   process_index)
+                   process_index, files)
