@@ -323,6 +323,54 @@ def test_array_record_data_in_a_bucket_read_as_from_a_disk(gcs, tmp_path,
     np.testing.assert_array_equal(a, b)
 
 
+_TF_DATA_BATCHES = r"""
+import hashlib, json, sys
+from ir2net_jax.configs import digits as digits_config
+from ir2net_jax.data.tf_data import pipeline
+
+def digests(data_dir):
+  config = digits_config.get_config("smoke")
+  config.update(dataset="tfds:ir2net_digits", data_dir=data_dir,
+                input_engine="tf.data", image_size=8, eval_split="test")
+  train = pipeline.train_iterator(config, global_batch_size=12, seed=3)
+  batches = [next(train) for _ in range(3)]
+  batches += list(pipeline.eval_iterator(config, global_batch_size=40))
+  return [hashlib.sha256(b["image"].tobytes() + b["label"].tobytes())
+          .hexdigest() for b in batches]
+
+print(json.dumps({d: digests(d) for d in sys.argv[1:]}))
+"""
+
+
+def test_tfrecord_data_in_a_bucket_read_by_tf_data_as_from_a_disk(
+    gcs, tmp_path):
+  """tfds data prepared as TFRecord, copied to the bucket: the tf.data
+  engine reads the records through TensorFlow's own GCS file system (which
+  takes no emulator endpoint: it reaches the server through
+  ``googleapis_proxy``) and the metadata through gcsfs, and gives the same
+  train and eval batches as from the local copy."""
+  pytest.importorskip("cryptography")
+  from googleapis_proxy import GoogleApisProxy  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.data.tf_data import digits_tfds  # pylint: disable=g-import-not-at-top
+  local = str(tmp_path / "tfds")
+  digits_tfds.Ir2netDigits(data_dir=local).download_and_prepare()
+  url = _url("tfds")
+  paths.filesystem(url).put(os.path.join(local, "ir2net_digits"), url + "/",
+                            recursive=True)
+  assert any(n.endswith(".tfrecord-00000-of-00001")
+             for n in _objects(gcs, url))
+  with GoogleApisProxy(gcs.url) as proxy:
+    env = dict(os.environ, **gcs.env(), **proxy.env(), JAX_PLATFORMS="cpu",
+               PYTHONPATH=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", _TF_DATA_BATCHES, url, local], env=env,
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  digests = json.loads(result.stdout.strip().splitlines()[-1])
+  assert len(digests[url]) == 3 + 9 and digests[url] == digests[local]
+  assert "storage.googleapis.com:443" in proxy.hosts   # TensorFlow's reads
+
+
 # Faults ----------------------------------------------------------------------
 
 def _point_at(url, server, monkeypatch):

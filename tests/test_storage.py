@@ -219,7 +219,26 @@ def test_a_missing_client_is_refused_with_the_install_command(
   _refused("gs://files/run", r"needs gcsfs, which is not installed: pip "
            r"install gcsfs")
   monkeypatch.setitem(sys.modules, "s3fs", None)
-  _refused("s3://b/run", "needs s3fs")
+  with pytest.raises(StorageError, match="needs s3fs"):
+    preflight.check("s3://b/model.ir2net", "--output", written=True)
+
+
+def test_s3_is_refused_where_orbax_or_the_engines_cannot_use_it(
+    tmp_path, monkeypatch, no_compile):
+  """orbax-checkpoint takes s3://b/x for a relative path; TensorFlow and
+  array_record have no S3 file system. Refused at once, with a mount or a
+  gs:// bucket as the fix, and no local 's3:' folder made."""
+  monkeypatch.chdir(tmp_path)
+  for url, config, what in [
+      ("s3://b/run", {}, "--workdir=s3://b/run: orbax-checkpoint"),
+      ("/tmp/run", {"init_from": "s3://b/w"}, "config.init_from=s3://b/w: orb"),
+      ("/tmp/run", {"data_dir": "s3://b/tfds"}, "config.data_dir=s3://b/tfd"
+       "s: the input engines read tfds data from gs://")]:
+    message = _refused(url, what, **config)
+    assert "mountpoint-s3" in message and "gs:// bucket" in message
+  with pytest.raises(StorageError, match="--checkpoint=s3://b/run/best: orb"):
+    preflight.check("s3://b/run/best", "--checkpoint", holds="checkpoint")
+  assert os.listdir(tmp_path) == []
 
 
 def test_a_silent_server_is_refused_within_the_timeout(gcs, monkeypatch,

@@ -45,6 +45,20 @@ _CREDENTIALS_FIX = {
 }
 
 
+# What a URL holds, as ``check``'s ``holds`` names it: 'files' go through
+# fsspec (gcsfs, s3fs); 'checkpoint's through orbax and tensorstore, which
+# take gs:// and local paths only (orbax-checkpoint 0.12 makes s3://b/x a
+# relative path, 's3:/b/x', and refuses it); 'data' (tfds data_dir) through
+# TensorFlow's file systems or array_record's reader, neither with S3.
+_S3_REFUSED = {
+    "checkpoint": "orbax-checkpoint saves and restores checkpoints in gs:// "
+                  "buckets and on local or mounted disks only",
+    "data": "the input engines read tfds data from gs:// buckets and local "
+            "or mounted disks only (TensorFlow has no S3 file system, nor "
+            "has array_record)",
+}
+
+
 def run_urls(config, workdir: str) -> List[Tuple[str, str, bool]]:
   """``(what, url, written)`` for every bucket URL the run uses."""
   found = [("--workdir", workdir, True)]
@@ -77,7 +91,8 @@ def check_run(config, workdir: str) -> None:
           f"disk; mount the bucket (gcsfuse --implicit-dirs BUCKET /mnt/data, "
           f"then folder:/mnt/data/...) or copy it to each host (gcloud "
           f"storage cp -r {url} /local/path)")
-    check(url, what, written=written)
+    holds = "data" if what == "config.data_dir" else "checkpoint"
+    check(url, what, written=written, holds=holds)
 
 
 def check_local_workdir(workdir: str, dataset: str = "") -> None:
@@ -173,9 +188,19 @@ def _check_writable(workdir: str, existing: str) -> None:
 
 
 def check(url: str, what: str = "the path", written: bool = False,
-          timeout_s: float = None) -> None:
-  """Checks that ``url`` can be used: client, credentials, the server, the
-  bucket and, if ``written``, a test object written and deleted under it.
+          timeout_s: float = None, holds: str = "files") -> None:
+  """Checks that ``url`` can be used: the scheme for what it ``holds``,
+  client, credentials, the server, the bucket and, if ``written``, a test
+  object written and deleted under it.
+
+  Args:
+    url: a bucket URL (a local path passes).
+    what: the flag or field, for messages.
+    written: whether the run writes there.
+    timeout_s: for each step that talks to the server.
+    holds: 'files' (read and written through fsspec), 'checkpoint' (orbax
+      checkpoints: a workdir, a checkpoint directory) or 'data' (a tfds
+      data_dir).
 
   Raises:
     StorageError: naming ``what``, ``url`` and the fix.
@@ -184,6 +209,11 @@ def check(url: str, what: str = "the path", written: bool = False,
   kind = paths.scheme(url)
   if kind is None:
     return
+  if kind == "s3" and holds in _S3_REFUSED:
+    raise StorageError(
+        f"{what}={url}: {_S3_REFUSED[holds]}; use a gs:// bucket or a "
+        "shared file system, or mount the S3 bucket on every host "
+        "(mountpoint-s3 or s3fs-fuse) and pass its local path")
   timeout_s = TIMEOUT_S if timeout_s is None else timeout_s
   module, install = paths.CLOUD_SCHEMES[kind]
   if importlib.util.find_spec(module) is None:

@@ -50,7 +50,8 @@ def main(argv=None) -> None:
   model = models.create_model(args.model, **kwargs)
   image_size = args.image_size or (32 if args.model.startswith("cifar")
                                    else 224)
-  preflight.check(paths.parent(args.output), "--output", written=True)
+  preflight.check(paths.parent(args.output), "--output", written=True,
+                  holds="checkpoint")
   if paths.exists(args.output):
     parser.error(f"--output {args.output} exists; choose a new directory")
   state_dict = torch_layout.load_state_dict(args.input)

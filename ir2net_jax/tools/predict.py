@@ -78,7 +78,8 @@ def _check_source(source: str, config, is_packed: bool) -> None:
   """Exits with one line where ``source`` is not there or no config is
   known."""
   try:
-    preflight.check(source, "--packed" if is_packed else "--checkpoint")
+    preflight.check(source, "--packed" if is_packed else "--checkpoint",
+                    holds="files" if is_packed else "checkpoint")
     if not paths.exists(source):
       raise evaluate.CheckpointError(
           f"--packed={source}: no such file; write one with ir2net-export"

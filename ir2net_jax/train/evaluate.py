@@ -79,7 +79,7 @@ def evaluate(config, checkpoint: str) -> Dict[str, Any]:
   # Before reading any checkpoint: orbax starts JAX's backends. A recorded
   # config holds no launch settings (configs.record.LAUNCH_FIELDS).
   startup.connect(config)
-  preflight.check(checkpoint, "--checkpoint")
+  preflight.check(checkpoint, "--checkpoint", holds="checkpoint")
   weights.find_checkpoint(checkpoint)   # none there: said before the data
   config = config_for(config, checkpoint)
   run = startup.prepare(config, training=False)
