@@ -169,11 +169,20 @@ def _dedupe(calls: List[Call]) -> List[Call]:
   """Drops a call identical to an earlier one of the same module (the
   erased pass equals the clean one where the erase mask is all ones); the
   same input, cotangent and parameters give the same check."""
+  def digest(*arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+      a = np.ascontiguousarray(a)
+      h.update(repr((a.dtype, a.shape)).encode())
+      h.update(memoryview(a).cast("B"))
+    return h.hexdigest()
+
   seen, out = set(), []
   for c in calls:
-    key = (c.path, c.x.tobytes(), None if c.ct is None else c.ct.tobytes(),
-           jax.tree.map(lambda a: np.asarray(a).tobytes(),
-                        c.variables.get("params", {})).__repr__())
+    params = jax.tree.leaves(c.variables.get("params", {}))
+    key = (c.path, digest(c.x), None if c.ct is None else digest(c.ct),
+           repr(jax.tree.structure(c.variables.get("params", {}))),
+           digest(*params))
     if key in seen:
       continue
     seen.add(key)
