@@ -2,6 +2,7 @@
 (no traceback unless ``--debug``), and the Python API applies the XLA
 flags the commands apply."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -60,6 +61,32 @@ def test_typos_on_the_command_line_give_one_line_not_a_traceback():
     assert len(errors) == 1 and want in errors[0], done.stderr[-2000:]
   debug = _launch("--config=digits:smoke", "--config.batchsize=8", "--debug")
   assert "Traceback" in debug.stderr and debug.returncode != 0
+
+
+@pytest.mark.slow
+def test_a_missing_checkpoint_or_bucket_is_one_line_in_every_command(
+    tmp_path):
+  missing = str(tmp_path / "no_run")
+  for module, args, want in (
+      ("eval", [f"--checkpoint={missing}"], f"--checkpoint={missing}: no "
+       "such directory"),
+      ("export", [f"--checkpoint={missing}", f"--output={tmp_path}/m"],
+       f"--checkpoint={missing}: no such directory"),
+      ("export", [f"--checkpoint={missing}", "--output=s3://b/m"],
+       "needs s3fs" if importlib.util.find_spec("s3fs") is None else
+       "s3://b"),
+      ("visualize", [f"--checkpoint={missing}", f"--output={tmp_path}/p",
+                     f"--images={ROOT}/README.md"],
+       "no such directory")):
+    done = subprocess.run(
+        [sys.executable, "-m", f"ir2net_jax.tools.{module}", *args],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert done.returncode == 1, (module, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines()
+              if line.startswith("error: ")]
+    assert len(errors) == 1 and want in errors[0], done.stderr[-2000:]
 
 
 def test_the_api_applies_the_commands_xla_flags(monkeypatch):

@@ -59,6 +59,11 @@ _S3_REFUSED = {
 }
 
 
+_CREATE = {"gs": "gcloud storage buckets create", "s3": "aws s3 mb"}
+_WHERE = {"gs": " --location=<the TPUs' region>",
+          "s3": " --region=<the hosts' region>"}
+
+
 def run_urls(config, workdir: str) -> List[Tuple[str, str, bool]]:
   """``(what, url, written)`` for every bucket URL the run uses."""
   found = [("--workdir", workdir, True)]
@@ -305,9 +310,8 @@ def _check_bucket(url: str, what: str, written: bool) -> None:
   except FileNotFoundError:
     raise StorageError(
         f"{what}={url}: the bucket {kind}://{bucket} does not exist (or these "
-        f"credentials cannot see it); create it (gcloud storage buckets "
-        f"create {kind}://{bucket} --location=<the TPUs' region>) or fix "
-        f"the name") from None
+        f"credentials cannot see it); create it ({_CREATE[kind]} "
+        f"{kind}://{bucket}{_WHERE[kind]}) or fix the name") from None
   except PermissionError as e:
     raise StorageError(
         f"{what}={url}: access to {kind}://{bucket} denied ({e}); "

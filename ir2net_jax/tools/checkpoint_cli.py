@@ -14,11 +14,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from ir2net_jax import configs
+from ir2net_jax.data.shared.specs import DataError
 from ir2net_jax.deploy import load, packed
 from ir2net_jax.tools import command_line
 from ir2net_jax.train import evaluate, startup
 
-__all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE"]
+__all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE",
+           "USER_ERRORS"]
 
 # The recipe file that reads a recorded config.json (``--config`` left out).
 RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(
@@ -85,5 +87,21 @@ def run(main: Callable[[List[str]], None],
   startup.quiet_library_logs()   # orbax logs as the checkpoint is found
   define(checkpoint_required)
   define_more()
-  command_line.run_app(main, with_recorded_config(
+  command_line.run_app(_one_line_errors(main), with_recorded_config(
       configs.expand_config_flag(sys.argv)))
+
+
+# What a user's input causes (a missing checkpoint, a bucket that is not
+# there, no data, a model that cannot be packed): one line, no traceback
+# (``command_line.exit_on_error``; ``--debug`` raises it).
+USER_ERRORS = (configs.ConfigError, DataError, evaluate.CheckpointError,
+               packed.PackError)
+
+
+def _one_line_errors(main: Callable[[List[str]], None]):
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except USER_ERRORS as e:
+      command_line.exit_on_error(e)
+  return wrapped

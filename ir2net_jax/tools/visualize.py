@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
+from ir2net_jax import configs
 from ir2net_jax.data import images as images_lib
 from ir2net_jax.data.shared.specs import DataError
 from ir2net_jax.nn import restriction
@@ -33,7 +34,7 @@ from ir2net_jax.train import evaluate, grid, pictures
 __all__ = ["VisualizeError", "load_model", "main", "run"]
 
 
-class VisualizeError(ValueError):
+class VisualizeError(configs.ConfigError):
   """A checkpoint, config or image the command was given cannot be used."""
 
 
@@ -51,10 +52,10 @@ def main(argv) -> None:
     raise VisualizeError(f"unexpected arguments: {argv[1:]}")
   if not f["verbosity"].present:  # orbax logs several lines per restore
     logging.set_verbosity(logging.WARNING)
-  config = f.config   # the recorded one where --config is left out
-  if config is None:
-    raise VisualizeError(f"{f.checkpoint} has no recorded config.json (e.g. "
-                         "converted weights); pass --config=SPEC_OR_FILE")
+  try:   # the recorded one where --config is left out
+    config = evaluate.config_for(f.config, f.checkpoint)
+  except (configs.ConfigError, evaluate.CheckpointError) as e:
+    raise VisualizeError(str(e)) from None
   try:
     images = images_lib.load_images(config, f.images)  # before compiling
   except DataError as e:
