@@ -162,7 +162,8 @@ def with_policy(make: Callable[[int, Optional[Set[int]]], tf.data.Dataset],
   once), or, under 'error', stops the run with its path.
 
   ``make(k, guard)`` is the batched dataset from batch ``k`` on, whose
-  examples are read by :func:`read` with ``guard``. Batches are read with
+  examples are read by :func:`read` with ``guard`` (``make(k, None)``
+  need hold batch ``k`` alone). Batches are read with
   the positions known to be bad guarded; where a batch fails, that batch
   is read again with every position guarded, which names its bad files,
   and the rest with those guarded too. Guarded or not, a good file gives

@@ -259,8 +259,7 @@ def _train_dataset(source: splits.HostSplit, settings: sources.Settings,
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_examples)
   ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
               deterministic=True)
-  ds = ds.batch(local_batch, drop_remainder=True)
-  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+  return _batched(ds, local_batch, source.files is not None and guard is None)
 
 
 def eval_iterator(config, *, global_batch_size: int,
@@ -326,11 +325,21 @@ def eval_iterator(config, *, global_batch_size: int,
           lambda p: tf.cond(p < 0, lambda: filler, lambda: folder_reads.read(
               source.files, p, decode, 1, pad, guard)),
           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(local_batch, drop_remainder=True)
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return _batched(ds, local_batch, source.files is not None and guard is None)
 
   return _read_errors(make, 0, source, settings, settings.eval_split,
                       bad_files)
+
+
+def _batched(ds: tf.data.Dataset, local_batch: int,
+             one_batch: bool) -> tf.data.Dataset:
+  """``ds`` in batches, prefetched; ``one_batch``: only the first, not
+  prefetched (``folder_reads.with_policy`` reads a batch with every example
+  guarded that way, and nothing more should be read guarded)."""
+  ds = ds.batch(local_batch, drop_remainder=True)
+  if one_batch:
+    return ds.take(1).with_options(_options())
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
 
 def _read_errors(make: Callable, start: int, source: splits.HostSplit,
