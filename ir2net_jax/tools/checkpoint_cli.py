@@ -19,8 +19,7 @@ from ir2net_jax.deploy import load, packed
 from ir2net_jax.tools import command_line
 from ir2net_jax.train import evaluate, startup
 
-__all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE",
-           "USER_ERRORS"]
+__all__ = ["define", "run", "with_recorded_config", "RECORDED_RECIPE"]
 
 # The recipe file that reads a recorded config.json (``--config`` left out).
 RECORDED_RECIPE = os.path.join(os.path.dirname(os.path.abspath(
@@ -94,7 +93,7 @@ def run(main: Callable[[List[str]], None],
 # What a user's input causes (a missing checkpoint, a bucket that is not
 # there, no data, a model that cannot be packed): one line, no traceback
 # (``command_line.exit_on_error``; ``--debug`` raises it).
-USER_ERRORS = (configs.ConfigError, DataError, evaluate.CheckpointError,
+_USER_ERRORS = (configs.ConfigError, DataError, evaluate.CheckpointError,
                packed.PackError)
 
 
@@ -102,6 +101,6 @@ def _one_line_errors(main: Callable[[List[str]], None]):
   def wrapped(argv):
     try:
       return main(argv)
-    except USER_ERRORS as e:
+    except _USER_ERRORS as e:
       command_line.exit_on_error(e)
   return wrapped

@@ -30,10 +30,9 @@ from absl import app, flags, logging
 
 from ir2net_jax.configs import ConfigError
 from ir2net_jax.data import images as images_lib
-from ir2net_jax.data.shared.specs import DataError
 from ir2net_jax.deploy import load, packed
 from ir2net_jax.storage import paths, preflight
-from ir2net_jax.tools import checkpoint_cli, command_line
+from ir2net_jax.tools import checkpoint_cli
 from ir2net_jax.train import evaluate, grid, pictures, predict
 
 __all__ = ["main", "run"]
@@ -75,24 +74,25 @@ def _short(text: str, most: int = 24) -> str:
 
 
 def _check_source(source: str, config, is_packed: bool) -> None:
-  """Exits with one line where ``source`` is not there or no config is
-  known."""
-  try:
-    preflight.check(source, "--packed" if is_packed else "--checkpoint",
-                    holds="files" if is_packed else "checkpoint")
-    if not paths.exists(source):
-      raise evaluate.CheckpointError(
-          f"--packed={source}: no such file; write one with ir2net-export"
-          if is_packed else
-          f"--checkpoint={source}: no such directory; pass a training "
-          "workdir, its best/, or converted weights (ir2net-convert)")
-  except (preflight.StorageError, evaluate.CheckpointError) as e:
-    command_line.exit_on_error(e)
+  """Raises where ``source`` is not there or no config is known (one line,
+  ``checkpoint_cli.run``).
+
+  Raises:
+    StorageError, CheckpointError, ConfigError: naming ``source``.
+  """
+  preflight.check(source, "--packed" if is_packed else "--checkpoint",
+                  holds="files" if is_packed else "checkpoint")
+  if not paths.exists(source):
+    raise evaluate.CheckpointError(
+        f"--packed={source}: no such file; write one with ir2net-export"
+        if is_packed else
+        f"--checkpoint={source}: no such directory; pass a training "
+        "workdir, its best/, or converted weights (ir2net-convert)")
   if config is None:
-    command_line.exit_on_error(ConfigError(
+    raise ConfigError(
         f"{source} is not a packed model" if is_packed else
         f"{source} has no recorded config.json (e.g. converted weights); "
-        "pass --config=RECIPE"))
+        "pass --config=RECIPE")
 
 
 def _predict_packed(config, path: str, patterns: str, top_k: int
@@ -120,12 +120,9 @@ def main(argv) -> None:
   for flag in ("output", "pictures"):   # before anything is computed
     if f[flag].value:
       preflight.check(paths.parent(f[flag].value), f"--{flag}", written=True)
-  try:
-    found = (_predict_packed(config, f.packed, f.images, f.top_k)
-             if f.packed else
-             predict.predict(config, f.checkpoint, f.images, f.top_k))
-  except (DataError, evaluate.CheckpointError, packed.PackError) as e:
-    command_line.exit_on_error(e)
+  found = (_predict_packed(config, f.packed, f.images, f.top_k)
+           if f.packed else
+           predict.predict(config, f.checkpoint, f.images, f.top_k))
   result = _result(config, source, found)
   if f.output:
     paths.write_atomic(f.output, json.dumps(result, indent=1))

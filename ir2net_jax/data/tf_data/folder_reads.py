@@ -50,32 +50,37 @@ def declared_pixels(encoded: tf.Tensor) -> tf.Tensor:
     return sum(b[start + i] * 256**i for i in range(count))
 
   def be(start, count):
-    return le(start, 1) if count == 1 else sum(
-        b[start + i] * 256**(count - 1 - i) for i in range(count))
+    return sum(b[start + i] * 256**(count - 1 - i) for i in range(count))
 
   def jpeg():
     shape = tf.cast(tf.image.extract_jpeg_shape(encoded), tf.int64)
     return shape[0] * shape[1]
 
+  def bmp():
+    height = le(22, 4)   # int32, negative for a top-down image
+    return le(18, 4) * tf.abs(tf.where(height >= 2**31, height - 2**32,
+                                       height))
+
   def starts(magic: bytes, at: int = 0):
     return tf.strings.substr(head, at, len(magic)) == magic
 
-  bmp_height = le(22, 4)
-  bmp_height = tf.abs(tf.where(bmp_height >= 2**31, bmp_height - 2**32,
-                               bmp_height))
-  webp = tf.case([
-      (starts(b"VP8X", 12), lambda: (le(24, 3) + 1) * (le(27, 3) + 1)),
-      (starts(b"VP8L", 12), lambda: (le(21, 2) % 2**14 + 1) *
-       ((le(22, 3) // 2**6) % 2**14 + 1)),
-      (starts(b"VP8 ", 12), lambda: (le(26, 2) % 2**14) *
-       (le(28, 2) % 2**14))], default=lambda: tf.constant(0, tf.int64))
-  return tf.case([
+  def cases(branches):   # each branch's ops run only where it is taken
+    return tf.case(branches, default=lambda: tf.constant(0, tf.int64))
+
+  def webp():
+    return cases([
+        (starts(b"VP8X", 12), lambda: (le(24, 3) + 1) * (le(27, 3) + 1)),
+        (starts(b"VP8L", 12), lambda: (le(21, 2) % 2**14 + 1) *
+         ((le(22, 3) // 2**6) % 2**14 + 1)),
+        (starts(b"VP8 ", 12), lambda: (le(26, 2) % 2**14) *
+         (le(28, 2) % 2**14))])
+
+  return cases([
       (starts(b"\xff\xd8"), jpeg),
       (starts(b"\x89PNG"), lambda: be(16, 4) * be(20, 4)),
       (starts(b"GIF8"), lambda: le(6, 2) * le(8, 2)),
-      (starts(b"BM"), lambda: le(18, 4) * bmp_height),
-      (starts(b"RIFF"), lambda: webp)],
-                 default=lambda: tf.constant(0, tf.int64))
+      (starts(b"BM"), bmp),
+      (starts(b"RIFF"), webp)])
 
 
 def bounded(encoded: tf.Tensor) -> tf.Tensor:
