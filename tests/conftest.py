@@ -14,11 +14,14 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
 # same devices and flags, is compiled once. The key covers the program, the
 # devices, the compile options and XLA_FLAGS, so a test still gets the
 # program it asked for. A fresh directory per session: nothing carries over.
+# Every program is kept, however quick to compile: a run's few dozen small
+# ones (initialisation, metrics, the input's device work) cost about a
+# second per launch.py process when compiled again.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE = tempfile.mkdtemp(prefix="ir2net_jax_test_cache_")
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 
@@ -94,9 +97,13 @@ def gcs(gcs_server, monkeypatch):
 # The longest modules start first, so that `-n 2 --dist loadfile` does not end
 # with one worker running a long module while the other idles. (xdist would
 # otherwise hand out the modules with the most tests first.)
-LONGEST_FIRST = ("test_buckets.py", "test_multihost.py", "test_parity_layers.py", "test_train.py",
-                 "test_parity.py", "test_claims.py", "test_evaluate.py",
+LONGEST_FIRST = ("test_parity.py", "test_buckets.py", "test_multihost.py",
+                 "test_train.py", "test_claims.py", "test_evaluate.py",
                  "test_robustness.py", "test_benchmark.py")
+# Modules whose tests share a fixture's float64 run, which only the last
+# fixture's is kept of (parity_layers.float64_run): a fixture's tests run
+# one after the other.
+BY_FIXTURE = ("test_parity.py",)
 
 
 def pytest_configure(config):
@@ -104,7 +111,15 @@ def pytest_configure(config):
     config.option.loadscopereorder = False
 
 
+def _fixture_of(item) -> str:
+  spec = getattr(item, "callspec", None)
+  if item.path.name not in BY_FIXTURE or spec is None:
+    return ""
+  return str(spec.params.get("path", ""))
+
+
 def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+  items.sort(key=lambda item: (rank.get(item.path.name, len(rank)),
+                               _fixture_of(item)))

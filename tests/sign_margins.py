@@ -6,8 +6,8 @@ kernels, which differ from one CPU to the next) round ``x`` differently, so
 where ``|x|`` is within that rounding of zero the two can disagree on its
 sign, and everything downstream of the flip differs completely. That is why
 the students' float32 program is compared with the reference layer by layer
-(``test_parity_layers.py``) and whole networks only in float64
-(``test_parity.py``). Tests that compare two float32 runs of the port on
+(``parity_layers.py``) and whole networks only in float64
+(both in ``test_parity.py``). Tests that compare two float32 runs of the port on
 inputs they make themselves use ``clears_rounding`` to assert that no input
 to a binary activation lies within this bound of zero:
 

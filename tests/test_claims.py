@@ -170,9 +170,9 @@ def _by_hand(config, halves, **objective_kwargs):
         losses.cross_entropy, config.erase_lambda, **objective_kwargs)
 
   grads, stats = [], []
+  loss_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
   for half in halves:
-    (_, aux), g = jax.value_and_grad(loss, has_aux=True)(variables["params"],
-                                                         half)
+    (_, aux), g = loss_and_grad(variables["params"], half)
     grads.append(g)
     stats.append(aux.batch_stats)
   mean = lambda trees: jax.tree.map(lambda *x: np.mean(x, axis=0), *trees)
@@ -226,7 +226,7 @@ def test_information_restriction_false_trains_the_clean_pass_alone():
         batch["image"], train=True, mutable=["batch_stats"])
     return losses.cross_entropy(logits, batch["label"]), new["batch_stats"]
 
-  (_, stats), grads = jax.value_and_grad(clean_loss, has_aux=True)(
+  (_, stats), grads = jax.jit(jax.value_and_grad(clean_loss, has_aux=True))(
       variables["params"])
   updates, _ = tx.update(grads, tx.init(variables["params"]),
                          variables["params"])

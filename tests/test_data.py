@@ -97,6 +97,28 @@ def test_digits_builder_has_fixed_splits(digits_dir):
   assert images.max() == 255 and images.min() == 0
 
 
+def test_digits_read_without_scikit_learn_equal_load_digits(monkeypatch):
+  """The bundled CSV read directly (no scikit-learn import) gives exactly
+  ``load_digits()``'s examples, scaled; so does the fallback through
+  ``load_digits`` where the file is not found."""
+  from sklearn.datasets import load_digits
+  want = load_digits()
+  want_images = np.round(want.images * (255 / 16)).astype(np.uint8)
+  for split, keep in (("train", np.arange(1797) % 5 != 0),
+                      ("test", np.arange(1797) % 5 == 0)):
+    for bundled in (True, False):
+      digits._load_digits.cache_clear()
+      if not bundled:
+        monkeypatch.setattr(digits, "_bundled_csv", lambda: None)
+      images, labels = digits.load_split(split)
+      monkeypatch.undo()
+      np.testing.assert_array_equal(images[..., 0], want_images[keep])
+      np.testing.assert_array_equal(labels, want.target[keep])
+      assert images.dtype == np.uint8 and labels.dtype == np.int32
+  assert digits._bundled_csv() is not None   # the fast path was the one tested
+  digits._load_digits.cache_clear()
+
+
 def test_dataset_info(digits_dir):
   info = data.dataset_info(make_config(data_dir=digits_dir))
   assert info == data.DatasetInfo(num_train=1437, num_eval=360,

@@ -9,9 +9,15 @@ about a particular fixture set is hard-coded.
 The students (binary networks) are compared here in float64 only: in
 float32 a binary activation whose input lies within rounding of zero can flip
 on one CPU and not on another, and the flip changes everything after it
-(``sign_margins.py``). Their float32 program is checked layer by layer in
-``test_parity_layers.py``, where no flip can cascade. The teachers (float
-networks) are compared in both precisions. Nothing is skipped.
+(``sign_margins.py``). Their float32 program is checked layer by layer
+(``test_float32_layer_by_layer``, ``parity_layers.py``), where no flip can
+cascade. The teachers (float networks) are compared in both precisions.
+Nothing is skipped.
+
+The float64 numbers compared here come from the capture that the layer by
+layer check runs anyway (``parity_layers.float64_run``): one float64 program
+per pass and fixture serves both, and conftest.py runs a fixture's tests one
+after the other.
 
 Set IR2NET_PARITY_REPORT=path to write the largest error of each check.
 """
@@ -27,9 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import parity_layers
 import reference_fixtures as rf
 from ir2net_jax.io import torch_layout
-from ir2net_jax.nn import losses, objective, restriction
+from ir2net_jax.nn import layers, losses, objective, restriction
 
 PATHS = rf.fixture_paths()
 STUDENTS = [p for p in PATHS if rf.load(p).meta["kind"] == "student"]
@@ -79,53 +86,32 @@ def _tolerances(fx, prec):
               grad_sample=10 * grad, bn=1e-5)
 
 
-def _teacher_logits(fx, prec):
-  """The teacher's logits on the fixture's input (cached per teacher+input)."""
-  teacher = fx.teacher()
-  return _cached_teacher_logits(teacher.name, prec,
-                                fx.data["input"].tobytes(),
-                                fx.data["input"].shape)
-
-
-@functools.lru_cache(maxsize=None)
-def _cached_teacher_logits(teacher_name, prec, input_bytes, shape):
-  teacher = rf.load(os.path.join(rf.FIXTURE_DIR, teacher_name + ".npz"))
-  with jax.enable_x64(prec == "f64"):
-    dtype = np.float64 if prec == "f64" else np.float32
-    model = teacher.model()
-    variables = teacher.variables(dtype)
-    x = np.frombuffer(input_bytes, np.float32).reshape(shape)
-    x = jnp.asarray(x.transpose(0, 2, 3, 1).astype(dtype))
-    logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(
-        variables, x)
-    return np.asarray(logits)
-
-
 @functools.lru_cache(maxsize=None)
 def _run(path, prec, train=True, compute_dtype=None):
   """Runs the port on a fixture: eval pass and the recorded training step.
 
-  ``compute_dtype`` selects a speed option of the binary convolutions.
+  ``compute_dtype`` selects a speed option of the binary convolutions. The
+  plain float64 run is the layer by layer check's capture.
   """
   fx = rf.load(path)
   if fx.is_teacher:
-    return {"eval_logits": _cached_teacher_logits(
+    return {"eval_logits": parity_layers.teacher_logits(
         fx.name, prec, fx.data["input"].tobytes(), fx.data["input"].shape)}
-  out = {}
+  if prec == "f64" and compute_dtype is None:
+    run = parity_layers.float64_run(path)
+    return _arrays(fx.model(), run.eval_out, train and run.train_out)
   with jax.enable_x64(prec == "f64"):
     dtype = np.float64 if prec == "f64" else np.float32
     model = fx.model(**({"compute_dtype": compute_dtype} if compute_dtype
                         else {}))
     variables = fx.variables(dtype)
     x = jnp.asarray(fx.nhwc("input").astype(dtype))
-    logits, feature = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+    eval_out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
         variables, x)
-    out["eval_logits"], out["eval_feature"] = np.asarray(logits), np.asarray(
-        feature)
     if not train:
-      return out
+      return _arrays(model, eval_out, None)
     if fx.meta.get("teacher"):
-      target = jnp.asarray(_teacher_logits(fx, prec))
+      target = jnp.asarray(parity_layers.fixture_teacher_logits(fx, prec))
       loss_fn = losses.distribution_loss
     else:
       target = jnp.asarray(fx.data["labels"].astype(np.int32))
@@ -139,16 +125,31 @@ def _run(path, prec, train=True, compute_dtype=None):
 
     (loss, aux), grads = step(variables["params"], variables["batch_stats"],
                               x, target)
-    out.update(
-        loss=np.asarray(loss), loss_terms=np.asarray(aux.loss_terms),
-        train_logits1=np.asarray(aux.logits_clean),
-        train_logits2=np.asarray(aux.logits_erased),
-        train_feature1=np.asarray(aux.feature),
-        erase_mask=np.asarray(aux.mask),
-        attention=np.asarray(restriction.attention_map(aux.feature)))
-    out["grads"] = torch_layout.flax_to_torch({"params": grads}, model)
-    out["bn_after"] = torch_layout.flax_to_torch(
-        {"batch_stats": aux.batch_stats}, model)
+    return _arrays(model, eval_out, jax.device_get(
+        dict(loss=loss, aux=aux, grads=grads)))
+
+
+def _arrays(model, eval_out, train_out):
+  """``_run``'s arrays (torch layout for gradients and statistics) from the
+  eval pass's ``(logits, feature)`` and the training step's ``{loss, aux,
+  grads}`` (None: no training step)."""
+  out = {"eval_logits": np.asarray(eval_out[0]),
+         "eval_feature": np.asarray(eval_out[1])}
+  if not train_out:
+    return out
+  aux = train_out["aux"]
+  with jax.enable_x64(True):  # in the feature map's own precision
+    attention = np.asarray(restriction.attention_map(jnp.asarray(aux.feature)))
+  out.update(
+      loss=np.asarray(train_out["loss"]), loss_terms=np.asarray(aux.loss_terms),
+      train_logits1=np.asarray(aux.logits_clean),
+      train_logits2=np.asarray(aux.logits_erased),
+      train_feature1=np.asarray(aux.feature), erase_mask=np.asarray(aux.mask),
+      attention=attention)
+  out["grads"] = torch_layout.flax_to_torch({"params": train_out["grads"]},
+                                            model)
+  out["bn_after"] = torch_layout.flax_to_torch(
+      {"batch_stats": aux.batch_stats}, model)
   return out
 
 
@@ -195,7 +196,8 @@ def test_eval_pass(path, prec):
   fx = rf.load(path)
   tol = _tolerances(fx, prec)["value"]
   if "teacher_logits" in fx.data:  # a float network: no binary activation
-    _check_value(fx, prec, "teacher_logits", _teacher_logits(fx, prec), tol)
+    _check_value(fx, prec, "teacher_logits",
+                 parity_layers.fixture_teacher_logits(fx, prec), tol)
   out = _run(path, prec, train=not fx.is_teacher)
   _check_value(fx, prec, "eval_logits", out["eval_logits"], tol)
   if prec == "f64" and "eval_feature" in fx.data:
@@ -323,19 +325,19 @@ def test_second_pass_sees_erased_images():
 
 
 def _speed_option_cases():
-  """Every speed option on the CIFAR fixtures and the first ImageNet stage-2
-  fixture (binary weights: where the low-precision paths apply)."""
-  cases = []
-  imagenet_done = False
-  for p in STUDENTS:
-    fx = rf.load(p)
-    if not fx.meta["weights_binarized"]:
-      continue
-    if fx.is_imagenet:
-      if imagenet_done:
-        continue
-      imagenet_done = True
-    cases += [_case(p, option) for option in ("int8", "bfloat16")]
+  """Each speed option on half of the fixtures with binary weights (where the
+  low-precision paths apply), taken in turn, so that each option runs on
+  CIFAR and on ImageNet networks: the options change the binary convolution
+  alone, which every network calls alike."""
+  binary = [p for p in STUDENTS if rf.load(p).meta["weights_binarized"]]
+  cifar = [p for p in binary if not rf.load(p).is_imagenet]
+  imagenet = [p for p in binary if rf.load(p).is_imagenet]
+  options = ("int8", "bfloat16")
+  cases = [_case(p, options[i % 2]) for i, p in enumerate(cifar)]
+  # The first ImageNet stage-2 fixture with the option the last CIFAR one
+  # did not get, the second with the other.
+  cases += [_case(p, options[(len(cifar) + i) % 2])
+            for i, p in enumerate(imagenet[:2])]
   return cases
 
 
@@ -359,3 +361,53 @@ def test_speed_options_keep_parity(path, option):
     np.testing.assert_allclose(g, plain["grads"][key], rtol=1e-10,
                                atol=1e-12 * np.abs(plain["grads"][key]).max(),
                                err_msg=key)
+
+
+def _layer_cases():
+  """Every fixture, each pass (slow: each compiles its layers in float32)."""
+  cases = []
+  for p in PATHS:
+    fx = rf.load(p)
+    for mode in ("eval",) + (() if fx.is_teacher else ("train",)):
+      cases.append(pytest.param(p, mode, id=f"{fx.name}-{mode}",
+                                marks=[pytest.mark.slow]))
+  return cases
+
+
+@pytest.mark.parametrize("path,mode", _layer_cases())
+def test_float32_layer_by_layer(path, mode):
+  """Float32, one module call at a time, within its rounding bound."""
+  results = parity_layers.check_fixture(path, mode == "train")
+  assert results
+  compared = sum(r.compared for r in results)
+  uncertain = sum(r.uncertain for r in results)
+  assert uncertain <= parity_layers.MAX_UNCERTAIN_FRACTION * max(compared, 1), (
+      uncertain, compared)
+  kinds = {r.kind for r in results}
+  assert "BinaryConv" in kinds or rf.load(path).is_teacher
+  assert "BatchNorm" in kinds
+
+
+def test_a_wrong_float32_layer_fails():
+  """The check is not vacuous: float32 layers that are slightly wrong fail,
+  the right ones pass (small synthetic layers: fast)."""
+  bn = layers.BatchNorm(use_running_average=False)
+  bn_call = parity_layers.synthetic_call(bn, (2, 6, 6, 8), train=True)
+  conv = layers.BinaryConv(8, binary_weights=False)
+  conv_call = parity_layers.synthetic_call(conv, (2, 6, 6, 8), train=True, seed=1)
+  for call in (bn_call, conv_call):
+    assert parity_layers.check_call(call).worst <= 1
+  # A BatchNorm whose float32 output is off by one part in 10^5.
+  with pytest.raises(AssertionError, match="output"):
+    parity_layers.check_call(bn_call, perturb=lambda out: (out[0] * (1 + 1e-5),) + out[1:])
+  # A BatchNorm whose float32 running variance misses the unbiased factor.
+  with pytest.raises(AssertionError, match="batch_stats after"):
+    parity_layers.check_call(bn_call, perturb=lambda out: (
+        out[0], jax.tree.map(lambda v: v * (1 - 1e-4), out[1]), out[2]))
+  # A float32 binary conv with another estimator: ApproxSign -> plain STE.
+  with pytest.raises(AssertionError, match="d input"):
+    parity_layers.check_call(conv_call, module32=layers.BinaryConv(
+        8, binary_weights=False, activation_estimator="ste_sign"))
+  # Or with its stage-1 real weights scaled by 1 + 1e-4.
+  with pytest.raises(AssertionError, match="output"):
+    parity_layers.check_call(conv_call, perturb=lambda out: (out[0] * (1 + 1e-4),) + out[1:])

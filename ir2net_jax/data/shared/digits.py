@@ -20,7 +20,11 @@ dataset ``ir2net_digits`` (the tf.data engine's), prepared in well under a
 second.
 """
 
-from typing import Tuple
+import functools
+import gzip
+import importlib.util
+import os
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -59,9 +63,41 @@ def load_split(split: str) -> Tuple[np.ndarray, np.ndarray]:
   if split not in ("train", "test"):
     raise DataError(f"digits has the splits 'train' and 'test' only; got "
                     f"{split!r} (--config.train_split / --config.eval_split).")
-  # Imported here: only reading the data needs scikit-learn.
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-  digits = datasets.load_digits()
-  images = np.round(digits.images * (255.0 / _MAX_GREY)).astype(np.uint8)
+  images, labels = _load_digits()
   index = _split_indices(len(images), split)
-  return images[index][..., None], digits.target[index].astype(np.int32)
+  return images[index][..., None], labels[index]
+
+
+@functools.lru_cache(maxsize=1)
+def _load_digits() -> Tuple[np.ndarray, np.ndarray]:
+  """All of ``load_digits()``: uint8 (1797, 8, 8) in 0..255, int32 (1797,).
+
+  Read from scikit-learn's bundled ``digits.csv.gz`` as ``load_digits``
+  reads it, without importing scikit-learn (whose import, scipy's included,
+  is most of a digits run's start); through ``load_digits`` where the file
+  is not where scikit-learn keeps it.
+  """
+  path = _bundled_csv()
+  if path is None:
+    from sklearn import datasets  # pylint: disable=g-import-not-at-top
+    digits = datasets.load_digits()
+    grey, target = digits.images, digits.target
+  else:
+    with gzip.open(path, "rt") as f:
+      data = np.loadtxt(f, delimiter=",")
+    grey, target = data[:, :-1].reshape(-1, 8, 8), data[:, -1]
+  images = np.round(grey * (255.0 / _MAX_GREY)).astype(np.uint8)
+  images.flags.writeable = False
+  labels = target.astype(np.int32)
+  labels.flags.writeable = False
+  return images, labels
+
+
+def _bundled_csv() -> Optional[str]:
+  """The path of scikit-learn's ``datasets/data/digits.csv.gz``, or None."""
+  spec = importlib.util.find_spec("sklearn")  # finds it, imports nothing
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(root, "datasets", "data", "digits.csv.gz")
+    if os.path.isfile(path):
+      return path
+  return None

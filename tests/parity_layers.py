@@ -1,4 +1,5 @@
-"""Float32 parity layer by layer, so that no sign near-tie can cascade.
+"""Float32 parity layer by layer, so that no sign near-tie can cascade; and
+the float64 run of a fixture that ``test_parity.py`` checks whole.
 
 A whole-network float32 comparison with the reference is skipped where a
 binary activation's input lies within float32 rounding of zero
@@ -32,24 +33,30 @@ to be tiny, so a bound never grows into a skip.
 
 Nothing about a fixture is hard-coded: the modules are whatever the model
 calls.
+
+The float64 capture is also the port's float64 run of the fixture
+(``float64_run``): its eval pass, and the training step's loss, outputs and
+parameter gradients (the VJP of the same loss, taken with respect to the
+parameters and the call outputs at once), which ``test_parity.py`` compares
+with the reference's ``f64/`` numbers. One float64 program per pass serves
+both checks. The tests are in ``test_parity.py``.
 """
 
 import dataclasses
 import functools
 import hashlib
+import os
 from typing import Any, Dict, List, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 import reference_fixtures as rf
 import rounding_bounds
-from ir2net_jax.nn import layers, losses, objective
+from ir2net_jax.nn import losses, objective
 
-PATHS = rf.fixture_paths()
 # The fraction of comparisons (signs, estimator windows, hardtanh) that may be
 # uncertain, i.e. whose float64 operand lies within the float32 bound of its
 # threshold. Outside composite modules there are none (a rounded input keeps
@@ -58,9 +65,6 @@ PATHS = rf.fixture_paths()
 # uncertain, and the outputs they feed inherit wide bounds; 1% keeps every
 # check about as tight as its layer's rounding allows.
 MAX_UNCERTAIN_FRACTION = 1e-2
-# Every fixture takes more than 20 s on a 2-core machine (the float64 capture
-# alone compiles the network twice).
-SLOW = set(PATHS)
 
 
 @dataclasses.dataclass
@@ -117,28 +121,63 @@ def _capture(apply_fn):
   return meta, run
 
 
-# One fixture at a time (its eval and train cases run one after the other):
-# a fixture's records hold every layer's float64 input, output and cotangent,
+@functools.lru_cache(maxsize=None)
+def teacher_logits(teacher_name, prec, input_bytes, shape):
+  """A teacher fixture's network in ``prec`` ('f32' or 'f64') on an NCHW
+  float32 input given as bytes (cached per teacher, precision and input)."""
+  teacher = rf.load(os.path.join(rf.FIXTURE_DIR, teacher_name + ".npz"))
+  with jax.enable_x64(prec == "f64"):
+    dtype = np.float64 if prec == "f64" else np.float32
+    model = teacher.model()
+    variables = teacher.variables(dtype)
+    x = np.frombuffer(input_bytes, np.float32).reshape(shape)
+    x = jnp.asarray(x.transpose(0, 2, 3, 1).astype(dtype))
+    logits, _ = jax.jit(lambda v, x: model.apply(v, x, train=False))(
+        variables, x)
+    return np.asarray(logits)
+
+
+def fixture_teacher_logits(fx, prec):
+  """The port's teacher logits on ``fx``'s input."""
+  return teacher_logits(fx.teacher().name, prec, fx.data["input"].tobytes(),
+                        fx.data["input"].shape)
+
+
+@dataclasses.dataclass
+class Float64Run:
+  """A fixture's float64 run: every module call of its eval pass and of its
+  training step, and what the passes return."""
+  eval_calls: List[Call]
+  train_calls: List[Call]
+  eval_out: Tuple[np.ndarray, np.ndarray]    # (logits, feature map)
+  # loss, aux (objective.two_pass_objective's) and grads (params tree);
+  # None for a teacher.
+  train_out: Any = None
+
+
+# One fixture at a time (its tests run one after the other, conftest.py): a
+# fixture's records hold every layer's float64 input, output and cotangent,
 # hundreds of MB for an ImageNet model.
 @functools.lru_cache(maxsize=1)
-def _calls(path) -> Tuple[List[Call], List[Call]]:
-  """(eval calls, training-step calls) of a fixture's float64 run."""
+def float64_run(path) -> Float64Run:
+  """The float64 eval pass and training step of a fixture, captured."""
   fx = rf.load(path)
   with jax.enable_x64(True):
     model, variables = fx.model(), fx.variables(np.float64)
     x = jnp.asarray(fx.nhwc("input").astype(np.float64))
 
     meta, run = _capture(lambda v, x: model.apply(v, x, train=False))
-    _, records = jax.jit(lambda v, x: run(v, x, None))(variables, x)
+    result, records = jax.jit(lambda v, x: run(v, x, None))(variables, x)
     eval_calls = [Call(p, k, m, s, jax.device_get(v), np.asarray(xi),
                        np.asarray(y))
                   for (p, k, m, s), (xi, v, y) in zip(meta, records)]
+    eval_out = tuple(np.asarray(r) for r in result)
     if fx.is_teacher:
-      return eval_calls, []
+      return Float64Run(eval_calls, [], eval_out)
 
     if fx.meta.get("teacher"):
-      target, loss_fn = jnp.asarray(fx.data["f64/teacher_logits"]), (
-          losses.distribution_loss)
+      target = jnp.asarray(fixture_teacher_logits(fx, "f64"))
+      loss_fn = losses.distribution_loss
     else:
       target = jnp.asarray(fx.data["labels"].astype(np.int32))
       loss_fn = losses.cross_entropy
@@ -146,23 +185,30 @@ def _calls(path) -> Tuple[List[Call], List[Call]]:
     def loss(v, x):
       return objective.two_pass_objective(
           v["params"], v["batch_stats"], model, x, target, loss_fn,
-          fx.meta["erase_lambda"])[0]
+          fx.meta["erase_lambda"])
 
     meta, run = _capture(loss)
     shapes = jax.eval_shape(lambda v, x: run(v, x, None), variables, x)[1]
     zeros = [jnp.zeros(y.shape, y.dtype) for _, _, y in shapes]
 
     @jax.jit
-    def cotangents(variables, x, perturbs):
-      (_, records), vjp_fn = jax.vjp(lambda p: run(variables, x, p), perturbs)
-      zero_records = jax.tree.map(jnp.zeros_like, records)
-      return records, vjp_fn((jnp.ones((), jnp.float64), zero_records))[0]
+    def step(variables, x, perturbs):
+      def f(params, perturbs):
+        (value, aux), records = run(dict(variables, params=params), x,
+                                    perturbs)
+        return value, (aux, records)
+      value, vjp_fn, (aux, records) = jax.vjp(
+          f, variables["params"], perturbs, has_aux=True)
+      grads, cts = vjp_fn(jnp.ones((), value.dtype))
+      return value, aux, records, grads, cts
 
-    records, cts = cotangents(variables, x, zeros)
+    value, aux, records, grads, cts = step(variables, x, zeros)
     train_calls = [Call(p, k, m, s, jax.device_get(v), np.asarray(xi),
                         np.asarray(y), np.asarray(ct), True)
                    for (p, k, m, s), (xi, v, y), ct in zip(meta, records, cts)]
-  return eval_calls, train_calls
+    train_out = dict(loss=np.asarray(value), aux=jax.device_get(aux),
+                     grads=jax.device_get(grads))
+  return Float64Run(eval_calls, train_calls, eval_out, train_out)
 
 
 def _dedupe(calls: List[Call]) -> List[Call]:
@@ -332,8 +378,8 @@ def _content_key(call: Call):
 
 def check_fixture(path, train: bool, perturb=None) -> List[Result]:
   """Checks every call of a fixture's eval pass or training step."""
-  eval_calls, train_calls = _calls(path)
-  calls = _dedupe(train_calls) if train else eval_calls
+  run = float64_run(path)
+  calls = _dedupe(run.train_calls) if train else run.eval_calls
   results = []
   for c in calls:
     key = _content_key(c)
@@ -346,30 +392,7 @@ def check_fixture(path, train: bool, perturb=None) -> List[Result]:
   return results
 
 
-def _cases():
-  cases = []
-  for p in PATHS:
-    fx = rf.load(p)
-    marks = [pytest.mark.slow] if p in SLOW else []
-    for mode in ("eval",) + (() if fx.is_teacher else ("train",)):
-      cases.append(pytest.param(p, mode, id=f"{fx.name}-{mode}", marks=marks))
-  return cases
-
-
-@pytest.mark.parametrize("path,mode", _cases())
-def test_float32_layer_by_layer(path, mode):
-  results = check_fixture(path, mode == "train")
-  assert results
-  compared = sum(r.compared for r in results)
-  uncertain = sum(r.uncertain for r in results)
-  assert uncertain <= MAX_UNCERTAIN_FRACTION * max(compared, 1), (
-      uncertain, compared)
-  kinds = {r.kind for r in results}
-  assert "BinaryConv" in kinds or rf.load(path).is_teacher
-  assert "BatchNorm" in kinds
-
-
-def _synthetic_call(module, x_shape, train, seed=0):
+def synthetic_call(module, x_shape, train, seed=0):
   """A call of ``module`` on a random float64 input (what a capture gives)."""
   rng = np.random.default_rng(seed)
   with jax.enable_x64(True):
@@ -384,28 +407,3 @@ def _synthetic_call(module, x_shape, train, seed=0):
     ct = rng.standard_normal(y.shape) if train else None
   return Call((type(module).__name__,), type(module).__name__, module, (),
               jax.device_get(variables), x, np.asarray(y), ct, train)
-
-
-def test_a_wrong_float32_layer_fails():
-  """The check is not vacuous: float32 layers that are slightly wrong fail,
-  the right ones pass (small synthetic layers: fast)."""
-  bn = layers.BatchNorm(use_running_average=False)
-  bn_call = _synthetic_call(bn, (2, 6, 6, 8), train=True)
-  conv = layers.BinaryConv(8, binary_weights=False)
-  conv_call = _synthetic_call(conv, (2, 6, 6, 8), train=True, seed=1)
-  for call in (bn_call, conv_call):
-    assert check_call(call).worst <= 1
-  # A BatchNorm whose float32 output is off by one part in 10^5.
-  with pytest.raises(AssertionError, match="output"):
-    check_call(bn_call, perturb=lambda out: (out[0] * (1 + 1e-5),) + out[1:])
-  # A BatchNorm whose float32 running variance misses the unbiased factor.
-  with pytest.raises(AssertionError, match="batch_stats after"):
-    check_call(bn_call, perturb=lambda out: (
-        out[0], jax.tree.map(lambda v: v * (1 - 1e-4), out[1]), out[2]))
-  # A float32 binary conv with another estimator: ApproxSign -> plain STE.
-  with pytest.raises(AssertionError, match="d input"):
-    check_call(conv_call, module32=layers.BinaryConv(
-        8, binary_weights=False, activation_estimator="ste_sign"))
-  # Or with its stage-1 real weights scaled by 1 + 1e-4.
-  with pytest.raises(AssertionError, match="output"):
-    check_call(conv_call, perturb=lambda out: (out[0] * (1 + 1e-4),) + out[1:])
