@@ -143,6 +143,16 @@ def fixture_teacher_logits(fx, prec):
                         fx.data["input"].shape)
 
 
+def _recorded_calls(meta, records, cts=None) -> List[Call]:
+  """``Call``s from a capture's metadata and records (and, in the training
+  step, the outputs' cotangents)."""
+  train = cts is not None
+  return [Call(p, k, m, s, jax.device_get(v), np.asarray(xi), np.asarray(y),
+               np.asarray(ct) if train else None, train)
+          for (p, k, m, s), (xi, v, y), ct in zip(
+              meta, records, cts if train else [None] * len(records))]
+
+
 @dataclasses.dataclass
 class Float64Run:
   """A fixture's float64 run: every module call of its eval pass and of its
@@ -168,9 +178,7 @@ def float64_run(path) -> Float64Run:
 
     meta, run = _capture(lambda v, x: model.apply(v, x, train=False))
     result, records = jax.jit(lambda v, x: run(v, x, None))(variables, x)
-    eval_calls = [Call(p, k, m, s, jax.device_get(v), np.asarray(xi),
-                       np.asarray(y))
-                  for (p, k, m, s), (xi, v, y) in zip(meta, records)]
+    eval_calls = _recorded_calls(meta, records)
     eval_out = tuple(np.asarray(r) for r in result)
     if fx.is_teacher:
       return Float64Run(eval_calls, [], eval_out)
@@ -203,9 +211,7 @@ def float64_run(path) -> Float64Run:
       return value, aux, records, grads, cts
 
     value, aux, records, grads, cts = step(variables, x, zeros)
-    train_calls = [Call(p, k, m, s, jax.device_get(v), np.asarray(xi),
-                        np.asarray(y), np.asarray(ct), True)
-                   for (p, k, m, s), (xi, v, y), ct in zip(meta, records, cts)]
+    train_calls = _recorded_calls(meta, records, cts)
     train_out = dict(loss=np.asarray(value), aux=jax.device_get(aux),
                      grads=jax.device_get(grads))
   return Float64Run(eval_calls, train_calls, eval_out, train_out)

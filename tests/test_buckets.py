@@ -252,23 +252,16 @@ def test_stage2_starts_from_a_stage1_run_in_the_bucket(gcs, monkeypatch,
   trained into the bucket: ``test_preempted_killed_and_resumed...``), from
   variables of another seed than stage 2's own initialisation."""
   import ml_collections  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   from ir2net_jax import models  # pylint: disable=g-import-not-at-top
-  from ir2net_jax.io import checkpoints, weights  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.io import weights  # pylint: disable=g-import-not-at-top
   from ir2net_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
   base = _url("stages")
   kwargs = ml_collections.ConfigDict({"num_blocks": (1, 1, 1, 1)})
   config = _tiny_config(stage=2, model_kwargs=kwargs, **_TINY_IR2NET)
   model = step_lib.build_model(config, 10)   # digits' classes
-  stage1_model = step_lib.build_model(
-      _tiny_config(stage=1, model_kwargs=kwargs, **_TINY_IR2NET), 10)
-  saved = checkpoints.Checkpoints(f"{base}/stage1")
-  saved.save(5, step_lib.create_train_state(
-      jax.device_get(models.init_variables(stage1_model, config.image_size,
-                                           config.seed + 1)),
-      optax.sgd(0.1)), {"model": "ir2net_a", "stage": 1, "name": "stage 1"})
-  saved.wait()
-  saved.close()
+  train_utils.stage1_run(f"{base}/stage1", step_lib.build_model(
+      _tiny_config(stage=1, model_kwargs=kwargs, **_TINY_IR2NET), 10),
+                         config.image_size, config.seed + 1)
   _, stage1 = train_utils.final_state(f"{base}/stage1")
   started = {}
   original = weights.restore_stage1_variables

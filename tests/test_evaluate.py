@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 
 import sign_margins
@@ -350,13 +349,8 @@ def stage2_run(tmp_path_factory, digits_dir):
   the stage-1 workdir was deleted: ``(runs dir, config, summaries)``."""
   runs = tmp_path_factory.mktemp("stage2") / "runs"
   c1 = _ir2net_config(digits_dir, stage=1)
-  stage1 = jax.device_get(models.init_variables(step_lib.build_model(c1, 1000),
-                                               32, 3))
-  s1 = checkpoints.Checkpoints(str(runs / "stage1"))
-  s1.save(5, step_lib.create_train_state(stage1, optax.sgd(0.1)),
-          {"model": "ir2net_a", "stage": 1, "name": "stage 1"})
-  s1.wait()
-  s1.close()
+  train_utils.stage1_run(runs / "stage1", step_lib.build_model(c1, 1000), 32,
+                         3)
   c2 = _ir2net_config(digits_dir, num_train_steps=1, num_epochs=2,
                       log_every_steps=1, checkpoint_every_steps=1, **FEW)
   first = loop.train_and_evaluate(c2, str(runs / "stage2"))

@@ -124,6 +124,21 @@ def tiny_run(workdir, steps=(2, 4, 6), best_at=()):
   return workdir
 
 
+def stage1_run(workdir, model, image_size: int, seed: int, step: int = 5,
+               name: str = "ir2net_a"):
+  """Saves a stage-1 run of ``model`` (``name``) at ``step`` in ``workdir``
+  as the train loop saves one, from ``models.init_variables(model,
+  image_size, seed)``: what a stage 2 starts from, without training it."""
+  import optax  # pylint: disable=g-import-not-at-top
+  from ir2net_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
+  variables = jax.device_get(models.init_variables(model, image_size, seed))
+  ckpts = checkpoints.Checkpoints(str(workdir))
+  ckpts.save(step, step_lib.create_train_state(variables, optax.sgd(0.1)),
+             {"model": name, "stage": 1, "name": "stage 1"})
+  ckpts.wait()
+  ckpts.close()
+
+
 def free_port() -> int:
   """A free TCP port on the loopback interface, for a local coordinator."""
   with socket.socket() as s:
