@@ -20,12 +20,14 @@ from PIL import Image
 import reference_fixtures as rf
 import train_utils
 from ir2net_jax import configs, models
-from ir2net_jax.deploy import bits, export, fold, load, native, packed
+from ir2net_jax.deploy import (bits, export, fold, load, native,
+                                native_build, packed)
 from ir2net_jax.nn import layers
 from ir2net_jax.train import step
 
-# The kernel is C++ built on first use; CI machines have g++. Without a
-# compiler the native tests say so and the pure-JAX ones still run.
+# The kernel is C++ compiled at install or on first use; CI machines have
+# g++. Without a compiler the native tests say so and the pure-JAX ones
+# still run.
 needs_native = pytest.mark.skipif(
     native._compiler() is None,  # pylint: disable=protected-access
     reason="no C++ compiler: the native kernel cannot be built")
@@ -45,6 +47,12 @@ def test_the_kernel_builds_and_names_this_cpus_instruction_set():
     assert native.best_isa() == "avx512"
   elif " avx2" in flags:
     assert native.best_isa() == "avx2"
+  # The library pip compiled into the package where there is one (the
+  # editable install of requirements.txt), else the first-use build.
+  packaged = native_build.packaged_library()
+  assert native.library() == (packaged if os.path.exists(packaged) else (
+      os.path.join(native._cache_dir(),  # pylint: disable=protected-access
+                   native_build.library_name(jax.ffi.include_dir()))))
 
 
 @needs_native
@@ -63,6 +71,9 @@ def test_no_compiler_falls_back_to_pure_jax_with_one_line(monkeypatch,
   monkeypatch.setenv("CXX", "/nonexistent/c++")
   monkeypatch.setenv("PATH", str(tmp_path))       # no c++, g++, clang++
   monkeypatch.setenv("IR2NET_JAX_CACHE", str(tmp_path / "cache"))
+  # Nor a library compiled at install (an editable install's, in the tree).
+  monkeypatch.setattr(native_build, "packaged_library",
+                      lambda: str(tmp_path / "none.so"))
   native._load.cache_clear()  # pylint: disable=protected-access
   try:
     assert not native.available()
@@ -228,8 +239,15 @@ def test_stablehlo_artifact_runs_where_the_package_cannot_be_imported(
   x = np.asarray(jax.random.normal(jax.random.key(2), (5, 32, 32, 3)))
   np.save(tmp_path / "x.npy", x)
   script = (
-      "import importlib.util, sys, jax, numpy as np\n"
-      "assert importlib.util.find_spec('ir2net_jax') is None, sys.path\n"
+      "import importlib.util, sys\n"
+      # Whether or not the package is installed here, it cannot be imported.
+      "class Refuse:\n"
+      "  def find_spec(self, name, path=None, target=None):\n"
+      "    if name.partition('.')[0] == 'ir2net_jax':\n"
+      "      raise ModuleNotFoundError(name)\n"
+      "sys.meta_path.insert(0, Refuse())\n"
+      "import jax, numpy as np\n"
+      "assert 'ir2net_jax' not in sys.modules\n"
       "e = jax.export.deserialize(bytearray(open('m.stablehlo','rb').read()))\n"
       "assert set(e.platforms) == {'cpu', 'cuda', 'tpu'}, e.platforms\n"
       "x = np.load('x.npy')\n"

@@ -2,7 +2,9 @@
 editable (``-e``), and from a git URL; each into a fresh virtual environment
 that sees this interpreter's packages (jax, flax, pip, setuptools, ...), so
 nothing is downloaded. From outside the checkout, the installed package must
-import, build the recipes, and run its console scripts."""
+import, build the recipes, and run its console scripts. The source and
+editable installs compile the native kernel into the package with this
+machine's C++ compiler; the git install is made with no compiler on PATH."""
 
 import json
 import os
@@ -15,6 +17,7 @@ import venv
 import pytest
 
 from ir2net_jax import configs
+from ir2net_jax.deploy import native_build
 from ir2net_jax.models import costs, create_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -48,9 +51,19 @@ def _env():
               PIP_NO_INPUT="1")
 
 
-def _run(args, cwd, **kwargs):
-  return subprocess.run([str(a) for a in args], cwd=cwd, env=_env(),
-                        capture_output=True, text=True, timeout=120, **kwargs)
+def _run(args, cwd, env=None, **kwargs):
+  return subprocess.run([str(a) for a in args], cwd=cwd,
+                        env=dict(_env(), **(env or {})), capture_output=True,
+                        text=True, timeout=120, **kwargs)
+
+
+def _without_compiler(path: pathlib.Path, *tools: str):
+  """Variables that leave no C++ compiler to find: ``PATH`` is ``path``,
+  holding links to ``tools`` alone."""
+  path.mkdir(exist_ok=True)
+  for tool in tools:
+    (path / tool).symlink_to(shutil.which(tool))
+  return {"PATH": str(path), "CXX": ""}
 
 
 def _snapshot(path: pathlib.Path) -> str:
@@ -99,12 +112,15 @@ def _install(mode, src, env_dir):
           and os.path.isdir(p)]
   (site / "_running_interpreter.pth").write_text("import site; " + "; ".join(
       f"site.addsitedir({p!r})" for p in ours) + "\n")
+  # The git install is made where there is no C++ compiler.
+  env = (_without_compiler(env_dir / "git_only", "git") if mode == "git"
+         else None)
   target = {"source": [src], "editable": ["-e", src],
             # pip's URL check wants a host: file://localhost/..., which git
             # reads as file:///...
             "git": [f"ir2net_jax @ git+file://localhost{src}"]}[mode]
   pip = _run([python, "-m", "pip", "install", "--no-deps",
-              "--no-build-isolation", "--no-index", *target], env_dir)
+              "--no-build-isolation", "--no-index", *target], env_dir, env)
   assert pip.returncode == 0, pip.stdout[-3000:] + pip.stderr[-3000:]
   return site
 
@@ -161,12 +177,54 @@ def test_wheel_holds_every_module_and_nothing_else(install, source):
   assert {"ir2net_jax/configs/digits.py", "ir2net_jax/models/cifar.py",
           "ir2net_jax/tools/benchmark/cli.py",
           "ir2net_jax/tools/train.py"} <= set(modules(site))
-  # The native kernel's source, compiled on first use.
-  assert (site / "ir2net_jax" / "deploy" / "native" / "binary_conv.cc").is_file()
+  # The native kernel: its source, the FFI headers it is compiled against,
+  # and the library pip compiled.
+  native = site / "ir2net_jax" / "deploy" / "native"
+  assert (native / "binary_conv.cc").is_file()
+  assert (native / "include" / "xla" / "ffi" / "api" / "ffi.h").is_file()
+  if native_build.compiler():
+    assert [p.name for p in native.glob("*.so")] == [
+        os.path.basename(native_build.packaged_library())]
   record = (site / "ir2net_jax-0.1.0.dist-info" / "RECORD").read_text()
   tops = {line.split("/")[0] for line in record.splitlines()}
   assert tops == {"ir2net_jax", "ir2net_jax-0.1.0.dist-info", ".."}, tops
   assert not (site / "tests").exists() and not (site / "configs").exists()
+
+
+_KERNEL = r"""
+import json
+from ir2net_jax.deploy import native, packed
+print(json.dumps({
+    "library": native.library(),
+    "why": native.unavailable_reason(),
+    "pure_jax": packed.convolution("auto") is packed.convolution("jax"),
+}))
+"""
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_kernel_is_compiled_at_install_where_there_is_a_compiler(
+    install, source, mode, tmp_path):
+  """Run where no compiler is found and the kernel cache is empty: the
+  package's own library, or (installed without a compiler) the pure-JAX
+  path and one log line that says so."""
+  env_dir, site = install(mode)
+  cache = tmp_path / "cache"
+  proc = _run([env_dir / "bin" / "python", "-c", _KERNEL], tmp_path,
+              dict(_without_compiler(tmp_path / "bin"),
+                   IR2NET_JAX_CACHE=str(cache)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.splitlines()[-1])
+  if mode == "git" or not native_build.compiler():
+    assert got["library"] is None and got["pure_jax"], got
+    assert "no C++ compiler" in got["why"]
+    assert "packed convolutions run on the pure-JAX path" in proc.stderr
+  else:
+    home = source[0] if mode == "editable" else site
+    assert got["library"] == native_build.packaged_library(
+        str(home / "ir2net_jax" / "deploy")), got
+    assert not got["pure_jax"]
+  assert not cache.exists()
 
 
 @pytest.mark.slow

@@ -2,25 +2,25 @@
 
 ``native/binary_conv.cc`` computes what ``bits.conv2d`` computes, exactly,
 with XOR and popcount over packed words, and picks its inner loop for this
-CPU at run time: AVX-512 VPOPCNTDQ, AVX2, or portable C++. It ships as
-source and is compiled the first time it is needed, with the C++ compiler
-this machine has (``$CXX``, else ``c++``, ``g++``, ``clang++``), against
-the XLA FFI headers of the installed jaxlib, into a cache
+CPU at run time: AVX-512 VPOPCNTDQ, AVX2, or portable C++.
+
+``pip install`` compiles it into the package where the machine has a C++
+compiler (``setup.py``, ``native_build``). Where the package holds no
+library for its source (installed without a compiler, or a checkout used
+as it is), it is compiled the first time it is needed, with the C++
+compiler this machine has (``$CXX``, else ``c++``, ``g++``, ``clang++``),
+against the XLA FFI headers of the installed jaxlib, into a cache
 (``$IR2NET_JAX_CACHE``, else ``$XDG_CACHE_HOME/ir2net_jax``, else
 ``~/.cache/ir2net_jax``; about 4 s, once per jaxlib and source version).
 
-Where no compiler is found, or the build fails, ``available()`` is False,
-one log line says why, and the packed models run on the pure-JAX path.
+Where neither works, ``available()`` is False, one log line says why, and
+the packed models run on the pure-JAX path.
 """
 
 import ctypes
 import functools
-import hashlib
 import os
-import shutil
-import subprocess
-import tempfile
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +28,12 @@ import numpy as np
 from jax import lax
 from absl import logging
 
-from ir2net_jax.deploy import bits
+from ir2net_jax.deploy import bits, native_build
+from ir2net_jax.deploy.native_build import NativeUnavailable
 
 __all__ = ["ISAS", "NativeUnavailable", "available", "build", "best_isa",
-           "conv2d", "isas_here", "pack_signs", "unavailable_reason"]
+           "conv2d", "isas_here", "library", "pack_signs",
+           "unavailable_reason"]
 
 TARGET = "ir2net_binary_conv"
 FOLDED_TARGET = "ir2net_binary_conv_folded"
@@ -39,15 +41,7 @@ PACK_TARGET = "ir2net_pack_signs"
 # The instruction sets the kernel has an inner loop for; "auto" is the
 # widest this CPU has.
 ISAS = {"auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
-_SOURCE = os.path.join(os.path.dirname(__file__), "native", "binary_conv.cc")
-# -ffp-contract=off: the folded BatchNorm's multiply and add round as
-# XLA's do (no fused multiply-add).
-_FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-w", "-ffp-contract=off")
 _REGISTERED = []
-
-
-class NativeUnavailable(RuntimeError):
-  """The native kernel cannot be built or loaded here."""
 
 
 def _cache_dir() -> str:
@@ -59,14 +53,12 @@ def _cache_dir() -> str:
 
 
 def _compiler() -> Optional[str]:
-  for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-    if name and shutil.which(name):
-      return shutil.which(name)
-  return None
+  return native_build.compiler()
 
 
 def build() -> str:
-  """Compiles the kernel (once; later calls find it in the cache).
+  """Compiles the kernel against the installed jaxlib's FFI headers (once;
+  later calls find it in the cache).
 
   Returns:
     The path of the shared library.
@@ -75,61 +67,53 @@ def build() -> str:
     NativeUnavailable: no C++ compiler, or the compiler failed (its message
       is kept).
   """
-  compiler = _compiler()
-  if compiler is None:
-    raise NativeUnavailable("no C++ compiler (set $CXX, or install g++ or "
-                            "clang++)")
   include = jax.ffi.include_dir()
-  with open(_SOURCE, "rb") as f:
-    source = f.read()
-  with open(os.path.join(include, "xla", "ffi", "api", "ffi.h"), "rb") as f:
-    header = f.read()
-  key = hashlib.sha256(source + header + compiler.encode()
-                       + " ".join(_FLAGS).encode()).hexdigest()[:16]
-  library = os.path.join(_cache_dir(), f"binary_conv-{key}.so")
-  if os.path.exists(library):
-    return library
-  os.makedirs(_cache_dir(), exist_ok=True)
-  logging.info("building the native XOR-popcount kernel (once for this "
-               "jaxlib, a few seconds) into %s", library)
-  fd, partial = tempfile.mkstemp(suffix=".so.partial", dir=_cache_dir())
-  os.close(fd)
-  try:
-    done = subprocess.run(
-        [compiler, *_FLAGS, f"-I{include}", _SOURCE, "-o", partial],
-        capture_output=True, text=True, timeout=300, check=False)
-    if done.returncode:
-      raise NativeUnavailable(f"{os.path.basename(compiler)} failed: "
-                              + done.stderr.strip()[-2000:])
-    os.replace(partial, library)   # atomic: a concurrent build is harmless
-  except subprocess.TimeoutExpired as e:
-    raise NativeUnavailable(f"{compiler} ran past 300 s") from e
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
-  return library
+  library_path = os.path.join(_cache_dir(),
+                              native_build.library_name(include))
+  if os.path.exists(library_path):
+    return library_path
+  if native_build.compiler() is not None:
+    logging.info("building the native XOR-popcount kernel (once for this "
+                 "jaxlib, a few seconds) into %s", library_path)
+  return native_build.compile_library(include, library_path)
+
+
+def _register(path: str) -> ctypes.CDLL:
+  """Loads the library at ``path`` and registers its handlers with XLA
+  (once per process: the first library registered serves every later
+  call)."""
+  loaded = ctypes.CDLL(path)
+  if not _REGISTERED:
+    for target, handler in ((TARGET, loaded.BinaryConv),
+                            (FOLDED_TARGET, loaded.BinaryConvFolded),
+                            (PACK_TARGET, loaded.PackSigns)):
+      jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler),
+                                  platform="cpu")
+    _REGISTERED.append(path)
+  loaded.ir2net_best_isa.restype = ctypes.c_int32
+  return loaded
 
 
 @functools.cache
-def _load():
-  """``(library, None)`` once built and registered, else ``(None, why)``."""
+def _load() -> Tuple[Optional[ctypes.CDLL], Optional[str], Optional[str]]:
+  """``(library, its path, None)`` once loaded and registered, else
+  ``(None, None, why)``: the library ``pip install`` built, else one
+  built (or found) in the cache."""
+  packaged = native_build.packaged_library()
+  if os.path.exists(packaged):
+    try:
+      return _register(packaged), packaged, None
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("the native kernel built at install (%s) does not "
+                      "load here (%s); building one for this jaxlib",
+                      packaged, e)
   try:
-    library = ctypes.CDLL(build())
+    path = build()
+    return _register(path), path, None
   except (NativeUnavailable, OSError) as e:
     logging.warning("packed convolutions run on the pure-JAX path: the "
                     "native kernel is unavailable (%s)", e)
-    return None, str(e)
-  if not _REGISTERED:   # once per process, whatever clears the cache
-    jax.ffi.register_ffi_target(
-        TARGET, jax.ffi.pycapsule(library.BinaryConv), platform="cpu")
-    jax.ffi.register_ffi_target(
-        FOLDED_TARGET, jax.ffi.pycapsule(library.BinaryConvFolded),
-        platform="cpu")
-    jax.ffi.register_ffi_target(
-        PACK_TARGET, jax.ffi.pycapsule(library.PackSigns), platform="cpu")
-    _REGISTERED.append(library)
-  library.ir2net_best_isa.restype = ctypes.c_int32
-  return library, None
+    return None, None, str(e)
 
 
 def available() -> bool:
@@ -138,17 +122,23 @@ def available() -> bool:
   return _load()[0] is not None
 
 
+def library() -> Optional[str]:
+  """The path of the kernel's library in use: the package's (built by
+  ``pip install``) or the cache's; None where ``available()`` is False."""
+  return _load()[1]
+
+
 def unavailable_reason() -> Optional[str]:
   """Why ``available()`` is False (None where it is True)."""
-  return _load()[1]
+  return _load()[2]
 
 
 def best_isa() -> str:
   """The instruction set ``isa='auto'`` picks on this CPU."""
-  library = _load()[0]
-  if library is None:
+  loaded = _load()[0]
+  if loaded is None:
     raise NativeUnavailable(unavailable_reason())
-  code = library.ir2net_best_isa()
+  code = loaded.ir2net_best_isa()
   return next(name for name, c in ISAS.items() if c == code)
 
 
