@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import flax.linen as nn
-from flax import traverse_util
+from flax import serialization, traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,6 +160,67 @@ def test_packed_file_round_trip_and_sizes(tmp_path):
     np.testing.assert_array_equal(
         got, np.asarray(full).astype(jnp.bfloat16).astype(np.float32))
   assert rounded(x).shape == (3, 10)
+
+
+def test_bfloat16_head_rounds_only_what_no_binary_convolution_reads():
+  config, model, variables = _digits_model()
+  rng = np.random.default_rng(5)   # BatchNorms off their initial 1 and 0
+  variables = jax.tree.map(
+      lambda v: v * (1 + 0.1 * rng.random(v.shape, np.float32))
+      + 0.1 * rng.random(v.shape, np.float32), variables)
+  head = packed.head_modules(model, variables, config.image_size)
+  data = export.encode(config, model, variables, num_classes=10,
+                       float_dtype="bfloat16_head")
+  stored = traverse_util.flatten_dict(
+      serialization.msgpack_restore(data)["variables"])
+  dtypes = {key[1:-1]: value.dtype for key, value in stored.items()}
+  assert {m for m, d in dtypes.items() if d == jnp.bfloat16} == head & set(
+      dtypes)
+  assert {m for m, d in dtypes.items() if d != jnp.bfloat16} == (
+      set(dtypes) - head)
+  assert ("linear",) in head and ("conv1",) not in head
+  # What no binary convolution reads: the head changed far more than bfloat16
+  # rounds it leaves every binary convolution's sums exactly as they were.
+  in_head = lambda p: tuple(k.key for k in p[1:-1]) in head
+  moved = jax.tree_util.tree_map_with_path(
+      lambda p, v: 1.5 * v + 0.5 if in_head(p) else v, variables)
+  apply = jax.jit(lambda v, x: model.apply(
+      v, x, train=False, capture_intermediates=lambda m, _: isinstance(
+          m, layers.BinaryConv), mutable=["intermediates"]))
+  x = jax.random.normal(jax.random.key(4), (3, 32, 32, 3))
+  (want, _), sums = apply(variables, x)
+  (other, _), moved_sums = apply(moved, x)
+  assert len(jax.tree.leaves(sums)) == len(packed.pack_kernels(
+      model, variables, config.image_size))
+  for a, b in zip(jax.tree.leaves(sums), jax.tree.leaves(moved_sums)):
+    np.testing.assert_array_equal(a, b)
+  assert rf.rel(other, want) > 0.1
+  # The file computes the model with its head rounded to bfloat16.
+  rounded = jax.tree_util.tree_map_with_path(
+      lambda p, v: v.astype(jnp.bfloat16).astype(jnp.float32)
+      if in_head(p) else v, variables)
+  got = apply(rounded, x)[0][0]
+  assert 0 < rf.rel(got, want) < 1e-2
+  assert rf.rel(load.decode(data, how="jax")(x), got) < 1e-4
+
+
+def test_ir2net_a_is_ten_times_smaller_with_its_head_in_bfloat16():
+  """IR2Net-A stage 2's file against its float32 variables (their values do
+  not change the sizes: random ones, shaped by the model)."""
+  model = models.create_model("ir2net_a", stage=2)
+  rng = np.random.default_rng(0)
+  variables = jax.tree_util.tree_map_with_path(
+      lambda p, s: (np.abs(rng.standard_normal(s.shape)) + 0.5).astype(
+          np.float32), jax.eval_shape(lambda: models.init_variables(
+              model, 224, 0)))
+  ratios = {dtype: export.float32_bytes(variables) / len(export.encode(
+      None, model, variables, num_classes=1000, image_size=224,
+      float_dtype=dtype)) for dtype in export.FLOAT_DTYPES}
+  # float32: its 1.25 M float parameters (CIRec's fusion, the classifier,
+  # the shortcuts) outweigh its 11 M binary weights (docs/deploy.md).
+  assert 7.5 < ratios["float32"] < 8
+  assert ratios["bfloat16_head"] > 11
+  assert ratios["bfloat16"] > 12.5
 
 
 def test_zero_weights_keep_their_plane_and_stay_exact():

@@ -13,7 +13,9 @@ local path or a bucket:
 * ``num_classes``, ``class_names``, ``step``, ``source``;
 * ``float_dtype``: what the float layers are stored in (``FLOAT_DTYPES``);
 * ``variables``: ``params`` and ``batch_stats`` without the binary
-  convolutions' kernels, in ``float_dtype``;
+  convolutions' kernels, in ``float_dtype`` (``bfloat16_head``: the
+  modules after the last binary convolution, ``packed.head_modules``, in
+  bfloat16, the others in float32);
 * ``kernels``: per binary convolution (its module path joined by ``/``),
   ``negative`` (uint32 (k * k * words, Cout), bit set where the weight's
   sign is -1), ``nonzero`` only where some weight is exactly 0 (else every
@@ -48,7 +50,11 @@ __all__ = ["FLOAT_DTYPES", "FORMAT", "VERSION", "Exported", "document",
 
 FORMAT = "ir2net_jax.packed"
 VERSION = 1
-FLOAT_DTYPES = ("float32", "bfloat16")
+# float32: exact. bfloat16: every float layer rounded, which moves some
+# binary activations' signs. bfloat16_head: only the layers no binary
+# convolution depends on (the head: CIRec's fusion, the classifier), so every
+# binary convolution's sums stay exact and only the logits are rounded.
+FLOAT_DTYPES = ("float32", "bfloat16", "bfloat16_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +92,18 @@ def cast_floats(tree, dtype):
       lambda v: np.asarray(v).astype(dtype)
       if jnp.issubdtype(np.asarray(v).dtype, jnp.floating) else np.asarray(v),
       tree)
+
+
+def _cast_kept(kept, float_dtype: str, head) -> Dict[str, Any]:
+  """``kept`` (variables) in ``float_dtype``; for ``bfloat16_head``, the
+  variables of the modules in ``head`` in bfloat16, the others float32."""
+  if float_dtype != "bfloat16_head":
+    return cast_floats(kept, jnp.dtype(float_dtype))
+  flat = traverse_util.flatten_dict(kept)
+  return traverse_util.unflatten_dict({
+      key: cast_floats(value, jnp.bfloat16 if key[1:-1] in head
+                       else jnp.float32)
+      for key, value in flat.items()})
 
 
 def float32_bytes(variables) -> int:
@@ -171,8 +189,10 @@ def document(config, model, variables, *, num_classes: int,
   kernels = packed.pack_kernels(model, variables, image_size)
   folds = (folding.fold_batch_norms(model, variables, image_size) if fold
            else {})
-  kept = cast_floats(_without_packed(variables, kernels, folds),
-                     jnp.dtype(float_dtype))
+  head = (packed.head_modules(model, variables, image_size)
+          if float_dtype == "bfloat16_head" else set())
+  kept = _cast_kept(_without_packed(variables, kernels, folds), float_dtype,
+                    head)
   return {
       "format": FORMAT, "version": VERSION,
       "config": None if config is None else resume.as_recorded(config),

@@ -15,7 +15,7 @@ to pack there: ``pack_kernels`` refuses it.
 """
 
 import contextlib
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Set, Tuple
 
 import flax.linen as nn
 import jax
@@ -27,7 +27,7 @@ from ir2net_jax.deploy import fold as folding
 from ir2net_jax.nn import binarize, layers
 
 __all__ = ["CONVOLUTIONS", "PackError", "pack_kernels", "apply_packed",
-           "convolution", "on_bits"]
+           "convolution", "head_modules", "on_bits"]
 
 # How a packed convolution is computed: "native" the C++ kernel (CPU only),
 # "jax" the pure-JAX path (every platform), "auto" the kernel on CPUs where
@@ -57,6 +57,38 @@ def _binary_convs(model: nn.Module, variables, image_size: int
 
   tracing.trace_eval(model, variables, image_size, record)
   return found
+
+
+def head_modules(model: nn.Module, variables, image_size: int) -> Set[Path]:
+  """The modules that no binary convolution's input depends on: those
+  first called after the model's last binary convolution returns (traced
+  for shapes only). In IR2Net, CIRec's fusion, the BatchNorms and PReLU
+  after it, and the classifier. Every model here binarises inside
+  ``layers.BinaryConv`` alone, so rounding these modules' variables moves
+  no sign.
+
+  Args:
+    model, variables, image_size: as for ``pack_kernels``.
+
+  Returns:
+    Their module paths (none where the model ends with a binary
+    convolution).
+  """
+  first_call: Dict[Path, int] = {}
+  calls = [0]
+  last_binary = [0]
+
+  def record(next_fun, args, kwargs, context):
+    calls[0] += 1
+    first_call.setdefault(context.module.path, calls[0])
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, layers.BinaryConv):
+      calls[0] += 1
+      last_binary[0] = calls[0]
+    return out
+
+  tracing.trace_eval(model, variables, image_size, record)
+  return {path for path, call in first_call.items() if call > last_binary[0]}
 
 
 def pack_kernels(model: nn.Module, variables, image_size: int

@@ -9,8 +9,9 @@
 ``--format=packed`` (the default) writes the packed file that
 ``ir2net_jax.load_packed`` and ``ir2net-eval --packed`` read
 (``ir2net_jax.deploy.export``): each binary convolution's weights as one
-bit each, the layers that stay in float in ``--float_dtype``. It prints the
-file's size next to the float32 model's.
+bit each, the layers that stay in float in ``--float_dtype``
+(``export.FLOAT_DTYPES``). It prints the file's size next to the float32
+model's.
 
 ``--format=stablehlo`` writes a ``jax.export`` serialisation of the packed
 model's inference on the pure-JAX path, for ``--platforms``, with any batch
@@ -37,7 +38,10 @@ def _define_flags() -> None:
                     "packed: for load_packed / ir2net-eval --packed; "
                     "stablehlo: a jax.export artifact that needs only jax.")
   flags.DEFINE_enum("float_dtype", "float32", list(export.FLOAT_DTYPES),
-                    "What the layers kept in float are stored in.")
+                    "What the layers kept in float are stored in: float32 "
+                    "(exact), bfloat16 (every float layer; moves some "
+                    "signs), bfloat16_head (the layers after the last "
+                    "binary convolution; every binary sum stays exact).")
   flags.DEFINE_list("platforms", list(stablehlo.PLATFORMS),
                     "--format=stablehlo: the platforms it runs on.")
   flags.mark_flag_as_required("output")
