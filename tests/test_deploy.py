@@ -87,6 +87,27 @@ def test_no_compiler_falls_back_to_pure_jax_with_one_line(monkeypatch,
   assert not os.path.exists(tmp_path / "cache")
 
 
+@needs_native
+def test_a_package_library_that_does_not_load_is_compiled_again(
+    monkeypatch, tmp_path, caplog):
+  """E.g. a wheel's library, compiled against an XLA FFI that this jaxlib
+  no longer accepts: one line says so and the kernel is compiled for this
+  jaxlib on first use."""
+  broken = tmp_path / "binary_conv-0123456789abcdef.so"
+  broken.write_bytes(b"not a shared library")
+  monkeypatch.setattr(native_build, "packaged_library", lambda: str(broken))
+  monkeypatch.setenv("IR2NET_JAX_CACHE", str(tmp_path / "cache"))
+  native._load.cache_clear()  # pylint: disable=protected-access
+  try:
+    assert native.available(), native.unavailable_reason()
+    assert f"the native kernel built at install ({broken}) does not load" in (
+        caplog.text)
+    assert native.library() == str(tmp_path / "cache" / native_build
+                                   .library_name(jax.ffi.include_dir()))
+  finally:
+    native._load.cache_clear()  # pylint: disable=protected-access
+
+
 @pytest.mark.parametrize("name", PACKABLE)
 def test_packed_fixture_models_give_the_references_top1(name):
   """Each binary-weight reference model with its binary convolutions on
