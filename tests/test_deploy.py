@@ -29,7 +29,7 @@ from ir2net_jax.train import step
 # g++. Without a compiler the native tests say so and the pure-JAX ones
 # still run.
 needs_native = pytest.mark.skipif(
-    native._compiler() is None,  # pylint: disable=protected-access
+    native_build.compiler() is None,
     reason="no C++ compiler: the native kernel cannot be built")
 
 # Binary-weight models of the reference's fixtures (stage 1 has none).

@@ -52,10 +52,6 @@ def _cache_dir() -> str:
   return os.path.join(base, "ir2net_jax")
 
 
-def _compiler() -> Optional[str]:
-  return native_build.compiler()
-
-
 def build() -> str:
   """Compiles the kernel against the installed jaxlib's FFI headers (once;
   later calls find it in the cache).
