@@ -67,12 +67,14 @@ class Exported:
     float32_bytes: the model's variables as float32 (``float32_bytes``).
     binary_convolutions: how many convolutions were packed.
     step: the checkpoint's step (None for converted weights).
+    float_dtype: what the float layers were stored in (``FLOAT_DTYPES``).
   """
   output: str
   bytes: int
   float32_bytes: int
   binary_convolutions: int
   step: Optional[int]
+  float_dtype: str = "float32"
 
   @property
   def ratio(self) -> float:
@@ -81,9 +83,10 @@ class Exported:
   def line(self) -> str:
     """One line for the console."""
     return (f"{self.output}: {self.bytes / 2**20:.2f} MiB, "
-            f"{self.binary_convolutions} binary convolutions as bits; the "
-            f"float32 model {self.float32_bytes / 2**20:.2f} MiB "
-            f"({self.ratio:.1f}x smaller)")
+            f"{self.binary_convolutions} binary convolutions as bits, float "
+            f"layers in {self.float_dtype}; the float32 model "
+            f"{self.float32_bytes / 2**20:.2f} MiB ({self.ratio:.1f}x "
+            "smaller)")
 
 
 def cast_floats(tree, dtype):
@@ -262,4 +265,4 @@ def export_packed(checkpoint: str, output: str, config=None,
   paths.write_atomic(output, data)
   return Exported(paths.resolve(output), len(data),
                   float32_bytes(loaded.variables), len(content["kernels"]),
-                  loaded.step)
+                  loaded.step, float_dtype)
