@@ -50,9 +50,9 @@ def test_the_kernel_builds_and_names_this_cpus_instruction_set():
   # The library pip compiled into the package where there is one (the
   # editable install of requirements.txt), else the first-use build.
   packaged = native_build.packaged_library()
-  assert native.library() == (packaged if os.path.exists(packaged) else (
-      os.path.join(native._cache_dir(),  # pylint: disable=protected-access
-                   native_build.library_name(jax.ffi.include_dir()))))
+  assert native.library() == (
+      packaged if os.path.exists(packaged)
+      else native._cached_library())  # pylint: disable=protected-access
 
 
 @needs_native
@@ -102,8 +102,9 @@ def test_a_package_library_that_does_not_load_is_compiled_again(
     assert native.available(), native.unavailable_reason()
     assert f"the native kernel built at install ({broken}) does not load" in (
         caplog.text)
-    assert native.library() == str(tmp_path / "cache" / native_build
-                                   .library_name(jax.ffi.include_dir()))
+    cached = native._cached_library()  # pylint: disable=protected-access
+    assert native.library() == cached
+    assert os.path.dirname(cached) == str(tmp_path / "cache")
   finally:
     native._load.cache_clear()  # pylint: disable=protected-access
 

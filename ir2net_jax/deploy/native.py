@@ -52,6 +52,12 @@ def _cache_dir() -> str:
   return os.path.join(base, "ir2net_jax")
 
 
+def _cached_library() -> str:
+  """Where ``build`` puts the kernel for the installed jaxlib."""
+  return os.path.join(_cache_dir(),
+                      native_build.library_name(jax.ffi.include_dir()))
+
+
 def build() -> str:
   """Compiles the kernel against the installed jaxlib's FFI headers (once;
   later calls find it in the cache).
@@ -64,8 +70,7 @@ def build() -> str:
       is kept).
   """
   include = jax.ffi.include_dir()
-  library_path = os.path.join(_cache_dir(),
-                              native_build.library_name(include))
+  library_path = _cached_library()
   if os.path.exists(library_path):
     return library_path
   if native_build.compiler() is not None:

@@ -15,6 +15,7 @@ to pack there: ``pack_kernels`` refuses it.
 """
 
 import contextlib
+import itertools
 from typing import Any, Callable, Dict, Iterator, Optional, Set, Tuple
 
 import flax.linen as nn
@@ -74,17 +75,15 @@ def head_modules(model: nn.Module, variables, image_size: int) -> Set[Path]:
     Their module paths (none where the model ends with a binary
     convolution).
   """
+  order = itertools.count(1)
   first_call: Dict[Path, int] = {}
-  calls = [0]
   last_binary = [0]
 
   def record(next_fun, args, kwargs, context):
-    calls[0] += 1
-    first_call.setdefault(context.module.path, calls[0])
+    first_call.setdefault(context.module.path, next(order))
     out = next_fun(*args, **kwargs)
     if isinstance(context.module, layers.BinaryConv):
-      calls[0] += 1
-      last_binary[0] = calls[0]
+      last_binary[0] = next(order)
     return out
 
   tracing.trace_eval(model, variables, image_size, record)
