@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 import reference_fixtures as rf
+import sign_margins
 import train_utils
 from ir2net_jax import configs, models
 from ir2net_jax.deploy import (bits, export, fold, load, native,
@@ -223,6 +224,13 @@ def test_bfloat16_head_rounds_only_what_no_binary_convolution_reads():
       if in_head(p) else v, variables)
   got = apply(rounded, x)[0][0]
   assert 0 < rf.rel(got, want) < 1e-2
+  # Two float32 programs (packed and float) agree only where no binary
+  # activation's input lies within float32 rounding of zero (sign_margins,
+  # measured in float64). Holds for this seed, with 13 times the bound.
+  with jax.enable_x64(True):
+    assert sign_margins.clears_rounding(sign_margins.activation_inputs(
+        model, jax.tree.map(lambda a: np.asarray(a, np.float64), rounded),
+        np.asarray(x, np.float64), train=False)), "choose another seed"
   assert rf.rel(load.decode(data, how="jax")(x), got) < 1e-4
 
 
