@@ -309,7 +309,10 @@ class GcsServer:
         "CLOUD_STORAGE_EMULATOR_ENDPOINT": url,
         # Where google.auth and tensorstore look for a GCE metadata server
         # when they seek credentials: a closed port on this machine, so
-        # that no request leaves it.
+        # that no request leaves it. google.auth would still try it three
+        # times, 3 s in all, in each process that makes a gcsfs client;
+        # NO_GCE_CHECK (read when google.auth is imported) skips that.
+        "NO_GCE_CHECK": "true",
         "GCE_METADATA_HOST": "127.0.0.1:9",
         "GCE_METADATA_IP": "127.0.0.1:9",
         "GCE_METADATA_ROOT": "127.0.0.1:9",
