@@ -119,10 +119,11 @@ class GoogleApisProxy:
 
   def env(self) -> Dict[str, str]:
     """What a child process needs for TensorFlow to come through here:
-    the proxy, the certificate, and no search for a GCE metadata server
-    (``NO_GCE_CHECK``; ``GcsServer.env`` sets the test token)."""
+    the proxy and the certificate (``GcsServer.env`` sets the test token,
+    and ``NO_GCE_CHECK``, which TensorFlow also reads: no search for a GCE
+    metadata server)."""
     return {"HTTPS_PROXY": self.url, "https_proxy": self.url,
-            "CURL_CA_BUNDLE": self.certificate, "NO_GCE_CHECK": "true"}
+            "CURL_CA_BUNDLE": self.certificate}
 
   def _serve(self) -> None:
     while True:
