@@ -432,7 +432,7 @@ def test_a_checkpoint_read_that_fails_for_a_while_is_not_set_aside(
   read on a later try and nothing is moved; the newest step is restored.
   Reads that keep failing stop the run with an I/O error, nothing moved:
   a good checkpoint is never set aside for a server's hiccup."""
-  from gcs_server import FaultProxy  # pylint: disable=g-import-not-at-top
+  from gcs_server import FaultProxy, limit_tensorstore_retries  # pylint: disable=g-import-not-at-top
   from ir2net_jax.io import checkpoints  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(checkpoints, "READ_RETRY_S", 0.0)
   url = _url("flaky")
@@ -444,7 +444,6 @@ def test_a_checkpoint_read_that_fails_for_a_while_is_not_set_aside(
     assert proxy.faults == 12
     # Failing on and on: the run stops, says why, and moves nothing (a few
     # retries of each request are as good a test here as the 32 above).
-    from gcs_server import limit_tensorstore_retries  # pylint: disable=g-import-not-at-top
     limit_tensorstore_retries(monkeypatch, max_retries=2)
     proxy.max_faults = None
     with pytest.raises(checkpoints.CheckpointError,
