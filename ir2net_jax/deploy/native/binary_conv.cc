@@ -199,39 +199,40 @@ __attribute__((target("popcnt"))) void RowsPortablePopcnt(const Conv& c,
 
 using Rows = void (*)(const Conv&, int64_t, int64_t);
 
-int32_t DetectIsa() {
+// What the kernel asks of this CPU: the widest instruction set of `Isa`,
+// and whether the portable loop may use the scalar popcnt instruction.
+struct Cpu {
+  int32_t best_isa = kPortable;
+  bool popcnt = false;
+};
+
+Cpu DetectCpu() {
+  Cpu cpu;
 #if defined(__x86_64__)
   __builtin_cpu_init();
+  cpu.popcnt = __builtin_cpu_supports("popcnt");
   if (__builtin_cpu_supports("avx512f") &&
       __builtin_cpu_supports("avx512vpopcntdq"))
-    return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt"))
-    return kAvx2;
+    cpu.best_isa = kAvx512;
+  else if (__builtin_cpu_supports("avx2") && cpu.popcnt)
+    cpu.best_isa = kAvx2;
 #endif
-  return kPortable;
+  return cpu;
 }
 
 // Detected once per process, not at every call.
-int32_t BestIsa() {
-  static const int32_t best = DetectIsa();
-  return best;
+const Cpu& ThisCpu() {
+  static const Cpu cpu = DetectCpu();
+  return cpu;
 }
 
-#if defined(__x86_64__)
-bool HasPopcnt() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("popcnt") != 0;
-  }();
-  return has;
-}
-#endif
+int32_t BestIsa() { return ThisCpu().best_isa; }
 
 Rows RowsFor(int32_t isa) {
 #if defined(__x86_64__)
   if (isa == kAvx512) return RowsAvx512;
   if (isa == kAvx2) return RowsAvx2;
-  if (HasPopcnt()) return RowsPortablePopcnt;
+  if (ThisCpu().popcnt) return RowsPortablePopcnt;
 #endif
   return RowsPortable;
 }
