@@ -1,14 +1,18 @@
-"""The XLA:CPU flags the entry points apply before JAX starts."""
+"""The XLA:CPU flags the entry points apply before JAX starts, and the
+compiler options of programs that run once."""
 
+import functools
 import os
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sign_margins
+from ir2net_jax import models
 from ir2net_jax.backend import policy, xla_cpu
 from ir2net_jax.configs import default
 
@@ -45,6 +49,37 @@ def test_refuses_once_jax_has_started_and_leaves_xla_flags_alone():
   with pytest.raises(RuntimeError, match="before JAX starts"):
     xla_cpu.apply_flags("--xla_cpu_enable_fast_min_max=false")
   assert os.environ.get("XLA_FLAGS") == before
+
+
+def test_initialisation_is_compiled_as_a_program_that_runs_once(monkeypatch):
+  """``init_variables`` compiles with ``RUN_ONCE_OPTIONS`` on the CPU and
+  gives what XLA's default compile of ``model.init`` gives; under
+  ``jax.eval_shape`` it compiles nothing."""
+  model = models.create_model("ir2net_a", num_blocks=(1, 1, 1, 1),
+                              num_classes=10)
+  compile_options = []
+  compile_ = jax.stages.Lowered.compile
+
+  def spy(self, compiler_options=None, **kwargs):
+    compile_options.append(compiler_options)
+    return compile_(self, compiler_options=compiler_options, **kwargs)
+
+  monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
+  got = models.init_variables(model, 32, seed=3)
+  shapes = jax.eval_shape(lambda: models.init_variables(model, 32, seed=3))
+  monkeypatch.undo()
+  assert compile_options == [xla_cpu.RUN_ONCE_OPTIONS]
+  spec = lambda a: (a.shape, a.dtype)
+  assert jax.tree.map(spec, shapes) == jax.tree.map(spec, got)
+  want = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(3), jnp.zeros((1, 32, 32, 3), jnp.float32))
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.dtype == w.dtype and g.shape == w.shape
+    # The same random bits; a multiply-add may round differently.
+    np.testing.assert_allclose(g, w, rtol=1e-6,
+                               atol=1e-6 * float(np.abs(w).max()))
+  assert any(np.abs(w).max() > 0 for w in jax.tree.leaves(want))
 
 
 def _config(model, **fields):

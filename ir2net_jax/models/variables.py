@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ir2net_jax.backend import xla_cpu
+
 __all__ = ["init_variables", "abstract_variables"]
 
 Variables = Dict[str, Any]
@@ -31,10 +33,11 @@ def init_variables(model: nn.Module, image_size: int, seed: int = 0
     seed: the initialisation's ``jax.random.key``.
 
   Returns:
-    ``{'params', 'batch_stats'}`` (arrays).
+    ``{'params', 'batch_stats'}`` (arrays). It runs once, so it is compiled
+    as such (``backend.xla_cpu.jit_run_once``: 3-5x faster on a CPU).
   """
-  return jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(seed), _image(image_size))
+  return xla_cpu.jit_run_once(functools.partial(model.init, train=False),
+                              jax.random.key(seed), _image(image_size))
 
 
 def abstract_variables(model: nn.Module, image_size: int) -> Variables:
