@@ -106,10 +106,11 @@ def jit_run_once(fn: Callable[..., Any], *args) -> Any:
   Where JAX's default backend is XLA:CPU it is compiled with
   ``RUN_ONCE_OPTIONS`` (LLVM at level 1: 3-5x less compile time for a
   model's initialisation, the same values up to the rounding of a fused
-  multiply-add); on other backends as ``jax.jit`` compiles it. Nothing is cached in memory: the persistent
-  compilation cache, where enabled, still applies. Under a transformation
-  (``jax.eval_shape``, an outer ``jit``) it is ``jax.jit(fn)(*args)``:
-  traced into the outer program, not compiled on its own.
+  multiply-add); on other backends as ``jax.jit`` compiles it. Nothing is
+  cached in memory: the persistent compilation cache, where enabled, still
+  applies. Under a transformation (``jax.eval_shape``, an outer ``jit``) it
+  is ``jax.jit(fn)(*args)``: traced into the outer program, not compiled on
+  its own.
 
   Args:
     fn: a function of arrays (pytrees), as ``jax.jit`` takes.
