@@ -324,7 +324,8 @@ def test_loop_rate_and_input_wait_from_a_runs_scalars(tmp_path):
 def test_loop_benchmark_runs_the_loop_and_the_step(tmp_path, capsys):
   from ir2net_jax.configs import digits  # pylint: disable=g-import-not-at-top
   from ir2net_jax.tools.benchmark import loop  # pylint: disable=g-import-not-at-top
-  config = digits.get_config("smoke")
+  import train_utils  # pylint: disable=g-import-not-at-top
+  config = train_utils.light_config(digits.get_config("smoke"))
   config.data_dir = str(tmp_path / "tfds")
   config.restriction_images, config.diagnostics = 0, False   # compile less
   row = loop.benchmark_loop(config, steps=6, workdir=str(tmp_path / "run"))

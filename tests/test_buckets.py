@@ -143,7 +143,7 @@ def _preempt_kill_resume(server, workdir, args, local, steps, rng,
 @pytest.mark.slow
 def test_preempted_killed_and_resumed_on_a_disk_and_in_a_bucket(gcs,
                                                                  tmp_path):
-  """The smoke run, started from an empty local directory, with its
+  """The (light) smoke run, started from an empty local directory, with its
   workdir on the local disk (killed by SIGKILL, then finished by the same
   command) and in a bucket (stopped by SIGTERM first: the local SIGTERM is
   ``test_signals``'s), via ``_preempt_kill_resume``.
@@ -154,7 +154,7 @@ def test_preempted_killed_and_resumed_on_a_disk_and_in_a_bucket(gcs,
   top-1."""
   steps = 14
   args = (f"--config.num_train_steps={steps}", "--config.log_every_steps=1",
-          "--config.checkpoint_every_steps=2")
+          "--config.checkpoint_every_steps=2", *train_utils.LIGHT)
   ref = _launch(gcs, tmp_path / "ref", *args, local=_local(tmp_path, "ref"))
   ref_out = []
   reader = threading.Thread(target=lambda: ref_out.append(ref.communicate()[0]))
@@ -205,9 +205,11 @@ def test_preempted_killed_and_resumed_on_a_disk_and_in_a_bucket(gcs,
 
 
 def _tiny_config(**overrides):
-  c = train_utils.tiny_digits_config(None)   # digits on the devices
+  """The smoke recipe with ``overrides``, digits on the devices, the light
+  network of ``train_utils.LIGHT`` (its model ResNet-20 or IR2Net-A)."""
+  c = train_utils.tiny_digits_config(None)
   c.update(overrides)
-  return c
+  return train_utils.light_config(c)
 
 
 def test_corrupt_latest_checkpoint_in_a_bucket_is_set_aside_there(
@@ -251,16 +253,14 @@ def test_stage2_starts_from_a_stage1_run_in_the_bucket(gcs, monkeypatch,
   stage-1 run is saved there as the loop saves its checkpoints (a run
   trained into the bucket: ``test_preempted_killed_and_resumed...``), from
   variables of another seed than stage 2's own initialisation."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from ir2net_jax import models  # pylint: disable=g-import-not-at-top
   from ir2net_jax.io import weights  # pylint: disable=g-import-not-at-top
   from ir2net_jax.train import loop, step as step_lib  # pylint: disable=g-import-not-at-top
   base = _url("stages")
-  kwargs = ml_collections.ConfigDict({"num_blocks": (1, 1, 1, 1)})
-  config = _tiny_config(stage=2, model_kwargs=kwargs, **_TINY_IR2NET)
+  config = _tiny_config(stage=2, **_TINY_IR2NET)
   model = step_lib.build_model(config, 10)   # digits' classes
   train_utils.stage1_run(f"{base}/stage1", step_lib.build_model(
-      _tiny_config(stage=1, model_kwargs=kwargs, **_TINY_IR2NET), 10),
+      _tiny_config(stage=1, **_TINY_IR2NET), 10),
                          config.image_size, config.seed + 1)
   _, stage1 = train_utils.final_state(f"{base}/stage1")
   started = {}

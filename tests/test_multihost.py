@@ -65,9 +65,10 @@ def _summary(workdir):
 STILL = "--config.learning_rate=1e-9"
 FIRST_BN = "['batch_stats']['bn1']"
 # Every step logged (the signal waits for step 1); no checkpoint but the
-# final one and the one of the preemption.
+# final one and the one of the preemption; the light network
+# (``train_utils.LIGHT``): what is tested is the processes, not the method.
 ARGS = ("--config.log_every_steps=1", "--config.checkpoint_every_steps=1000",
-        STILL)
+        STILL, *train_utils.LIGHT)
 
 
 @pytest.mark.slow
@@ -181,7 +182,8 @@ from ir2net_jax.configs import digits
 def get_config(arg=None):
   c = digits.get_config("smoke")
   c.model = "ir2net_a"
-  c.model_kwargs = ml_collections.ConfigDict({"num_blocks": (1, 1, 1, 1)})
+  c.model_kwargs = ml_collections.ConfigDict({"num_blocks": (1, 0, 0, 0)})
+  c.information_recovery = False  # light: see train_utils.LIGHT
   c.restriction_images = 0
   return c
 """

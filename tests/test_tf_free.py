@@ -33,8 +33,9 @@ from ir2net_jax.train import optim, parallel, step as step_lib
 from ir2net_jax.configs import imagenet
 
 config = imagenet.get_config("a,stage=2")
-config.model_kwargs.num_blocks = (1, 1, 1, 1)
-config.teacher_kwargs.num_blocks = (1, 1, 1, 1)
+config.model_kwargs.num_blocks = (1, 0, 0, 0)   # light: train_utils.LIGHT
+config.information_recovery = False
+config.teacher_kwargs.num_blocks = (1, 0, 0, 0)
 config.image_size, config.batch_size = 32, 2
 mesh = parallel.data_mesh(jax.devices()[:1])
 model = step_lib.build_model(config, 10, parallel.AXIS)
@@ -95,8 +96,9 @@ def _without_tensorflow(tmp_path):
 @pytest.mark.slow
 def test_launch_trains_evaluates_and_resumes_digits_without_tensorflow(
     tmp_path):
-  """The README's run, TensorFlow absent: train, evaluate, checkpoint,
-  pictures, TensorBoard and summary.json, then a resume and ir2net-eval."""
+  """The README's run (its network light, ``train_utils.LIGHT``),
+  TensorFlow absent: train, evaluate, checkpoint, pictures, TensorBoard and
+  summary.json, then a resume and ir2net-eval."""
   from ir2net_jax.train import run_metrics  # pylint: disable=g-import-not-at-top
   root, env = _without_tensorflow(tmp_path)
   workdir = tmp_path / "run"
@@ -113,12 +115,12 @@ def test_launch_trains_evaluates_and_resumes_digits_without_tensorflow(
                          "  print('absent')")
   log = run("launch.py", "--config=configs/digits.py:smoke",
             f"--workdir={workdir}", "--config.num_train_steps=4",
-            "--config.checkpoint_every_steps=2")
+            "--config.checkpoint_every_steps=2", *train_utils.LIGHT)
   assert "input engine: device" in log and "No module named" not in log
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   log = run("launch.py", "--config=configs/digits.py:smoke",
             f"--workdir={workdir}", "--config.num_train_steps=6",
-            "--config.checkpoint_every_steps=2")
+            "--config.checkpoint_every_steps=2", *train_utils.LIGHT)
   assert "resumed from step 4" in log
   summary = json.loads((workdir / "summary.json").read_text())
   assert summary["steps"] == 6 and summary["devices"] == 2
@@ -162,7 +164,7 @@ def test_launch_trains_and_resumes_on_a_folder_with_grain_without_tensorflow(
           f"--config.dataset=folder:{tree}", "--config.image_size=32",
           "--config.batch_size=8", "--config.input_workers=2",
           "--config.checkpoint_every_steps=2", "--config.flip=True",
-          "--config.input_resize=device"]
+          "--config.input_resize=device", *train_utils.LIGHT]
 
   def run(workdir, steps):
     p = subprocess.run([sys.executable, *args, f"--workdir={workdir}",

@@ -160,7 +160,8 @@ EVAL_STEPS = (3, 6)
 def smoke_run(tmp_path_factory, digits_dir):
   workdir = tmp_path_factory.mktemp("viz") / "run"
   p = train_utils.launch(workdir, f"--config.data_dir={digits_dir}",
-                         "--config.train_split=train[:48]", devices=2)
+                         "--config.train_split=train[:48]", *train_utils.LIGHT,
+                         devices=2)
   out, _ = p.communicate(timeout=600)
   assert p.returncode == 0, out.decode()[-3000:]
   return workdir
