@@ -207,9 +207,7 @@ def test_preempted_killed_and_resumed_on_a_disk_and_in_a_bucket(gcs,
 def _tiny_config(**overrides):
   """The smoke recipe with ``overrides``, digits on the devices, the light
   network of ``train_utils.LIGHT`` (its model ResNet-20 or IR2Net-A)."""
-  c = train_utils.tiny_digits_config(None)
-  c.update(overrides)
-  return train_utils.light_config(c)
+  return train_utils.light_digits_config(None, **overrides)
 
 
 def test_corrupt_latest_checkpoint_in_a_bucket_is_set_aside_there(

@@ -151,13 +151,6 @@ def test_init_from_a_converted_pth(tmp_path, digits_dir):
     np.testing.assert_allclose(got[k], want[k], atol=1e-9, err_msg=k)
 
 
-def _light(**overrides):
-  """The smoke recipe with ``overrides`` and the light network of
-  ``train_utils.LIGHT``, digits on the devices."""
-  return train_utils.light_config(
-      train_utils.tiny_digits_config(None, **overrides))
-
-
 def _one_step(config, devices, batch):
   """One sharded float64 train step from the seed-0 state."""
   return train_utils.float64_steps(config, devices, [batch])[0]
@@ -204,14 +197,15 @@ def _max_diff(a, b):
 @jax.enable_x64(True)
 def test_sync_batch_stats_false_is_per_device_batchnorm():
   # The light network (train_utils.LIGHT): the claim holds for any network.
-  config = _light(sync_batch_stats=False)
+  config = train_utils.light_digits_config(None, sync_batch_stats=False)
   batch = train_utils.random_batch(0, 8)
   halves = [{k: v[:4] for k, v in batch.items()},
             {k: v[4:] for k, v in batch.items()}]
   got = _one_step(config, jax.devices()[:2], batch)
   _assert_close(got, _by_hand(config, halves))
   # Not what synchronised statistics give.
-  synced = _one_step(_light(), jax.devices()[:2], batch)
+  synced = _one_step(train_utils.light_digits_config(None),
+                     jax.devices()[:2], batch)
   assert _max_diff(got, synced) > 1e-3
 
 
@@ -220,7 +214,8 @@ def test_sync_batch_stats_false_is_per_device_batchnorm():
 def test_information_restriction_false_trains_the_clean_pass_alone():
   """The ablation: one clean forward pass, L(f(x)), BatchNorm updated once
   (the light network of train_utils.LIGHT: it holds for any network)."""
-  config = _light(information_restriction=False)
+  config = train_utils.light_digits_config(None,
+                                           information_restriction=False)
   batch = train_utils.random_batch(1, 4)
   got = _one_step(config, jax.devices()[:1], batch)
   model = step_lib.build_model(config, 10)
@@ -242,7 +237,8 @@ def test_information_restriction_false_trains_the_clean_pass_alone():
       "params": optax.apply_updates(variables["params"], updates),
       "batch_stats": stats}))
   # Not what the two-pass objective gives.
-  two_pass = _one_step(_light(), jax.devices()[:1], batch)
+  two_pass = _one_step(train_utils.light_digits_config(None),
+                       jax.devices()[:1], batch)
   assert _max_diff(got, two_pass) > 1e-3
 
 

@@ -45,9 +45,9 @@ def test_divergence_stops_before_anything_nonfinite_is_saved(tmp_path,
                                                              digits_dir):
   # A checkpoint every step: without the check, the diverged states are
   # saved. The light network: the loop's handling is tested, not the method.
-  c = train_utils.light_config(train_utils.tiny_digits_config(
-      digits_dir, learning_rate=1e30, checkpoint_every_steps=1,
-      log_every_steps=100))
+  c = train_utils.light_digits_config(digits_dir, learning_rate=1e30,
+                                      checkpoint_every_steps=1,
+                                      log_every_steps=100)
   with pytest.raises(divergence.DivergenceError,
                      match=r"diverged at step \d+: .*not finite.*"
                            r"config\.learning_rate") as e:
@@ -64,8 +64,8 @@ def test_divergence_stops_before_anything_nonfinite_is_saved(tmp_path,
 @pytest.mark.slow
 def test_skip_nonfinite_updates_finishes_with_finite_state(tmp_path,
                                                            digits_dir):
-  c = train_utils.light_config(train_utils.tiny_digits_config(
-      digits_dir, learning_rate=1e30, skip_nonfinite_updates=True))
+  c = train_utils.light_digits_config(digits_dir, learning_rate=1e30,
+                                      skip_nonfinite_updates=True)
   summary = loop.train_and_evaluate(c, str(tmp_path))
   assert 0 < summary["skipped_steps"] <= c.num_train_steps
   step, leaves = train_utils.final_state(tmp_path)

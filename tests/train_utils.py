@@ -51,6 +51,13 @@ def light_config(config: ml_collections.ConfigDict
   return config
 
 
+def light_digits_config(data_dir: str, **overrides
+                        ) -> ml_collections.ConfigDict:
+  """``tiny_digits_config(data_dir, **overrides)`` made light (its model,
+  after ``overrides``, one of ``LIGHT_BLOCKS``)."""
+  return light_config(tiny_digits_config(data_dir, **overrides))
+
+
 def mock_data_dir(path: str) -> str:
   """A data_dir with cifar10's and imagenet2012's metadata, for mock_data."""
   for name in ("cifar10", "imagenet2012"):
