@@ -322,12 +322,11 @@ def test_loop_rate_and_input_wait_from_a_runs_scalars(tmp_path):
 
 @pytest.mark.slow
 def test_loop_benchmark_runs_the_loop_and_the_step(tmp_path, capsys):
-  from ir2net_jax.configs import digits  # pylint: disable=g-import-not-at-top
   from ir2net_jax.tools.benchmark import loop  # pylint: disable=g-import-not-at-top
   import train_utils  # pylint: disable=g-import-not-at-top
-  config = train_utils.light_config(digits.get_config("smoke"))
-  config.data_dir = str(tmp_path / "tfds")
-  config.restriction_images, config.diagnostics = 0, False   # compile less
+  config = train_utils.light_digits_config(
+      str(tmp_path / "tfds"), restriction_images=0,
+      diagnostics=False)   # compile less
   row = loop.benchmark_loop(config, steps=6, workdir=str(tmp_path / "run"))
   assert row["input_engine"] == "device" and row["steps"] == 6
   assert row["step_images_per_s"] > 0 and row["loop_images_per_s"] > 0

@@ -377,14 +377,12 @@ def test_config_checks_accept_the_prefixes():
 def test_train_and_evaluate_on_a_folder(tmp_path):
   """End to end: trains the smoke recipe (its network light,
   ``train_utils.LIGHT``) on a folder, evaluates every image."""
-  from ir2net_jax.configs import digits as digits_config  # pylint: disable=g-import-not-at-top
   root = write_tree(tmp_path / "shapes", {
       "train": {"a": [(16, 16)] * 6, "b": [(16, 16)] * 6, "c": [(16, 16)] * 6},
       "val": {"a": [(16, 16)] * 3, "b": [(16, 16)] * 2, "c": [(16, 16)] * 2}})
-  config = train_utils.light_config(digits_config.get_config("smoke"))
-  config.update(dict(dataset=f"folder:{root}", image_size=32, eval_split="",
-                     num_train_steps=1, num_epochs=1,
-                     checkpoint_every_steps=1))
+  config = train_utils.light_digits_config(
+      None, dataset=f"folder:{root}", image_size=32, eval_split="",
+      num_train_steps=1, num_epochs=1, checkpoint_every_steps=1)
   workdir = str(tmp_path / "work")
   summary = loop.train_and_evaluate(config, workdir)
   assert summary["dataset"] == f"folder:{root}" and summary["steps"] == 1

@@ -39,7 +39,8 @@ def tiny_digits_config(data_dir: str, **overrides) -> ml_collections.ConfigDict:
 # train step; an IR2Net-A stage 1 of one block 16 against 28 for (1,1,1,1).
 LIGHT_BLOCKS = {"cifar_resnet20": (1, 0, 0), "ir2net_a": (1, 0, 0, 0)}
 # ``launch.py``'s overrides for the light digits run.
-LIGHT = ("--config.model_kwargs.num_blocks=(1,0,0)",
+LIGHT = ("--config.model_kwargs.num_blocks="
+         + str(LIGHT_BLOCKS["cifar_resnet20"]).replace(" ", ""),
          "--config.information_recovery=False")
 
 
